@@ -1,0 +1,5 @@
+"""``python -m stlm`` = the ``stlm`` command."""
+
+from stlm.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""The ``stlm`` command line: each command parses, calls one library function, prints.
+
+Mistakes (:class:`stlm.errors.StlmError`) are printed without a traceback and exit with status 2.
+stdout carries only results (generated text, JSON); logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stlm.errors import StlmError
+
+
+class _StlmFailure(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StlmError as exc:
+            raise _StlmFailure(str(exc)) from None
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    """Progress on stderr (a single updating line when stderr is a terminal)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("quiet"):
+        return
+    end = "\n" if done >= total or not sys.stderr.isatty() else ""
+    click.echo(f"\r  {stage}: {done}/{total}", err=True, nl=False)
+    if end:
+        click.echo("", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.version_option(package_name="stlm")
+def cli(verbose: bool, quiet: bool) -> None:
+    """stlm: export StableLM-3B-4E1T to ONNX / TensorRT and generate text with it."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package folder to write.")
+@click.option("--dtype", default="fp32", show_default=True, help="Weight and KV precision: fp32, fp16 or bf16.")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: the rotary embedding runs in the stlm::partial_rotary plugin.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(model: str, out: Path, dtype: str, opset: int, target: str, overwrite: bool) -> None:
+    """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
+    from stlm.export.onnx_export import export_onnx
+
+    click.echo(f"exporting {model} → {out} ({dtype}, opset {opset}, {target})", err=True)
+    path = export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=_progress,
+                       rotary="plugin" if target == "tensorrt" else "plain")
+    click.echo(str(path))
+
+
+def _read_prompt(prompt: str) -> str:
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="Prompt text, or - to read stdin.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
+@click.option("--temperature", "-t", default=1.0, show_default=True, type=float, help="0 means greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 disables top-k.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--min-p", default=0.0, show_default=True, type=float)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
+@click.option("--stream/--no-stream", default=False, help="Print text as it is generated.")
+def generate(package: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], stream: bool) -> None:
+    """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout)."""
+    from stlm.runtime import Generator, SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+    gen = Generator.load(package)
+    text = _read_prompt(prompt)
+    if stream:
+        for piece in gen.stream(text, params):
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        click.echo(gen.generate(text, params))
+
+
+@cli.command("make-checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", default="small", show_default=True,
+              help="tiny, tiny-hd64, small, medium or stablelm-3b-4e1t (the full architecture).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="tokenizer.json to ship (default: a small BPE trained locally).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str) -> None:
+    """Write a random-weight StableLM checkpoint (the embedded default) to OUT."""
+    from stlm.export.random_checkpoint import make_random_checkpoint
+
+    click.echo(str(make_random_checkpoint(out, preset=preset, seed=seed, tokenizer=tokenizer, dtype=dtype)))
+
+
+@cli.command()
+@click.option("--workdir", default="stlm-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", default="Once upon a time", show_default=True)
+@click.option("--max-new-tokens", "-n", default=48, show_default=True, type=int)
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="tokenizer.json for the checkpoint.")
+def demo(workdir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None) -> None:
+    """Build a small random StableLM, export it, and stream a generation from it (no download)."""
+    from stlm.demo import run_demo
+
+    for piece in run_demo(workdir, prompt=prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
+                          progress=_progress, log=lambda msg: click.echo(msg, err=True)):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="stlm")

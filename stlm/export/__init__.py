@@ -1,0 +1,1 @@
+"""Checkpoint → ONNX package → TensorRT engine. Needs the ``export`` extra (onnx, safetensors)."""

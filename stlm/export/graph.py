@@ -1,0 +1,363 @@
+"""Build the StableLM decoder as an ONNX graph, tensor by tensor from the checkpoint.
+
+The graph is written directly (no tracing): one merged prefill/decode graph whose inputs and
+outputs are exactly :func:`stlm.contract.decoder_contract`. Weights stream from safetensors into
+the initializer store one at a time, so memory stays at about one tensor, whatever the model size.
+The rotary embedding is either plain ONNX ops or a ``stlm::partial_rotary`` plugin node per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from stlm.config import ModelConfig
+from stlm.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    QUERY_SEQLENS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    Contract,
+    past_name,
+    present_name,
+)
+from stlm.dtypes import ONNX_TYPE, DType
+from stlm.errors import UnsupportedModelError
+from stlm.export.weights import SafetensorsCheckpoint
+
+log = logging.getLogger(__name__)
+
+Rotary = Literal["plain", "plugin"]
+Progress = Callable[[str, int, int], None]
+
+NP_DTYPE: dict[DType, np.dtype] = {
+    "fp32": np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+}
+_ONNX_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
+              "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+
+
+class InitializerStore:
+    """Collects initializers, inline or appended to one external data file."""
+
+    def __init__(self, data_path: Path | None) -> None:
+        self.data_path = data_path
+        self.tensors: list[TensorProto] = []
+        self.nbytes = 0
+        self._file = data_path.open("wb") if data_path is not None else None
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        """Store ``array`` as initializer ``name`` and return the name."""
+        array = np.ascontiguousarray(array)
+        elem = _ONNX_ELEM[array.dtype.name]
+        if self._file is None or array.nbytes < 1024:
+            tensor = helper.make_tensor(name, elem, array.shape, array.tobytes(), raw=True)
+        else:
+            offset = self._file.tell()
+            self._file.write(array.tobytes())
+            tensor = TensorProto(name=name, data_type=elem, dims=array.shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.data_path.name), ("offset", str(offset)),  # type: ignore[union-attr]
+                               ("length", str(array.nbytes))):
+                tensor.external_data.add(key=key, value=value)
+        self.nbytes += array.nbytes
+        self.tensors.append(tensor)
+        return name
+
+    def close(self) -> None:
+        """Flush and close the external data file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class GraphBuilder:
+    """A small helper to emit ONNX nodes with unique names."""
+
+    def __init__(self, store: InitializerStore) -> None:
+        self.store = store
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+        self._consts: dict[tuple[Any, ...], str] = {}
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"/{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
+           domain: str = "", out_names: Sequence[str] | None = None, **attrs: Any) -> Any:
+        """Append a node; returns its output name (or a list when ``outputs`` > 1)."""
+        node_name = name or self._fresh(op_type)
+        outs = list(out_names) if out_names else [f"{node_name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, values: Any, dtype: np.dtype | type = np.int64) -> str:
+        """A small constant initializer, shared between uses."""
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.name, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.store.add(f"const_{len(self._consts)}", arr)
+        return self._consts[key]
+
+
+def estimate_weight_bytes(cfg: ModelConfig, dtype: DType) -> int:
+    """Bytes of all weights of ``cfg`` in ``dtype`` (to choose inline vs external data)."""
+    h, i, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 4 * h
+    heads = v * h * (1 if cfg.tie_word_embeddings else 2) + 2 * h
+    return (per_layer * layers + heads) * NP_DTYPE[dtype].itemsize
+
+
+def _weight_t(ckpt: SafetensorsCheckpoint, names: Sequence[str], dtype: np.dtype) -> np.ndarray:
+    """Read Linear weights (out, in), concatenate on 'out', return (in, out) for MatMul."""
+    parts = [ckpt.read(n, np.float32 if dtype.itemsize == 2 else dtype) for n in names]
+    return np.concatenate(parts, axis=0).T.astype(dtype)
+
+
+def _rotary_plain(g: GraphBuilder, x: str, cos: str, sin: str, cfg: ModelConfig) -> str:
+    """NeoX rotate_half rotary on the first rotary_dim dims of the last axis of ``x``."""
+    rot, half = cfg.rotary_dim, cfg.rotary_dim // 2
+    axis = g.const([3])
+    x_rot = g.op("Slice", x, g.const([0]), g.const([rot]), axis)
+    x_pass = g.op("Slice", x, g.const([rot]), g.const([cfg.head_dim]), axis)
+    x1 = g.op("Slice", x_rot, g.const([0]), g.const([half]), axis)
+    x2 = g.op("Slice", x_rot, g.const([half]), g.const([rot]), axis)
+    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=3)
+    emb = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
+    return g.op("Concat", emb, x_pass, axis=3)
+
+
+def _layer_norm(g: GraphBuilder, x: str, ckpt: SafetensorsCheckpoint, prefix: str, cfg: ModelConfig,
+                dtype: np.dtype) -> str:
+    w = g.store.add(f"{prefix}.weight", ckpt.read(f"{prefix}.weight", dtype))
+    b = g.store.add(f"{prefix}.bias", ckpt.read(f"{prefix}.bias", dtype))
+    return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=cfg.layer_norm_eps)
+
+
+def _heads(g: GraphBuilder, x: str, n: int, cfg: ModelConfig) -> str:
+    """(batch, seq, n*head_dim) → (batch, n, seq, head_dim)."""
+    return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, cfg.head_dim])), perm=[0, 2, 1, 3])
+
+
+def _repeat_kv(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
+    rep = cfg.num_heads // cfg.num_kv_heads
+    if rep == 1:
+        return x
+    shape = g.op("Shape", x)
+    b_kv = g.op("Slice", shape, g.const([0]), g.const([2]), g.const([0]))
+    t_d = g.op("Slice", shape, g.const([2]), g.const([4]), g.const([0]))
+    expanded = g.op("Expand", g.op("Unsqueeze", x, g.const([2])),
+                    g.op("Concat", b_kv, g.const([rep]), t_d, axis=0))
+    return g.op("Reshape", expanded, g.const([0, cfg.num_heads, -1, cfg.head_dim]))
+
+
+def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype,
+               rope: tuple[str, str], allowed: str, rotary: Rotary, position_ids: str) -> str:
+    p = f"model.layers.{i}.self_attn"
+    qkv_w = g.store.add(f"{p}.qkv_proj.weight",
+                        _weight_t(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"], dtype))
+    qkv = g.op("MatMul", h, qkv_w)
+    if cfg.use_qkv_bias:
+        bias = np.concatenate([ckpt.read(f"{p}.{n}_proj.bias", np.float32) for n in "qkv"]).astype(dtype)
+        qkv = g.op("Add", qkv, g.store.add(f"{p}.qkv_proj.bias", bias))
+    kv_width = cfg.num_kv_heads * cfg.head_dim
+    q, k, v = g.op("Split", qkv, g.const([cfg.hidden_size, kv_width, kv_width]), axis=2, outputs=3)
+    q, k, v = _heads(g, q, cfg.num_heads, cfg), _heads(g, k, cfg.num_kv_heads, cfg), _heads(g, v, cfg.num_kv_heads, cfg)
+    if rotary == "plugin":
+        from stlm.plugins.partial_rotary.spec import make_onnx_node
+
+        q_r, k_r = f"/layers.{i}/rotary/q_out", f"/layers.{i}/rotary/k_out"
+        g.nodes.append(make_onnx_node(q, k, position_ids, q_r, k_r, rotary_dim=cfg.rotary_dim,
+                                      theta=cfg.rope_theta, name=f"/layers.{i}/partial_rotary"))
+        q, k = q_r, k_r
+    else:
+        q, k = _rotary_plain(g, q, *rope, cfg), _rotary_plain(g, k, *rope, cfg)
+    k_all = g.op("Concat", past_name(i, "key"), k, axis=2, out_names=[present_name(i, "key")])
+    v_all = g.op("Concat", past_name(i, "value"), v, axis=2, out_names=[present_name(i, "value")])
+    k_all, v_all = _repeat_kv(g, k_all, cfg), _repeat_kv(g, v_all, cfg)
+    scores = g.op("MatMul", q, g.op("Transpose", k_all, perm=[0, 1, 3, 2]))
+    scores = g.op("Mul", scores, g.const(cfg.head_dim ** -0.5, dtype))
+    scores = g.op("Where", allowed, scores, g.const(float(ml_dtypes.finfo(dtype).min), dtype))
+    probs = g.op("Softmax", scores, axis=-1)
+    ctx = g.op("MatMul", probs, v_all)
+    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.hidden_size]))
+    o_w = g.store.add(f"{p}.o_proj.weight", _weight_t(ckpt, [f"{p}.o_proj.weight"], dtype))
+    return g.op("MatMul", ctx, o_w)
+
+
+def gqa_rotary_layout(cfg: ModelConfig) -> tuple[int, np.ndarray]:
+    """ONNX Runtime's fused rotary needs a cos/sin width that is a multiple of 8 (StableLM-3B has
+    rotary_dim/2 = 10). Pick the width ``c`` = rotary_dim/2 rounded up to 8 and a permutation of
+    each Q/K head's dims that puts the rotary pairs (j, j + rotary_dim/2) at (j, j + c); the extra
+    table columns are cos 1 / sin 0, i.e. pass-through. Q·K is unchanged by permuting both alike,
+    so attention is exact; only the in-place K cache is stored in the permuted layout."""
+    half = cfg.rotary_dim // 2
+    width = -(-half // 8) * 8
+    if 2 * width > cfg.head_dim:
+        raise UnsupportedModelError(
+            f"head dim {cfg.head_dim} is too small for ONNX Runtime's fused rotary (needs ≥ {2 * width})",
+            fix="export with --kv-cache concat",
+        )
+    perm = list(range(half)) + list(range(2 * half, 2 * half + width - half))
+    perm += list(range(half, 2 * half)) + list(range(2 * half + width - half, cfg.head_dim))
+    assert sorted(perm) == list(range(cfg.head_dim))
+    return width, np.array(perm)
+
+
+def _rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: np.dtype, width: int) -> tuple[str, str]:
+    """(max_positions, width) cos/sin tables, computed in fp32 like transformers; padded columns
+    are cos 1 / sin 0 (identity)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
+    freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos = np.ones((cfg.max_position_embeddings, width), np.float32)
+    sin = np.zeros((cfg.max_position_embeddings, width), np.float32)
+    cos[:, : freqs.shape[1]], sin[:, : freqs.shape[1]] = np.cos(freqs), np.sin(freqs)
+    return g.store.add("rotary.cos_cache", cos.astype(dtype)), g.store.add("rotary.sin_cache", sin.astype(dtype))
+
+
+def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
+                       dtype: np.dtype, caches: tuple[str, str], perm: np.ndarray) -> str:
+    """Attention through ONNX Runtime's GroupQueryAttention: KV written in place, rotary fused."""
+    p = f"model.layers.{i}.self_attn"
+
+    def permuted(name: str, heads: int) -> np.ndarray:  # rows (heads*head_dim, ...) in the fused-rotary layout
+        w = ckpt.read(name, np.float32)
+        return w.reshape(heads, cfg.head_dim, -1)[:, perm].reshape(w.shape)
+
+    weights = [permuted(f"{p}.q_proj.weight", cfg.num_heads), permuted(f"{p}.k_proj.weight", cfg.num_kv_heads),
+               ckpt.read(f"{p}.v_proj.weight", np.float32)]
+    qkv = g.op("MatMul", h, g.store.add(f"{p}.qkv_proj.weight", np.concatenate(weights).T.astype(dtype)))
+    if cfg.use_qkv_bias:
+        biases = [permuted(f"{p}.q_proj.bias", cfg.num_heads), permuted(f"{p}.k_proj.bias", cfg.num_kv_heads),
+                  ckpt.read(f"{p}.v_proj.bias", np.float32)]
+        qkv = g.op("Add", qkv, g.store.add(f"{p}.qkv_proj.bias", np.concatenate(biases).astype(dtype)))
+    inputs = [qkv, "", "", past_name(i, "key"), past_name(i, "value"), SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
+              *caches, "", "", "", "", "", "", "", QUERY_SEQLENS]
+    ctx, _, _ = g.op("GroupQueryAttention", *inputs, domain="com.microsoft", name=f"/layers.{i}/attention",
+               out_names=[f"/layers.{i}/attention/out", present_name(i, "key"), present_name(i, "value")],
+               num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+               scale=cfg.head_dim ** -0.5)
+    o_w = g.store.add(f"{p}.o_proj.weight", _weight_t(ckpt, [f"{p}.o_proj.weight"], dtype))
+    return g.op("MatMul", ctx, o_w)
+
+
+def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
+    """(batch, seq, hidden) → (batch, 1, hidden): each row's last valid token (query_seqlens - 1)."""
+    index = g.op("Sub", g.op("Cast", QUERY_SEQLENS, to=TensorProto.INT64), g.const(1))
+    index = g.op("Expand", g.op("Reshape", index, g.const([-1, 1, 1])), g.const([1, 1, cfg.hidden_size]))
+    return g.op("GatherElements", x, index, axis=1)
+
+
+def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype) -> str:
+    p = f"model.layers.{i}.mlp"
+    gu_w = g.store.add(f"{p}.gate_up_proj.weight",
+                       _weight_t(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], dtype))
+    gate, up = g.op("Split", g.op("MatMul", h, gu_w), g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    down_w = g.store.add(f"{p}.down_proj.weight", _weight_t(ckpt, [f"{p}.down_proj.weight"], dtype))
+    return g.op("MatMul", act, down_w)
+
+
+def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType) -> tuple[tuple[str, str], str]:
+    """cos/sin (batch, 1, seq, rotary_dim) in the model dtype, and the (batch, 1, seq, total) mask."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
+    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
+                 g.const(inv_freq.astype(np.float32), np.float32))
+    emb = g.op("Concat", freqs, freqs, axis=2)
+    cos, sin = (g.op("Unsqueeze", g.op("Cast", g.op(fn, emb), to=ONNX_TYPE[dtype]), g.const([1]))
+                for fn in ("Cos", "Sin"))
+    seq = g.op("Squeeze", g.op("Shape", INPUT_IDS, start=1, end=2), g.const([0]))
+    total = g.op("Squeeze", g.op("Shape", ATTENTION_MASK, start=1, end=2), g.const([0]))
+    zero, one = g.const(0), g.const(1)
+    k_pos = g.op("Range", zero, total, one)
+    q_pos = g.op("Add", g.op("Range", zero, seq, one), g.op("Sub", total, seq))
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])), g.op("Unsqueeze", q_pos, g.const([1])))
+    keep = g.op("Cast", g.op("Unsqueeze", ATTENTION_MASK, g.const([1, 2])), to=TensorProto.BOOL)
+    return (cos, sin), g.op("And", causal, keep)
+
+
+def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contract, dtype: DType, *,
+                  opset: int, data_path: Path | None, rotary: Rotary = "plain", kv_cache: str = "concat",
+                  progress: Progress | None = None) -> onnx.ModelProto:
+    """Build the decoder graph for ``cfg`` with ``ckpt``'s weights in ``dtype``.
+
+    ``data_path`` set: weights go to that external data file; None: weights are inline.
+    ``kv_cache``: 'concat' (portable ONNX ops, present = past + new) or 'inplace' (ONNX Runtime's
+    GroupQueryAttention over a preallocated buffer shared by past and present).
+    """
+    inplace = kv_cache == "inplace"
+    assert not (inplace and rotary == "plugin"), "the plugin rotary is for the concat (TensorRT) graph"
+    np_dtype = NP_DTYPE[dtype]
+    store = InitializerStore(data_path)
+    g = GraphBuilder(store)
+    try:
+        embed = store.add("model.embed_tokens.weight", ckpt.read("model.embed_tokens.weight", np_dtype))
+        x = g.op("Gather", embed, INPUT_IDS, axis=0)
+        if inplace:
+            width, perm = gqa_rotary_layout(cfg)
+            caches = _rotary_caches(g, cfg, np_dtype, width)
+        else:
+            rope, allowed = _rope_and_mask(g, cfg, dtype)
+        for i in range(cfg.num_layers):
+            if progress:
+                progress("layers", i, cfg.num_layers)
+            h = _layer_norm(g, x, ckpt, f"model.layers.{i}.input_layernorm", cfg, np_dtype)
+            if inplace:
+                attn = _attention_inplace(g, h, i, ckpt, cfg, np_dtype, caches, perm)
+            else:
+                attn = _attention(g, h, i, ckpt, cfg, np_dtype, rope, allowed, rotary, POSITION_IDS)
+            if cfg.use_parallel_residual:
+                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, np_dtype))
+            else:
+                x = g.op("Add", x, attn)
+                h2 = _layer_norm(g, x, ckpt, f"model.layers.{i}.post_attention_layernorm", cfg, np_dtype)
+                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, np_dtype))
+        if progress:
+            progress("layers", cfg.num_layers, cfg.num_layers)
+        if inplace:
+            x = _last_valid(g, x, cfg)
+        x = _layer_norm(g, x, ckpt, "model.norm", cfg, np_dtype)
+        head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt \
+            else "lm_head.weight"
+        head = store.add("lm_head.weight", _weight_t(ckpt, [head_name], np_dtype))
+        logits = g.op("MatMul", x, head)
+        if dtype != "fp32":
+            g.op("Cast", logits, to=TensorProto.FLOAT, out_names=[LOGITS])
+        else:
+            g.op("Identity", logits, out_names=[LOGITS])
+    finally:
+        store.close()
+
+    def value_info(spec: Any) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(spec.name, _ONNX_ELEM[spec.dtype], list(spec.axes))
+
+    graph = helper.make_graph(g.nodes, "stlm_stablelm_decoder",
+                              [value_info(s) for s in contract.inputs],
+                              [value_info(s) for s in contract.outputs],
+                              initializer=store.tensors)
+    imports = [helper.make_opsetid("", opset)]
+    if inplace:
+        imports.append(helper.make_opsetid("com.microsoft", 1))
+    if rotary == "plugin":
+        from stlm.plugins.partial_rotary.spec import ONNX_DOMAIN
+
+        if ONNX_DOMAIN:
+            imports.append(helper.make_opsetid(ONNX_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=imports, producer_name="stlm")
+    model.ir_version = min(model.ir_version, 10)
+    log.info("built graph: %d nodes, %.1f MB of weights", len(g.nodes), store.nbytes / 1e6)
+    return model

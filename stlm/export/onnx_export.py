@@ -1,0 +1,127 @@
+"""Stage: checkpoint folder → self-contained ONNX package folder (graph, tokenizer, manifest)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import stlm
+from stlm.config import load_model_config
+from stlm.contract import KV_CACHE_KINDS, decoder_contract
+from stlm.dtypes import DType, parse_dtype
+from stlm.errors import CheckpointError, InvalidArgumentError
+from stlm.export.checkpoint import resolve_checkpoint
+from stlm.export.graph import Progress, Rotary, build_decoder, estimate_weight_bytes
+from stlm.export.weights import SafetensorsCheckpoint
+from stlm.manifest import Generation, Manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+GRAPH_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+TOKENIZER_NAME = "tokenizer.json"
+MIN_OPSET = 17  # LayerNormalization
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
+
+
+def _check_opset(opset: int) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise InvalidArgumentError(
+            f"opset {opset} is not supported; expected {MIN_OPSET}..{newest}",
+            fix=f"pass --opset {MIN_OPSET}..{newest} (default 18)",
+        )
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` folder to ``out`` (replacing it only when ``overwrite``)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int = 18,
+                rotary: Rotary = "plain", kv_cache: str = "concat", overwrite: bool = False,
+                progress: Progress | None = None) -> Path:
+    """Export checkpoint ``model`` (folder or hub id) to the package folder ``out``; return ``out``.
+
+    The folder is written under a temporary name and renamed when complete, so a failed export
+    leaves nothing behind. ``rotary='plugin'`` writes the TensorRT-target graph whose rotary runs in
+    the ``stlm::partial_rotary`` plugin.
+    """
+    out = Path(out)
+    kind: DType = parse_dtype(dtype)
+    _check_opset(opset)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidArgumentError(
+            f"output folder {str(out)!r} already exists and is not empty",
+            fix="pass another -o folder, or --overwrite to replace it",
+        )
+    checkpoint = resolve_checkpoint(model)
+    cfg = load_model_config(checkpoint)
+    tokenizer = checkpoint / TOKENIZER_NAME
+    if not tokenizer.is_file():
+        raise CheckpointError(
+            f"no {TOKENIZER_NAME} in {checkpoint}",
+            fix="copy the checkpoint's tokenizer.json (the fast tokenizer file) into the folder",
+        )
+    ckpt = SafetensorsCheckpoint(checkpoint)
+    if kv_cache not in KV_CACHE_KINDS:
+        raise InvalidArgumentError(f"unknown KV cache kind {kv_cache!r}; expected one of {', '.join(KV_CACHE_KINDS)}",
+                                   fix="pass --kv-cache inplace (ONNX Runtime, fastest) or concat (portable)")
+    if kv_cache == "inplace" and rotary == "plugin":
+        raise InvalidArgumentError("the TensorRT target needs --kv-cache concat (got inplace)",
+                                   fix="pass --kv-cache concat with --target tensorrt")
+    contract = decoder_contract(cfg, kind, kv_cache)
+    external = estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        graph = build_decoder(cfg, ckpt, contract, kind, opset=opset, rotary=rotary, kv_cache=kv_cache, progress=progress,
+                              data_path=tmp / DATA_NAME if external else None)
+        (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
+        del graph
+        onnx.checker.check_model(str(tmp / GRAPH_NAME))
+        if progress:
+            progress("checked", 1, 1)
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
+        manifest = Manifest(
+            kind="onnx",
+            graph=GRAPH_NAME,
+            tokenizer=TOKENIZER_NAME,
+            dtype=kind,
+            model=cfg,
+            contract=contract,
+            generation=Generation(
+                bos_token_id=cfg.bos_token_id,
+                eos_token_id=cfg.eos_token_id,
+                pad_token_id=cfg.eos_token_id,
+                context_length=cfg.max_position_embeddings,
+            ),
+            versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+                      "opset": opset, "exporter": "stlm.export.graph"},
+            variant={"target": "tensorrt" if rotary == "plugin" else "onnxruntime", "rotary": rotary,
+                     "kv_cache": kv_cache, "quantization": None, "external_data": external},
+            extra={"source": str(model)},
+        )
+        write_manifest(tmp, manifest)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
+    return out

@@ -1,0 +1,1 @@
+"""Custom TensorRT plugins used by stlm engines (one sub-package per plugin, each with a README)."""

@@ -1,0 +1,174 @@
+"""ONNX Runtime backend for both graph variants of the manifest.
+
+``concat``: past KV arrays go in, presents come out and become the next past (left-padded rows,
+attention mask and position ids). ``inplace``: one preallocated buffer per KV tensor, bound with
+IOBinding as both past and present, which GroupQueryAttention updates in place: no per-step copy
+of the cache, and a step's cost follows each row's real length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from stlm.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    QUERY_SEQLENS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+)
+from stlm.errors import InvalidArgumentError, PackageError
+from stlm.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConcatCache:
+    """Past arrays in contract order, the attention mask so far, and each row's next position."""
+
+    arrays: list[np.ndarray]
+    mask: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def batch(self) -> int:
+        """Rows."""
+        return int(self.mask.shape[0])
+
+
+@dataclass
+class InplaceCache:
+    """Preallocated (batch, kv_heads, capacity, head_dim) buffers and each row's length."""
+
+    buffers: list[ort.OrtValue]
+    lengths: np.ndarray
+    capacity: int
+
+    @property
+    def batch(self) -> int:
+        """Rows."""
+        return int(self.lengths.shape[0])
+
+
+def _kv_numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _ragged(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Pad per-row token lists into (batch, longest) ids and a 0/1 validity mask."""
+    if len(tokens) != batch:
+        raise InvalidArgumentError(f"{len(tokens)} token lists for a cache of {batch} rows",
+                                   fix="pass one (possibly empty) token list per cache row")
+    counts = np.array([len(t) for t in tokens], dtype=np.int64)
+    width = max(int(counts.max()), 1)
+    ids = np.zeros((batch, width), dtype=np.int64)
+    valid = np.zeros((batch, width), dtype=np.int64)
+    for b, row in enumerate(tokens):
+        if len(row):
+            cols = slice(0, len(row)) if right else slice(width - len(row), width)
+            ids[b, cols] = row
+            valid[b, cols] = 1
+    return ids, valid
+
+
+class OnnxRuntimeBackend:
+    """Runs an ONNX package with ONNX Runtime (CPU by default)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: Manifest, *, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.manifest = manifest
+        self.inplace = manifest.variant.get("kv_cache", "concat") == "inplace"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        path = Path(folder) / manifest.graph
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
+            raise PackageError(
+                f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
+                fix="the graph or its weights are corrupt or truncated: export the package again",
+            ) from None
+        self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
+        self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
+        self._kv_dtype = _kv_numpy_dtype(manifest.contract.kv_dtype)
+        missing = {s.name for s in manifest.contract.inputs} - {i.name for i in self.session.get_inputs()}
+        if missing:
+            raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
+                               fix="export the package again")
+
+    def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        cfg = self.manifest.model
+        return (batch, cfg.num_kv_heads, length, cfg.head_dim)
+
+    def new_cache(self, batch: int, capacity: int) -> ConcatCache | InplaceCache:
+        """An empty cache; the in-place variant allocates its ``capacity`` now, once."""
+        lengths = np.zeros(batch, dtype=np.int64)
+        if self.inplace:
+            shape = self._kv_shape(batch, capacity)
+            buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype)) for _ in self._past]
+            return InplaceCache(buffers, lengths, capacity)
+        empty = np.zeros(self._kv_shape(batch, 0), self._kv_dtype)
+        return ConcatCache([empty] * len(self._past), np.zeros((batch, 0), dtype=np.int64), lengths)
+
+    def forward(self, cache: ConcatCache | InplaceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """One step over every row; see :meth:`stlm.runtime.backend.Backend.forward`."""
+        if isinstance(cache, InplaceCache):
+            return self._forward_inplace(cache, tokens)
+        return self._forward_concat(cache, tokens)
+
+    def release(self, cache: ConcatCache | InplaceCache, row: int) -> None:
+        """Empty ``row``: its old entries are masked out (concat) or overwritten (in place)."""
+        cache.lengths[row] = 0
+        if isinstance(cache, ConcatCache):
+            cache.mask[row] = 0
+
+    def _forward_concat(self, cache: ConcatCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, valid = _ragged(tokens, cache.batch, right=False)
+        positions = np.maximum(cache.lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)
+        mask = np.concatenate([cache.mask, valid], axis=1)
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
+        feeds.update(zip(self._past, cache.arrays))
+        logits, *presents = self.session.run([LOGITS, *self._present], feeds)
+        cache.arrays, cache.mask = presents, mask
+        cache.lengths += valid.sum(axis=1)
+        return logits[:, -1, :]
+
+    def _forward_inplace(self, cache: InplaceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, valid = _ragged(tokens, cache.batch, right=True)
+        counts = valid.sum(axis=1)
+        after = cache.lengths + counts
+        if int(after.max()) > cache.capacity:
+            raise InvalidArgumentError(f"a row would hold {int(after.max())} tokens; this cache holds "
+                                       f"{cache.capacity}", fix="create the cache with a larger capacity")
+        # An idle row keeps its length (an empty idle row reads one ignored slot: GQA needs T ≥ 1).
+        seqlens_k = np.maximum(after - 1, 0).astype(np.int32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, ids)
+        binding.bind_cpu_input(SEQLENS_K, seqlens_k)
+        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(max(int(seqlens_k.max()) + 1, ids.shape[1]),
+                                                                dtype=np.int32))
+        binding.bind_cpu_input(QUERY_SEQLENS, counts.astype(np.int32))
+        binding.bind_output(LOGITS)
+        for past, present, buffer in zip(self._past, self._present, cache.buffers):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        self.session.run_with_iobinding(binding)
+        cache.lengths = after
+        return binding.get_outputs()[0].numpy()[:, 0, :]

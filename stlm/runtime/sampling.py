@@ -1,0 +1,440 @@
+"""Choosing the next token from one row of logits: parameters, logits processors, sampling.
+
+Everything here is a pure function of its arguments; randomness comes only from an explicit
+``numpy.random.Generator`` (see :func:`make_rng`).
+
+Order of operations in :func:`sample_token` (the transformers order):
+
+1. repetition penalty on the raw logits (:func:`apply_repetition_penalty`);
+2. ``temperature == 0``: greedy — the argmax, lowest id on ties; stop here;
+3. temperature (:func:`apply_temperature`);
+4. top-k (:func:`top_k_mask`): exactly ``k`` tokens; at the boundary, equal logits are kept
+   lowest id first, so ``top_k=1`` picks the greedy token;
+5. top-p (:func:`top_p_mask`) on the distribution renormalised over the top-k survivors: the
+   smallest set of most probable tokens (lowest id first among equals) whose mass reaches
+   ``top_p``;
+6. min-p (:func:`min_p_mask`): keep tokens with ``p >= min_p * p_max``;
+7. draw from the survivors, renormalised.
+
+Log-probabilities: for a sampled token, the log-probability under that final renormalised
+distribution (the one actually drawn from); for greedy, the log-softmax of the penalised logits
+(temperature 1, no truncation), i.e. the model's own confidence after the penalty.
+
+Cost (vocab 50304): no float64 copy of the vocabulary and no sort of its ids. Top-k uses
+``argpartition`` and sorts only the ``k`` candidates; top-p without top-k sorts the values of the
+64 best candidates and sorts all values (not ids) only when those fall short of ``top_p``; both
+are exact (see :func:`_nucleus`). Plain sampling draws by a two-level inverse CDF.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stlm.errors import InvalidArgumentError
+
+__all__ = [
+    "SamplingParams",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "log_softmax",
+    "make_rng",
+    "min_p_mask",
+    "sample_token",
+    "top_k_mask",
+    "top_p_mask",
+]
+
+# Candidates top-p without top-k ranks before falling back to sorting the whole vocabulary.
+_TOP_P_FIRST = 64
+# min-p preselects with a threshold this much looser (in log space) than the exact float64 test.
+_MIN_P_SLACK = 1e-3
+
+
+def _fail(name: str, value: object, expected: str, fix: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{name}={value!r} is invalid: expected {expected}", fix=fix)
+
+
+def _as_int(name: str, value: object, expected: str, fix: str, lo: int = 0) -> int:
+    """``value`` as an int >= ``lo`` (bools, floats and strings are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
+        raise _fail(name, value, expected, fix)
+    return int(value)
+
+
+def _as_float(
+    name: str, value: object, expected: str, fix: str, lo: float, hi: float, *,
+    lo_open: bool = False, hi_open: bool = False,
+) -> float:
+    """``value`` as a finite float in the interval ``lo..hi`` (ints accepted, bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise _fail(name, value, expected, fix)
+    x = float(value)
+    if (not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo)
+            or (hi_open and x == hi)):
+        raise _fail(name, value, expected, fix)
+    return x
+
+
+_INF = math.inf
+_RULES: dict[str, tuple[str, str]] = {  # name -> (expected, fix)
+    "max_new_tokens": ("an int >= 1", "ask for at least one new token, e.g. max_new_tokens=64"),
+    "temperature": ("a finite float >= 0 (0 = greedy)",
+                    "use temperature=0 for greedy decoding or e.g. 0.7 for sampling"),
+    "top_k": ("an int >= 0 (0 = off)", "use top_k=0 to disable top-k or a count such as 50"),
+    "top_p": ("a float in (0, 1] (1 = off)",
+              "use top_p=1.0 to disable nucleus sampling or a value such as 0.95"),
+    "min_p": ("a float in [0, 1] (0 = off)", "use min_p=0.0 to disable min-p or e.g. 0.05"),
+    "repetition_penalty": ("a finite float > 0 (1 = off)",
+                           "use repetition_penalty=1.0 to disable it or a value such as 1.1"),
+    "seed": ("None or an int >= 0", "pass an integer seed such as 0, or None for a random one"),
+    "logprobs": ("a bool", "pass logprobs=True or logprobs=False"),
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; validated on construction (:class:`InvalidArgumentError` if bad).
+
+    ``temperature=0`` is greedy (top-k/top-p/min-p/seed are then irrelevant). ``top_k=0``,
+    ``top_p=1`` and ``min_p=0`` switch their filter off. ``stop`` accepts a list (stored as a
+    tuple) or a single str (one stop string). ``max_new_tokens`` is checked against the context
+    length by the generator.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        r = _RULES
+        put("max_new_tokens", _as_int("max_new_tokens", self.max_new_tokens,
+                                      *r["max_new_tokens"], lo=1))
+        put("temperature", _as_float("temperature", self.temperature, *r["temperature"], 0, _INF))
+        put("top_k", _as_int("top_k", self.top_k, *r["top_k"]))
+        put("top_p", _as_float("top_p", self.top_p, *r["top_p"], 0, 1, lo_open=True))
+        put("min_p", _as_float("min_p", self.min_p, *r["min_p"], 0, 1))
+        put("repetition_penalty", _as_float("repetition_penalty", self.repetition_penalty,
+                                            *r["repetition_penalty"], 0, _INF, lo_open=True))
+        if self.seed is not None:
+            put("seed", _as_int("seed", self.seed, *r["seed"]))
+        put("stop", _check_stop(self.stop))
+        if not isinstance(self.logprobs, bool | np.bool_):
+            raise _fail("logprobs", self.logprobs, *r["logprobs"])
+        put("logprobs", bool(self.logprobs))
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (``temperature == 0``)."""
+        return self.temperature == 0.0
+
+
+def _check_stop(stop: object) -> tuple[str, ...]:
+    fix = 'pass a list of non-empty strings, e.g. stop=["\\n\\n", "User:"]'
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, list | tuple):
+        raise _fail("stop", stop, "a list or tuple of non-empty str", fix)
+    for item in stop:
+        if not isinstance(item, str) or not item:
+            raise InvalidArgumentError(
+                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str "
+                "(expected a list or tuple of non-empty str)", fix=fix
+            )
+    return tuple(stop)
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """A PCG64 generator: reproducible for an int seed >= 0, fresh OS entropy for None."""
+    if seed is not None:
+        seed = _as_int("seed", seed, *_RULES["seed"])
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------- logits checks
+
+
+def _check_logits(logits: Any) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
+        raise InvalidArgumentError(
+            f"logits have shape {x.shape} and dtype {x.dtype}, expected a non-empty 1-D float array",
+            fix="pass one row of logits, shape (vocab,), e.g. logits[0, -1]",
+        )
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+def _finite_max(x: np.ndarray) -> float:
+    m = float(x.max())  # NaN propagates through max
+    if not math.isfinite(m):
+        raise InvalidArgumentError(
+            f"logits have maximum {m} (NaN, +inf, or every entry -inf), expected finite logits",
+            fix="check the model outputs: NaN/inf logits usually mean an overflow in fp16",
+        )
+    return m
+
+
+def _check_previous(previous_ids: Any, vocab: int) -> np.ndarray:
+    ids = np.asarray(previous_ids)
+    if ids.size == 0:
+        return ids.reshape(0).astype(np.int64)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidArgumentError(
+            f"previous_ids have shape {ids.shape} and dtype {ids.dtype}, "
+            "expected a 1-D integer array",
+            fix="pass the prompt and generated ids of this sequence as one 1-D int array",
+        )
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise InvalidArgumentError(
+            f"previous_ids contain the id {bad}, expected ids in [0, {vocab})",
+            fix="pass token ids of this model's vocabulary",
+        )
+    return ids
+
+
+# --------------------------------------------------------------------------- processors
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, previous_ids: np.ndarray | Sequence[int] | None, penalty: float
+) -> np.ndarray:
+    """The CTRL / transformers repetition penalty, returned as a new array.
+
+    For every distinct id in ``previous_ids`` (prompt and generated tokens): ``logit / penalty``
+    if the logit is > 0, else ``logit * penalty``. ``penalty=1`` or no ids returns the logits.
+    """
+    x = _check_logits(logits)
+    penalty = _as_float("repetition_penalty", penalty, *_RULES["repetition_penalty"],
+                        0, _INF, lo_open=True)
+    if previous_ids is None or penalty == 1.0:
+        return x
+    ids = _check_previous(previous_ids, x.shape[0])
+    if ids.size == 0:
+        return x
+    out = x.copy()
+    seen = x[ids]  # duplicates read the original value, so repeats are penalised once
+    out[ids] = np.where(seen > 0, seen / np.float32(penalty), seen * np.float32(penalty))
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` (temperature > 0; greedy is handled by :func:`sample_token`)."""
+    x = _check_logits(logits)
+    t = _as_float("temperature", temperature, "a finite float > 0",
+                  "use temperature > 0 here; temperature=0 (greedy) needs no scaling",
+                  0, _INF, lo_open=True)
+    return x if t == 1.0 else x / np.float32(t)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities (float32) of ``logits``; the normaliser is accumulated in float64."""
+    x = _check_logits(logits)
+    m = _finite_max(x)
+    shifted = x - np.float32(m)
+    lse = math.log(float(np.exp(shifted).sum(dtype=np.float64)))
+    shifted -= np.float32(lse)
+    return shifted
+
+
+def _ranked_top(x: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the ``k`` largest entries of ``x``, ordered by value desc then id asc (exact)."""
+    n = x.shape[0]
+    if k >= n:
+        return np.argsort(-x, kind="stable")
+    part = np.argpartition(x, n - k)[n - k:]
+    vals = x[part]
+    v = vals.min()
+    n_tied_in = int(np.count_nonzero(vals == v))
+    if n_tied_in < int(np.count_nonzero(x == v)):
+        # more entries equal the boundary value than fit: keep the lowest ids among them
+        above = part[vals > v]
+        tied = np.flatnonzero(x == v)[: k - above.shape[0]]
+        part = np.concatenate([above, tied])
+        vals = x[part]
+    return part[np.lexsort((part, -vals))]
+
+
+def _mask_from(ids: np.ndarray, n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[ids] = True
+    return mask
+
+
+def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
+    """Boolean keep-mask of the ``k`` highest logits (``k=0`` or ``k >= vocab``: all).
+
+    Exactly ``min(k, vocab)`` entries are kept; among equal logits at the boundary the lowest
+    ids are kept, so ``k=1`` keeps the greedy token.
+    """
+    x = _check_logits(logits)
+    k = _as_int("top_k", k, *_RULES["top_k"])
+    n = x.shape[0]
+    if k == 0 or k >= n:
+        return np.ones(n, dtype=bool)
+    _finite_max(x)
+    return _mask_from(_ranked_top(x, k), n)
+
+
+def _nucleus(x: np.ndarray, m: float, inv_t: float, top_p: float) -> np.ndarray:
+    """Ids (ascending) of the nucleus of ``softmax(x * inv_t)``; ``m`` is the max of ``x``.
+
+    Only the cumulative mass of the values matters for where the nucleus ends, and that is the
+    same however ties are ordered, so sorting *values* is enough: first those of the top
+    ``_TOP_P_FIRST`` (found by ``argpartition``), and only if their mass falls short all of them.
+    With ``v`` the value where the mass reaches ``top_p`` and ``c`` the nucleus size, the
+    nucleus is every id above ``v`` plus the lowest ids equal to ``v`` up to ``c`` in all.
+    """
+    n = x.shape[0]
+    w = x - np.float32(m)
+    if inv_t != 1.0:
+        w *= np.float32(inv_t)
+    np.exp(w, out=w)
+    target = top_p * float(w.sum(dtype=np.float64))
+    for c in (_TOP_P_FIRST, n) if _TOP_P_FIRST < n else (n,):
+        vals = np.sort(x if c == n else x[np.argpartition(x, n - c)[n - c:]])[::-1]
+        q = np.exp((vals.astype(np.float64) - m) * inv_t)
+        cut = int(np.searchsorted(np.cumsum(q), target, side="left"))
+        if cut < c:
+            break
+    else:  # rounding kept the total mass just below the target: keep every token with p > 0
+        cut = max(0, int(np.count_nonzero(q > 0)) - 1)
+    v = vals[cut]
+    above = np.flatnonzero(x > v)
+    tied = np.flatnonzero(x == v)[: cut + 1 - above.shape[0]]
+    return np.union1d(above, tied)
+
+
+def top_p_mask(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Boolean keep-mask of the nucleus of ``softmax(logits)``.
+
+    Keeps the smallest set of highest-probability tokens (lowest id first among equal
+    probabilities) whose cumulative probability is >= ``top_p``; always at least one token;
+    ``top_p=1`` keeps everything.
+    """
+    x = _check_logits(logits)
+    p = _as_float("top_p", top_p, *_RULES["top_p"], 0, 1, lo_open=True)
+    if p == 1.0:
+        return np.ones(x.shape[0], dtype=bool)
+    return _mask_from(_nucleus(x, _finite_max(x), 1.0, p), x.shape[0])
+
+
+def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Boolean keep-mask of tokens with ``softmax(logits) >= min_p * max(softmax(logits))``.
+
+    The ratio ``p / p_max = exp(logit - max_logit)`` is evaluated in float64.
+    """
+    x = _check_logits(logits)
+    mp = _as_float("min_p", min_p, *_RULES["min_p"], 0, 1)
+    if mp == 0.0:
+        return np.ones(x.shape[0], dtype=bool)
+    m = _finite_max(x)
+    ids = _min_p_candidates(x, m, 1.0, mp)
+    return _mask_from(ids, x.shape[0])
+
+
+def _min_p_candidates(x: np.ndarray, m: float, inv_t: float, min_p: float) -> np.ndarray:
+    """Ids (ascending) with ``exp((x - m) * inv_t) >= min_p``, exact in float64."""
+    loose = m + (math.log(min_p) - _MIN_P_SLACK) / inv_t
+    ids = np.flatnonzero(x >= np.float32(loose))
+    ratio = np.exp((x[ids].astype(np.float64) - m) * inv_t)
+    return ids[ratio >= min_p]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _draw(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
+    """Index drawn with probability ``weights / weights.sum()`` (float64), and that probability."""
+    cdf = np.cumsum(weights)
+    total = float(cdf[-1])
+    i = int(np.searchsorted(cdf, rng.random() * total, side="right"))
+    i = min(i, weights.shape[0] - 1)
+    while weights[i] <= 0:  # never land on a zero-weight entry (only reachable via rounding)
+        i -= 1
+    return i, float(weights[i]) / total
+
+
+def _draw_full(
+    x: np.ndarray, m: float, inv_t: float, rng: np.random.Generator
+) -> tuple[int, float]:
+    """Draw from ``softmax(x * inv_t)`` over the whole vocabulary; return (id, logprob).
+
+    No float64 copy of the vocabulary: a two-level inverse CDF over float64 sums of 512-entry
+    blocks, then a float64 cumsum inside the chosen block only.
+    """
+    w = x - np.float32(m)
+    if inv_t != 1.0:
+        w *= np.float32(inv_t)
+    np.exp(w, out=w)
+    n, b = w.shape[0], 512
+    full = n - n % b
+    sums = w[:full].reshape(-1, b).sum(axis=1, dtype=np.float64)
+    if full < n:
+        sums = np.append(sums, w[full:].sum(dtype=np.float64))
+    block, _ = _draw(sums, rng)
+    lo = block * b
+    i, p_in_block = _draw(w[lo : lo + b].astype(np.float64), rng)
+    return lo + i, math.log(p_in_block * float(sums[block]) / float(sums.sum()))
+
+
+def sample_token(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    previous_ids: np.ndarray | None = None,
+) -> tuple[int, float]:
+    """Pick the next token from one row of logits; return ``(token_id, logprob)``.
+
+    ``logits`` has shape ``(vocab,)`` (float32 preferred; other floats are converted).
+    ``previous_ids`` (prompt + generated ids) feed the repetition penalty. See the module
+    docstring for the order of operations, tie rules and the meaning of ``logprob``.
+    """
+    x = _check_logits(logits)
+    if params.repetition_penalty != 1.0 and previous_ids is not None:
+        x = apply_repetition_penalty(x, previous_ids, params.repetition_penalty)
+    m = _finite_max(x)
+    n = x.shape[0]
+
+    if params.temperature == 0.0:
+        token = int(np.argmax(x))  # first occurrence: lowest id on ties
+        shifted = x - np.float32(m)
+        np.exp(shifted, out=shifted)
+        lse = math.log(float(shifted.sum(dtype=np.float64)))
+        return token, float(x[token]) - m - lse
+
+    inv_t = 1.0 / params.temperature
+    k = params.top_k if 0 < params.top_k < n else 0
+    if k:
+        order = _ranked_top(x, k)
+    elif params.top_p < 1.0:
+        order = _nucleus(x, m, inv_t, params.top_p)
+    elif params.min_p > 0.0:
+        order = _min_p_candidates(x, m, inv_t, params.min_p)
+    else:
+        return _draw_full(x, m, inv_t, rng)
+
+    # q = p / p_max over the candidates; the argmax always survives, so max(q) == 1
+    q = np.exp((x[order].astype(np.float64) - m) * inv_t)
+    if k and params.top_p < 1.0:  # top-p on the distribution renormalised over the top-k
+        cut = int(np.searchsorted(np.cumsum(q), params.top_p * float(q.sum()), side="left"))
+        order, q = order[: cut + 1], q[: cut + 1]  # ``order`` is ranked, so this is a prefix
+    if params.min_p > 0.0:
+        keep = q >= params.min_p
+        order, q = order[keep], q[keep]
+    i, p = _draw(q, rng)
+    return int(order[i]), math.log(p)

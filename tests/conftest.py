@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random StableLM checkpoints (built with transformers) and their exports.
+
+Exports happen once per session; tests must not modify the session packages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NEOX_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+
+# Two shapes so the export is shown to follow config.json: head dim 16 (rotary 4) and 64 (rotary 16).
+SHAPES = {
+    "hd16": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
+    "hd64": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=344),
+}
+
+
+def neox_tokenizer() -> Path:
+    """The real GPT-NeoX tokenizer from ../shared (skips the test when absent)."""
+    if not NEOX_TOKENIZER.is_file():
+        pytest.skip(f"the GPT-NeoX tokenizer is not at {NEOX_TOKENIZER}")
+    return NEOX_TOKENIZER
+
+
+def build_checkpoint(folder: Path, *, seed: int = 0, dtype: str = "float32", **overrides: object) -> Path:
+    """Write a random StableLmForCausalLM checkpoint with save_pretrained + the NeoX tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    settings: dict[str, object] = dict(
+        vocab_size=50304, max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    )
+    settings.update(SHAPES["hd16"])
+    settings.update(overrides)
+    settings.setdefault("num_key_value_heads", settings["num_attention_heads"])
+    config = StableLmConfig(**settings)
+    config.architectures = ["StableLmForCausalLM"]
+    torch.manual_seed(seed)
+    model = StableLmForCausalLM(config).to(getattr(torch, dtype))
+    # Default init leaves LayerNorm at weight 1 / bias 0: randomise them so the bias path is exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "norm." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    shutil.copyfile(neox_tokenizer(), folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny checkpoint per shape in SHAPES."""
+    base = tmp_path_factory.mktemp("checkpoints")
+    return {name: build_checkpoint(base / name, seed=i, **shape) for i, (name, shape) in enumerate(SHAPES.items())}
+
+
+@pytest.fixture(scope="session")
+def packages(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The fp32 ONNX packages of each tiny checkpoint: '<shape>' (concat KV) and '<shape>-inplace'."""
+    from stlm.export.onnx_export import export_onnx
+
+    base = tmp_path_factory.mktemp("packages")
+    found = {name: export_onnx(ck, base / name) for name, ck in checkpoints.items()}
+    found.update({f"{name}-inplace": export_onnx(ck, base / f"{name}-inplace", kv_cache="inplace")
+                  for name, ck in checkpoints.items()})
+    return found
+
+
+@pytest.fixture(scope="session")
+def checkpoint(checkpoints: dict[str, Path]) -> Path:
+    """The head-dim-16 tiny checkpoint."""
+    return checkpoints["hd16"]
+
+
+@pytest.fixture(scope="session")
+def package(packages: dict[str, Path]) -> Path:
+    """The head-dim-16 tiny package."""
+    return packages["hd16"]
