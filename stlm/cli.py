@@ -59,14 +59,17 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: the rotary embedding runs in the stlm::partial_rotary plugin.")
+@click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default=None,
+              help="inplace: preallocated cache updated in place (ONNX Runtime's GroupQueryAttention; the "
+                   "default for --target onnxruntime); concat: portable ONNX ops (the default for tensorrt).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(model: str, out: Path, dtype: str, opset: int, target: str, overwrite: bool) -> None:
+def export(model: str, out: Path, dtype: str, opset: int, target: str, kv_cache: str | None, overwrite: bool) -> None:
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
     from stlm.export.onnx_export import export_onnx
 
     click.echo(f"exporting {model} → {out} ({dtype}, opset {opset}, {target})", err=True)
     path = export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=_progress,
-                       rotary="plugin" if target == "tensorrt" else "plain")
+                       rotary="plugin" if target == "tensorrt" else "plain", kv_cache=kv_cache)
     click.echo(str(path))
 
 

@@ -22,7 +22,7 @@ def run_demo(workdir: Path, *, prompt: str, max_new_tokens: int, tokenizer: Path
         log(f"writing a random-weight StableLM checkpoint (preset 'small') to {checkpoint}")
         make_random_checkpoint(checkpoint, preset="small", tokenizer=tokenizer)
     log(f"exporting {checkpoint} → {package}")
-    export_onnx(checkpoint, package, overwrite=True, progress=progress)
+    export_onnx(checkpoint, package, kv_cache="inplace", overwrite=True, progress=progress)
     log(f"generating {max_new_tokens} tokens from {package} (random weights: expect gibberish)")
     log(f"prompt: {prompt!r}")
     yield from Generator.load(package).stream(prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=0))

@@ -69,7 +69,7 @@ def packages(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     from stlm.export.onnx_export import export_onnx
 
     base = tmp_path_factory.mktemp("packages")
-    found = {name: export_onnx(ck, base / name) for name, ck in checkpoints.items()}
+    found = {name: export_onnx(ck, base / name, kv_cache="concat") for name, ck in checkpoints.items()}
     found.update({f"{name}-inplace": export_onnx(ck, base / f"{name}-inplace", kv_cache="inplace")
                   for name, ck in checkpoints.items()})
     return found

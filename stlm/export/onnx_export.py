@@ -51,14 +51,16 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int = 18,
-                rotary: Rotary = "plain", kv_cache: str = "concat", overwrite: bool = False,
+                rotary: Rotary = "plain", kv_cache: str | None = None, overwrite: bool = False,
                 progress: Progress | None = None) -> Path:
     """Export checkpoint ``model`` (folder or hub id) to the package folder ``out``; return ``out``.
 
     The folder is written under a temporary name and renamed when complete, so a failed export
     leaves nothing behind. ``rotary='plugin'`` writes the TensorRT-target graph whose rotary runs in
-    the ``stlm::partial_rotary`` plugin.
+    the ``stlm::partial_rotary`` plugin. ``kv_cache``: 'inplace' (default for ONNX Runtime) or
+    'concat' (portable ops; the default, and the only choice, with the plugin rotary).
     """
+    kv_cache = kv_cache or ("concat" if rotary == "plugin" else "inplace")
     out = Path(out)
     kind: DType = parse_dtype(dtype)
     _check_opset(opset)

@@ -95,7 +95,7 @@ class IncrementalDetokenizer:
         bytes after ``k`` the same with or without the bytes before, whatever comes later.
         """
         ids = self._ids
-        for k in range(len(ids) - 1, max(self._read, len(ids) - 4), -1):
+        for k in range(len(ids) - 1, max(self._read, len(ids) - 1 - _MAX_PENDING), -1):
             tail = self._decode(ids[k:])
             head = self._decode(ids[:k])
             if tail and head + tail == text and len(head) <= self._done:

@@ -51,6 +51,8 @@ __all__ = [
 
 # Candidates top-p without top-k ranks before falling back to sorting the whole vocabulary.
 _TOP_P_FIRST = 64
+# Stride of the sample that sets the top-k prefilter threshold.
+_STRIDE = 16
 # min-p preselects with a threshold this much looser (in log space) than the exact float64 test.
 _MIN_P_SLACK = 1e-3
 
@@ -251,22 +253,40 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
+def _prefilter(x: np.ndarray, k: int) -> np.ndarray:
+    """Ascending ids holding the ``k`` largest entries of ``x`` and every tie of the k-th.
+
+    A threshold taken from a strided sample usually leaves a few dozen ids above ``k`` (one
+    cheap comparison pass instead of a partition of the whole vocabulary). The result is exact
+    whatever the data: with at least ``k`` entries ``>= t``, the k-th largest value is ``>= t``;
+    when the sample misleads, every id is returned.
+    """
+    n = x.shape[0]
+    j = k // _STRIDE + 4
+    if n < 4 * _STRIDE * j:
+        return np.arange(n)
+    sample = x[::_STRIDE]
+    t = np.partition(sample, sample.shape[0] - j)[sample.shape[0] - j]
+    ids = np.flatnonzero(x >= t)
+    return ids if ids.shape[0] >= k else np.arange(n)
+
+
 def _ranked_top(x: np.ndarray, k: int) -> np.ndarray:
     """Ids of the ``k`` largest entries of ``x``, ordered by value desc then id asc (exact)."""
     n = x.shape[0]
     if k >= n:
         return np.argsort(-x, kind="stable")
-    part = np.argpartition(x, n - k)[n - k:]
-    vals = x[part]
+    pool = _prefilter(x, k)
+    y = x[pool]  # ``pool`` is ascending, so lower positions in ``y`` are lower ids
+    part = np.argpartition(y, y.shape[0] - k)[y.shape[0] - k :]
+    vals = y[part]
     v = vals.min()
-    n_tied_in = int(np.count_nonzero(vals == v))
-    if n_tied_in < int(np.count_nonzero(x == v)):
+    if int(np.count_nonzero(vals == v)) < int(np.count_nonzero(y == v)):
         # more entries equal the boundary value than fit: keep the lowest ids among them
         above = part[vals > v]
-        tied = np.flatnonzero(x == v)[: k - above.shape[0]]
-        part = np.concatenate([above, tied])
-        vals = x[part]
-    return part[np.lexsort((part, -vals))]
+        part = np.concatenate([above, np.flatnonzero(y == v)[: k - above.shape[0]]])
+        vals = y[part]
+    return pool[part[np.lexsort((part, -vals))]]
 
 
 def _mask_from(ids: np.ndarray, n: int) -> np.ndarray:
@@ -291,32 +311,53 @@ def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def _nucleus(x: np.ndarray, m: float, inv_t: float, top_p: float) -> np.ndarray:
-    """Ids (ascending) of the nucleus of ``softmax(x * inv_t)``; ``m`` is the max of ``x``.
+    """Ids of the nucleus of ``softmax(x * inv_t)`` (``m`` is the max of ``x``).
 
-    Only the cumulative mass of the values matters for where the nucleus ends, and that is the
-    same however ties are ordered, so sorting *values* is enough: first those of the top
-    ``_TOP_P_FIRST`` (found by ``argpartition``), and only if their mass falls short all of them.
+    Where the nucleus ends depends only on the cumulative mass of the sorted *values*, which is
+    the same however ties are ordered, so no ids are sorted: first the values of the top
+    ``_TOP_P_FIRST`` candidates are tried, and only if their mass falls short all values are
+    sorted (then the cut is found with float64 block sums, no float64 copy of the vocabulary).
     With ``v`` the value where the mass reaches ``top_p`` and ``c`` the nucleus size, the
-    nucleus is every id above ``v`` plus the lowest ids equal to ``v`` up to ``c`` in all.
+    nucleus is every id above ``v`` plus the lowest ids equal to ``v``, ``c`` ids in all.
     """
     n = x.shape[0]
     w = x - np.float32(m)
     if inv_t != 1.0:
         w *= np.float32(inv_t)
     np.exp(w, out=w)
-    target = top_p * float(w.sum(dtype=np.float64))
-    for c in (_TOP_P_FIRST, n) if _TOP_P_FIRST < n else (n,):
-        vals = np.sort(x if c == n else x[np.argpartition(x, n - c)[n - c:]])[::-1]
+    target = top_p * float(w.sum())
+    cut = n
+    if _TOP_P_FIRST < n:
+        y = x[_prefilter(x, _TOP_P_FIRST)]
+        vals = np.sort(np.partition(y, y.shape[0] - _TOP_P_FIRST)[-_TOP_P_FIRST:])[::-1]
         q = np.exp((vals.astype(np.float64) - m) * inv_t)
         cut = int(np.searchsorted(np.cumsum(q), target, side="left"))
-        if cut < c:
-            break
-    else:  # rounding kept the total mass just below the target: keep every token with p > 0
-        cut = max(0, int(np.count_nonzero(q > 0)) - 1)
+    if cut >= min(_TOP_P_FIRST, n):
+        vals = np.sort(x)[::-1]
+        w = vals - np.float32(m)
+        if inv_t != 1.0:
+            w *= np.float32(inv_t)
+        np.exp(w, out=w)
+        cut = _cumsum_reaches(w, target)
     v = vals[cut]
     above = np.flatnonzero(x > v)
-    tied = np.flatnonzero(x == v)[: cut + 1 - above.shape[0]]
-    return np.union1d(above, tied)
+    return np.concatenate([above, np.flatnonzero(x == v)[: cut + 1 - above.shape[0]]])
+
+
+def _cumsum_reaches(w: np.ndarray, target: float, block: int = 512) -> int:
+    """First index where ``cumsum(w)`` (float64) reaches ``target``; the last w > 0 if never."""
+    n = w.shape[0]
+    full = n - n % block
+    sums = w[:full].reshape(-1, block).sum(axis=1, dtype=np.float64)
+    if full < n:
+        sums = np.append(sums, w[full:].sum(dtype=np.float64))
+    cum = np.cumsum(sums)
+    b = int(np.searchsorted(cum, target, side="left"))
+    if b >= sums.shape[0]:  # rounding kept the total just below the target: keep all p > 0
+        return max(0, int(np.count_nonzero(w > 0)) - 1)  # ``w`` is sorted descending
+    base = float(cum[b - 1]) if b else 0.0
+    inside = np.cumsum(w[b * block : (b + 1) * block], dtype=np.float64) + base
+    return b * block + min(int(np.searchsorted(inside, target, side="left")), inside.shape[0] - 1)
 
 
 def top_p_mask(logits: np.ndarray, top_p: float) -> np.ndarray:
@@ -414,8 +455,7 @@ def sample_token(
         token = int(np.argmax(x))  # first occurrence: lowest id on ties
         shifted = x - np.float32(m)
         np.exp(shifted, out=shifted)
-        lse = math.log(float(shifted.sum(dtype=np.float64)))
-        return token, float(x[token]) - m - lse
+        return token, -math.log(float(shifted.sum()))  # x[token] == m
 
     inv_t = 1.0 / params.temperature
     k = params.top_k if 0 < params.top_k < n else 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from stlm.dtypes import DType
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
@@ -189,3 +189,46 @@ def compile_ptx(
         shared_mem=int(metadata.shared),
         ptx_target=target.group(1).rstrip(",") if target else f"sm_{arch}",
     )
+
+
+def launch_with_cuda_driver(
+    compiled: CompiledPartialRotary, q: Any, k: Any, position_ids: Any, q_out: Any, k_out: Any
+) -> None:
+    """Launch the PTX through the CUDA driver API with exactly TensorRT's 8 arguments (GPU check).
+
+    ``q``/``k``/``position_ids``/``q_out``/``k_out`` are contiguous CUDA torch tensors; the launch
+    goes on torch's current stream. This is how TensorRT runs the AOT kernel, minus TensorRT.
+    """
+    import ctypes
+
+    import torch
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise BackendUnavailableError("the CUDA driver (libcuda.so.1) is not available", fix="run on a GPU machine") from exc
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise BackendUnavailableError(f"{what} failed with CUDA driver error {status}")
+
+    torch.cuda.current_stream().synchronize()  # makes torch's primary context current on this thread
+    module, function = ctypes.c_void_p(), ctypes.c_void_p()
+    check(libcuda.cuModuleLoadData(ctypes.byref(module), compiled.ptx.encode() + b"\0"), "cuModuleLoadData")
+    try:
+        check(libcuda.cuModuleGetFunction(ctypes.byref(function), module, compiled.kernel_name.encode()), "cuModuleGetFunction")
+        batch, n_q_heads, seq_len, _ = q.shape
+        values = [
+            ctypes.c_uint64(q.data_ptr()), ctypes.c_uint64(k.data_ptr()), ctypes.c_uint64(position_ids.data_ptr()),
+            ctypes.c_int32(seq_len), ctypes.c_int32(n_q_heads), ctypes.c_int32(k.shape[1]),
+            ctypes.c_uint64(q_out.data_ptr()), ctypes.c_uint64(k_out.data_ptr()),
+        ]  # fmt: skip
+        params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+        grid, block = compiled.grid(batch, seq_len, n_q_heads, k.shape[1]), compiled.block
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        check(
+            libcuda.cuLaunchKernel(function, *grid, *block, compiled.shared_mem, stream, params, None), "cuLaunchKernel"
+        )
+        torch.cuda.current_stream().synchronize()
+    finally:
+        libcuda.cuModuleUnload(module)

@@ -199,7 +199,7 @@ def onnx_opset_import() -> onnx.OperatorSetIdProto:
 
 def is_plugin_node(node: onnx.NodeProto) -> bool:
     """True for a TensorRT-target partial-rotary node (as built by :func:`make_onnx_node`)."""
-    if node.op_type != PLUGIN_NAME:
+    if node.op_type != PLUGIN_NAME or node.domain == ORT_DOMAIN:
         return False
     namespace = next((a.s.decode() for a in node.attribute if a.name == ATTR_PLUGIN_NAMESPACE), None)
     return node.domain == ONNX_DOMAIN or namespace == PLUGIN_NAMESPACE

@@ -1,0 +1,147 @@
+"""TensorRT optimization profiles for the decoder, derived from the I/O contract as data.
+
+Design: **two profiles**, one tuned for each phase of generation.
+
+* ``decode`` (profile 0): ``sequence`` is exactly 1; ``past_sequence`` 0..max_seq_len-1;
+  ``total_sequence`` 1..max_seq_len. Tuned at (opt_batch, 1 token, opt_seq_len-1 past).
+* ``prefill`` (profile 1): ``sequence`` 1..max_seq_len with an empty cache
+  (``past_sequence`` 0..0); ``total_sequence`` = ``sequence``. Tuned at (opt_batch, opt_seq_len).
+
+Why two and not one profile covering both phases:
+
+1. TensorRT checks each of the profile's kMIN, kOPT and kMAX shape sets against the graph's
+   shape constraints, and the graph ties ``total_sequence`` (the attention mask) to
+   ``past_sequence + sequence`` (the concatenated KV cache): every set must satisfy
+   ``total = past + sequence``. A single profile "sequence 1..S, past 0..S-1, total 1..S" fails
+   that check at kMAX (S + S-1 != S). A valid single profile has to allow
+   ``total`` up to 2S-1, which sizes the attention activations for S x (2S-1) scores.
+2. TensorRT picks kernels at the kOPT shape. Decode steps (one token, long past) are the
+   hot loop and want different GEMM/attention tactics than a long prefill; one kOPT point
+   serves one of them badly.
+
+The runtime (:func:`select_profile`) uses ``decode`` for every one-token step and ``prefill``
+for a multi-token step on an empty cache; a multi-token step after a non-empty cache (not done
+by :class:`stlm.runtime.Generator`) is run token by token on ``decode``. Switching profiles
+happens twice per generate call (prefill → decode), so one execution context serves both and
+the activation memory is sized once (for the larger of the two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from stlm.contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
+from stlm.errors import InvalidArgumentError, PackageError
+
+AxisRange = tuple[int, int, int]
+Shape = tuple[int, ...]
+ShapeRange = tuple[Shape, Shape, Shape]
+
+DECODE: Final = "decode"
+PREFILL: Final = "prefill"
+DEFAULT_MAX_BATCH: Final = 4
+DEFAULT_OPT_SEQ_LEN: Final = 512
+AXES: Final = (BATCH, SEQUENCE, PAST, TOTAL)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: a (min, opt, max) range for each symbolic axis of the contract."""
+
+    name: str
+    axes: Mapping[str, AxisRange]
+
+    def contains(self, *, batch: int, sequence: int, past: int) -> bool:
+        """Whether a step of these sizes fits this profile (``total`` = ``past + sequence``)."""
+        sizes = {BATCH: batch, SEQUENCE: sequence, PAST: past, TOTAL: past + sequence}
+        return all(lo <= sizes[axis] <= hi for axis, (lo, _, hi) in self.axes.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (recorded in the engine manifest's ``extra``)."""
+        return {"name": self.name, "axes": {axis: list(r) for axis, r in self.axes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            axes = {str(axis): (int(r[0]), int(r[1]), int(r[2])) for axis, r in data["axes"].items()}
+            return cls(str(data["name"]), axes)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise PackageError(f"invalid optimization profile record {dict(data)!r} ({exc})",
+                               fix="rebuild the engine with `stlm build-engine`") from None
+
+
+def _positive_int(value: object, flag: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{flag} must be an integer, got {value!r}", fix=f"pass {flag} N with N ≥ {minimum}")
+    if value < minimum:
+        raise InvalidArgumentError(f"{flag} {value} is too small; expected at least {minimum}",
+                                   fix=f"pass {flag} N with N ≥ {minimum}")
+    return value
+
+
+def resolve_sizes(*, max_batch: int, max_seq_len: int | None, context_length: int,
+                  opt_batch: int | None = None, opt_seq_len: int | None = None) -> tuple[int, int, int, int]:
+    """Validate the build sizes and fill defaults; return ``(max_batch, max_seq_len, opt_batch, opt_seq_len)``.
+
+    ``max_seq_len`` (prompt + generated tokens) defaults to ``context_length`` and may not exceed
+    it; ``opt_batch`` defaults to 1 and ``opt_seq_len`` to ``min(512, max_seq_len)``.
+    Raises :class:`InvalidArgumentError` naming the bad value.
+    """
+    max_batch = _positive_int(max_batch, "--max-batch")
+    context_length = _positive_int(context_length, "context length", minimum=2)
+    max_seq_len = context_length if max_seq_len is None else _positive_int(max_seq_len, "--max-seq-len", minimum=2)
+    if max_seq_len > context_length:
+        raise InvalidArgumentError(
+            f"--max-seq-len {max_seq_len} exceeds the model's context length of {context_length} tokens",
+            fix=f"pass --max-seq-len ≤ {context_length}")
+    opt_batch = 1 if opt_batch is None else _positive_int(opt_batch, "--opt-batch")
+    if opt_batch > max_batch:
+        raise InvalidArgumentError(f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}",
+                                   fix=f"pass --opt-batch between 1 and {max_batch}")
+    opt_seq_len = min(DEFAULT_OPT_SEQ_LEN, max_seq_len) if opt_seq_len is None else _positive_int(
+        opt_seq_len, "--opt-seq-len")
+    if opt_seq_len > max_seq_len:
+        raise InvalidArgumentError(f"--opt-seq-len {opt_seq_len} is larger than --max-seq-len {max_seq_len}",
+                                   fix=f"pass --opt-seq-len between 1 and {max_seq_len}")
+    return max_batch, max_seq_len, opt_batch, opt_seq_len
+
+
+def engine_profiles(*, max_batch: int, max_seq_len: int | None, context_length: int,
+                    opt_batch: int | None = None, opt_seq_len: int | None = None) -> tuple[Profile, Profile]:
+    """The ``(decode, prefill)`` profiles for these sizes (see the module docstring)."""
+    mb, ms, ob, os_ = resolve_sizes(max_batch=max_batch, max_seq_len=max_seq_len, context_length=context_length,
+                                    opt_batch=opt_batch, opt_seq_len=opt_seq_len)
+    batch = (1, ob, mb)
+    decode = Profile(DECODE, {BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, os_ - 1, ms - 1), TOTAL: (1, os_, ms)})
+    prefill = Profile(PREFILL, {BATCH: batch, SEQUENCE: (1, os_, ms), PAST: (0, 0, 0), TOTAL: (1, os_, ms)})
+    for p in (decode, prefill):
+        for k in range(3):
+            assert p.axes[TOTAL][k] == p.axes[PAST][k] + p.axes[SEQUENCE][k], p
+    return decode, prefill
+
+
+def profile_shapes(contract: Contract, profile: Profile) -> dict[str, ShapeRange]:
+    """``{input name: (min shape, opt shape, max shape)}`` for every input of ``contract``."""
+    shapes: dict[str, ShapeRange] = {}
+    for spec in contract.inputs:
+        dims: list[AxisRange] = []
+        for axis in spec.axes:
+            if isinstance(axis, int):
+                dims.append((axis, axis, axis))
+            elif axis in profile.axes:
+                dims.append(profile.axes[axis])
+            else:
+                raise PackageError(f"input {spec.name!r} has the symbolic axis {axis!r}, which no profile covers "
+                                   f"(known: {', '.join(AXES)})",
+                                   fix="export the package again with this version of stlm")
+        shapes[spec.name] = tuple(tuple(d[k] for d in dims) for k in range(3))  # type: ignore[assignment]
+    return shapes
+
+
+def select_profile(profiles: Sequence[Profile], *, batch: int, sequence: int, past: int) -> int | None:
+    """Index of the profile to run a step on (decode for one token, prefill for a prompt), or None."""
+    order = sorted(range(len(profiles)), key=lambda i: (profiles[i].name != (DECODE if sequence == 1 else PREFILL)))
+    return next((i for i in order if profiles[i].contains(batch=batch, sequence=sequence, past=past)), None)

@@ -1,0 +1,162 @@
+"""Thin CUDA runtime helpers over ``cuda-python`` (the ``gpu`` extra): device facts, device
+buffers, a stream, copies. No torch: services embed :mod:`stlm.runtime` without it.
+
+``cuda-python`` 12.6+ and 13 expose the runtime API as ``cuda.bindings.runtime``; older 12.x as
+``cuda.cudart``. Every call returns ``(cudaError_t, *values)``; :func:`call` checks the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Final
+
+import numpy as np
+
+from stlm.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+
+GPU_FIX: Final = ("install the GPU extra on a machine with an NVIDIA GPU and driver: pip install 'stlm[gpu]' "
+                  "(TensorRT 11, onnxruntime-gpu, cuda-python), or use the Dockerfile "
+                  "(docker build -t stlm . && docker run --gpus all ...; see docs/tensorrt.md)")
+ALIGNMENT: Final = 256
+
+_cudart: ModuleType | None = None
+
+
+def cudart() -> ModuleType:
+    """The ``cuda-python`` runtime module, or :class:`BackendUnavailableError` if it is missing."""
+    global _cudart
+    if _cudart is None:
+        try:
+            from cuda.bindings import runtime as module
+        except ImportError:
+            try:
+                from cuda import cudart as module  # type: ignore[no-redef]  # cuda-python < 12.6
+            except ImportError:
+                raise BackendUnavailableError(
+                    "cuda-python is not installed (neither cuda.bindings.runtime nor cuda.cudart imports), "
+                    "so stlm cannot reach the GPU",
+                    fix=GPU_FIX) from None
+        _cudart = module
+    return _cudart
+
+
+def _error_name(err: Any) -> str:
+    return str(getattr(err, "name", err))
+
+
+def call(result: Any, what: str) -> Any:
+    """Check a ``cuda-python`` result tuple; return its value(s) (None, one value, or a tuple)."""
+    rt = cudart()
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if err != rt.cudaError_t.cudaSuccess:
+        name = _error_name(err)
+        if "MemoryAllocation" in name:
+            raise BackendUnavailableError(f"the GPU ran out of memory during {what} ({name})",
+                                          fix="lower the batch size or max_new_tokens, or build the engine "
+                                              "with a smaller --max-batch / --max-seq-len")
+        if "NoDevice" in name or "InsufficientDriver" in name:
+            raise BackendUnavailableError(f"no usable CUDA GPU: {what} failed with {name}",
+                                          fix="run on a machine with an NVIDIA GPU and driver (in Docker: --gpus all)")
+        raise BackendUnavailableError(f"CUDA error during {what}: {name}",
+                                      fix="check the GPU with nvidia-smi; rerun with -v for details")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The facts an engine depends on."""
+
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory: int
+
+
+def gpu_info(device: int = 0) -> GpuInfo:
+    """Describe CUDA device ``device``; :class:`BackendUnavailableError` when there is none."""
+    rt = cudart()
+    count = call(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    if not count:
+        raise BackendUnavailableError("no CUDA GPU is visible to this process",
+                                      fix="run on a machine with an NVIDIA GPU and driver; in Docker pass --gpus all; "
+                                          "check CUDA_VISIBLE_DEVICES")
+    if not 0 <= device < count:
+        raise BackendUnavailableError(f"CUDA device {device} does not exist ({count} visible)",
+                                      fix="pick a device index below the count, or set CUDA_VISIBLE_DEVICES")
+    prop = call(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return GpuInfo(device, name.rstrip("\x00").strip(), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
+
+
+def _free(ptr: int) -> None:
+    try:
+        err = cudart().cudaFree(ptr)
+        if (err[0] if isinstance(err, tuple) else err) != cudart().cudaError_t.cudaSuccess:
+            log.warning("cudaFree(%#x) failed: %s", ptr, err)
+    except Exception:  # noqa: BLE001 - a finalizer must never raise (interpreter shutdown included)
+        pass
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory, freed when the object is collected."""
+
+    def __init__(self, nbytes: int, what: str = "a device buffer") -> None:
+        self.nbytes = max(int(nbytes), ALIGNMENT)
+        self.ptr: int = int(call(cudart().cudaMalloc(self.nbytes), f"allocating {self.nbytes / 2**20:.1f} MiB for {what}"))
+        self._finalizer = weakref.finalize(self, _free, self.ptr)
+
+    def free(self) -> None:
+        """Release the memory now (idempotent)."""
+        self._finalizer()
+
+
+class Stream:
+    """A CUDA stream with the copies stlm needs; ``handle`` is the int TensorRT takes."""
+
+    def __init__(self) -> None:
+        rt = cudart()
+        self.stream = call(rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.handle = int(self.stream)
+        self._finalizer = weakref.finalize(self, _destroy_stream, self.stream)
+
+    def htod(self, dst: int, array: np.ndarray) -> None:
+        """Copy a C-contiguous host array to device address ``dst`` (async; keep ``array`` alive until sync)."""
+        rt = cudart()
+        call(rt.cudaMemcpyAsync(dst, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                self.stream), "a host-to-device copy")
+
+    def dtoh(self, array: np.ndarray, src: int) -> None:
+        """Copy device address ``src`` into a C-contiguous host array (async)."""
+        rt = cudart()
+        call(rt.cudaMemcpyAsync(array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                self.stream), "a device-to-host copy")
+
+    def dtod(self, dst: int, src: int, nbytes: int) -> None:
+        """Copy ``nbytes`` between device addresses (async, stays on the GPU)."""
+        if nbytes:
+            rt = cudart()
+            call(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
+                 "a device-to-device copy")
+
+    def synchronize(self) -> None:
+        """Wait for everything queued on the stream."""
+        call(cudart().cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+
+def _destroy_stream(stream: Any) -> None:
+    try:
+        cudart().cudaStreamDestroy(stream)
+    except Exception:  # noqa: BLE001 - finalizer
+        pass
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the 256-byte alignment TensorRT wants for tensor addresses."""
+    return -(-int(nbytes) // ALIGNMENT) * ALIGNMENT
