@@ -62,14 +62,49 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default=None,
               help="inplace: preallocated cache updated in place (ONNX Runtime's GroupQueryAttention; the "
                    "default for --target onnxruntime); concat: portable ONNX ops (the default for tensorrt).")
+@click.option("--quantize", default=None, help="Weight-only quantization of the linear layers: int8 or int4 "
+              "(ONNX Runtime MatMulNBits, blocks of 32; the LM head stays at 8 bits).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(model: str, out: Path, dtype: str, opset: int, target: str, kv_cache: str | None, overwrite: bool) -> None:
+def export(model: str, out: Path, dtype: str, opset: int, target: str, kv_cache: str | None, quantize: str | None,
+           overwrite: bool) -> None:
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
     from stlm.export.onnx_export import export_onnx
 
     click.echo(f"exporting {model} → {out} ({dtype}, opset {opset}, {target})", err=True)
     path = export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=_progress,
-                       rotary="plugin" if target == "tensorrt" else "plain", kv_cache=kv_cache)
+                       rotary="plugin" if target == "tensorrt" else "plain", kv_cache=kv_cache, quantize=quantize)
+    click.echo(str(path))
+
+
+@cli.command("build-engine")
+@click.argument("onnx_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("--max-batch", default=4, show_default=True, type=int, help="Most sequences per call.")
+@click.option("--max-seq-len", default=None, type=int,
+              help="Most positions (prompt + generated) per sequence [default: the model's context].")
+@click.option("--opt-batch", default=None, type=int, help="Batch size kernels are tuned for [default: 1].")
+@click.option("--opt-seq-len", default=None, type=int, help="Length kernels are tuned for [default: 512].")
+@click.option("--prefill-chunk", default=None, type=int,
+              help="Longest prompt piece run at once; longer prompts run in chunks [default: 1024].")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file: read if present, written after the build (faster rebuilds).")
+@click.option("--builder-optimization-level", default=3, show_default=True, type=int, help="0 (fast build) .. 5.")
+@click.option("--hardware-compat", type=click.Choice(["none", "ampere_plus"]), default="none", show_default=True,
+              help="ampere_plus: one engine for every GPU of compute capability ≥ 8.0 (slower kernels).")
+@click.option("--workspace-gib", default=None, type=float, help="Builder workspace limit [default: TensorRT's].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def build_engine_command(onnx_dir: Path, out: Path, max_batch: int, max_seq_len: int | None, opt_batch: int | None,
+                         opt_seq_len: int | None, prefill_chunk: int | None, timing_cache: Path | None,
+                         builder_optimization_level: int,
+                         hardware_compat: str, workspace_gib: float | None, overwrite: bool) -> None:
+    """Build a TensorRT engine package from the ONNX package ONNX_DIR (needs TensorRT and a GPU)."""
+    from stlm.export.engine import build_engine
+
+    click.echo(f"building a TensorRT engine {onnx_dir} → {out}", err=True)
+    path = build_engine(onnx_dir, out, max_batch=max_batch, max_seq_len=max_seq_len, opt_batch=opt_batch,
+                        opt_seq_len=opt_seq_len, prefill_chunk=prefill_chunk, timing_cache=timing_cache,
+                        builder_optimization_level=builder_optimization_level, hardware_compat=hardware_compat,
+                        workspace_gib=workspace_gib, overwrite=overwrite, progress=_progress)
     click.echo(str(path))
 
 

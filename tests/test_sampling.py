@@ -50,7 +50,7 @@ def reference_dist(
     if top_p < 1.0:
         q = np.where(keep, p, 0.0)
         q /= q.sum()
-        cut = int(np.argmax(np.cumsum(q[order]) >= top_p))
+        cut = int(np.argmax(np.cumsum(q[order]) >= top_p * (1 - 1e-9)))  # documented tolerance
         nucleus = np.zeros(n, dtype=bool)
         nucleus[order[: cut + 1]] = True
         keep &= nucleus
@@ -142,6 +142,10 @@ def test_top_p_mask_exact() -> None:
     assert ids_of(top_p_mask(ties, 0.25)) == {0}  # equal probabilities: lowest id first
     assert ids_of(top_p_mask(ties, 0.5)) == {0, 2}
     assert ids_of(top_p_mask(ties, 0.7)) == {0, 1, 2}
+    uniform = np.zeros(10, dtype=np.float32)  # mass exactly on the boundary: no rounding luck
+    assert ids_of(top_p_mask(uniform, 0.3)) == {0, 1, 2}
+    assert ids_of(top_p_mask(uniform, 0.7)) == set(range(7))
+    assert ids_of(top_p_mask(uniform, 0.75)) == set(range(8))
     masked = np.array([0.0, -np.inf, 0.0, -np.inf], dtype=np.float32)
     assert ids_of(top_p_mask(masked, 0.9)) == {0, 2}
     assert ids_of(top_p_mask(masked, 1.0)) == {0, 1, 2, 3}  # top_p=1 keeps everything

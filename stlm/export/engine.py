@@ -178,14 +178,16 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def build_engine(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch: int, max_seq_len: int | None,
-                 opt_batch: int | None = None, opt_seq_len: int | None = None, timing_cache: str | Path | None = None,
+                 opt_batch: int | None = None, opt_seq_len: int | None = None, prefill_chunk: int | None = None,
+                 timing_cache: str | Path | None = None,
                  builder_optimization_level: int = 3, hardware_compat: str | None = None,
                  workspace_gib: float | None = None, overwrite: bool = False,
                  progress: Progress | None = None) -> Path:
     """Build a TensorRT engine package from the ONNX package ``onnx_dir``; return ``engine_dir``.
 
     ``max_seq_len`` (prompt + generated tokens; None = the model's context) and ``max_batch``
-    bound what the engine accepts; ``opt_*`` are the shapes kernels are tuned for.
+    bound what the engine accepts; ``opt_*`` are the shapes kernels are tuned for; prompts run
+    in chunks of at most ``prefill_chunk`` tokens (see :mod:`stlm.export.profiles`).
     ``timing_cache`` is read if it exists and written back after the build.
     ``hardware_compat='ampere_plus'`` makes one engine run on any GPU of compute capability ≥ 8.0.
     Without TensorRT or a CUDA GPU this raises :class:`BackendUnavailableError`.
@@ -197,9 +199,13 @@ def build_engine(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch: int
     if source.kind != "onnx":
         raise PackageError(f"{onnx_dir} is a {source.kind!r} package, not an ONNX package",
                            fix="pass the folder written by `stlm export ... --target tensorrt`")
+    if source.variant.get("kv_cache", "concat") != "concat" or source.variant.get("quantization"):
+        raise PackageError(f"{onnx_dir} uses ONNX Runtime-only operators (kv_cache={source.variant.get('kv_cache')!r}, "
+                           f"quantization={source.variant.get('quantization')!r}), which TensorRT cannot build",
+                           fix="export for TensorRT: stlm export CHECKPOINT -o ONNX_DIR --target tensorrt")
     profiles = engine_profiles(max_batch=max_batch, max_seq_len=max_seq_len,
                                context_length=source.generation.context_length,
-                               opt_batch=opt_batch, opt_seq_len=opt_seq_len)
+                               opt_batch=opt_batch, opt_seq_len=opt_seq_len, prefill_chunk=prefill_chunk)
     _check_output(out, onnx_dir, overwrite, cache_path)
 
     trt = import_tensorrt()

@@ -37,14 +37,15 @@ def format_capability(cc: Sequence[int]) -> str:
 
 
 def rebuild_command(extra: Mapping[str, Any], engine_dir: str | None = None) -> str:
-    """The ``stlm build-engine`` command that rebuilds this engine, with the recorded paths if known."""
+    """The ``stlm build-engine`` command that rebuilds this engine, with the recorded paths if known
+    (add ``--overwrite`` to replace an existing engine folder)."""
     source = extra.get(SOURCE_PACKAGE)
     command = REBUILD
     if source:
         command = command.replace("ONNX_DIR", str(source))
     if engine_dir:
         command = command.replace("ENGINE_DIR", str(engine_dir))
-    return f"{command} --overwrite" if source and engine_dir else command
+    return command
 
 
 def check_engine_compat(manifest_extra: Mapping[str, Any], *, trt_version: str, compute_capability: tuple[int, int],
@@ -67,7 +68,7 @@ def check_engine_compat(manifest_extra: Mapping[str, Any], *, trt_version: str, 
         raise PackageError(f"{where} records the unknown hardware compatibility level {level!r} "
                            f"(expected one of {', '.join(HARDWARE_COMPAT_LEVELS)})",
                            fix=f"rebuild it: {rebuild_command(manifest_extra, engine_dir)}")
-    rebuild = rebuild_command(manifest_extra, engine_dir)
+    rebuild = rebuild_command(manifest_extra, engine_dir) + " --overwrite"
     built_gpu = manifest_extra.get(GPU_NAME)
     built_on = f"compute capability {format_capability(built_cc)}" + (f" ({built_gpu})" if built_gpu else "")
     here = f"compute capability {format_capability(compute_capability)}" + (f" ({gpu_name})" if gpu_name else "")

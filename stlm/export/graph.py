@@ -33,11 +33,16 @@ from stlm.contract import (
 )
 from stlm.dtypes import ONNX_TYPE, DType
 from stlm.errors import UnsupportedModelError
+from stlm.export.quantize import QUANT_BITS, quantize_blockwise
 from stlm.export.weights import SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
 
 Rotary = Literal["plain", "plugin"]
+# MatMulNBits compute type: 4 = int8 activations × quantized weights (MLAS' fastest CPU path).
+ACCURACY_LEVEL = 4
+# With --quantize int4 the LM head stays at 8 bits: it decides every token, and int8 keeps it close.
+LM_HEAD_BITS = 8
 Progress = Callable[[str, int, int], None]
 
 NP_DTYPE: dict[DType, np.dtype] = {
@@ -46,7 +51,8 @@ NP_DTYPE: dict[DType, np.dtype] = {
     "bf16": np.dtype(ml_dtypes.bfloat16),
 }
 _ONNX_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-              "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+              "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
+              "uint8": TensorProto.UINT8}
 
 
 class InitializerStore:
@@ -122,10 +128,20 @@ def estimate_weight_bytes(cfg: ModelConfig, dtype: DType) -> int:
     return (per_layer * layers + heads) * NP_DTYPE[dtype].itemsize
 
 
-def _weight_t(ckpt: SafetensorsCheckpoint, names: Sequence[str], dtype: np.dtype) -> np.ndarray:
-    """Read Linear weights (out, in), concatenate on 'out', return (in, out) for MatMul."""
-    parts = [ckpt.read(n, np.float32 if dtype.itemsize == 2 else dtype) for n in names]
-    return np.concatenate(parts, axis=0).T.astype(dtype)
+def _weights_nk(ckpt: SafetensorsCheckpoint, names: Sequence[str]) -> np.ndarray:
+    """Linear weights (out, in) as float32, concatenated along 'out' (fused projections)."""
+    return np.concatenate([ckpt.read(n, np.float32) for n in names], axis=0)
+
+
+def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, dtype: np.dtype, bits: int | None) -> str:
+    """``x @ weight.T``: a MatMul on a (in, out) initializer, or MatMulNBits on ``bits``-bit blocks."""
+    if bits is None:
+        return g.op("MatMul", x, g.store.add(name, np.ascontiguousarray(weight.T).astype(dtype)))
+    q = quantize_blockwise(weight, bits)
+    return g.op("MatMulNBits", x, g.store.add(f"{name}.q{bits}", q.packed),
+                g.store.add(f"{name}.scales", q.scales.astype(dtype)),
+                g.store.add(f"{name}.zero_points", q.zero_points), domain="com.microsoft",
+                K=q.k, N=q.n, bits=bits, block_size=q.block_size, accuracy_level=ACCURACY_LEVEL)
 
 
 def _rotary_plain(g: GraphBuilder, x: str, cos: str, sin: str, cfg: ModelConfig) -> str:
@@ -166,11 +182,10 @@ def _repeat_kv(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
 
 
 def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype,
-               rope: tuple[str, str], allowed: str, rotary: Rotary, position_ids: str) -> str:
+               rope: tuple[str, str], allowed: str, rotary: Rotary, bits: int | None) -> str:
     p = f"model.layers.{i}.self_attn"
-    qkv_w = g.store.add(f"{p}.qkv_proj.weight",
-                        _weight_t(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"], dtype))
-    qkv = g.op("MatMul", h, qkv_w)
+    qkv = _linear(g, h, f"{p}.qkv_proj.weight", _weights_nk(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"]),
+                  dtype, bits)
     if cfg.use_qkv_bias:
         bias = np.concatenate([ckpt.read(f"{p}.{n}_proj.bias", np.float32) for n in "qkv"]).astype(dtype)
         qkv = g.op("Add", qkv, g.store.add(f"{p}.qkv_proj.bias", bias))
@@ -181,7 +196,7 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
         from stlm.plugins.partial_rotary.spec import make_onnx_node
 
         q_r, k_r = f"/layers.{i}/rotary/q_out", f"/layers.{i}/rotary/k_out"
-        g.nodes.append(make_onnx_node(q, k, position_ids, q_r, k_r, rotary_dim=cfg.rotary_dim,
+        g.nodes.append(make_onnx_node(q, k, POSITION_IDS, q_r, k_r, rotary_dim=cfg.rotary_dim,
                                       theta=cfg.rope_theta, name=f"/layers.{i}/partial_rotary"))
         q, k = q_r, k_r
     else:
@@ -195,8 +210,7 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
     probs = g.op("Softmax", scores, axis=-1)
     ctx = g.op("MatMul", probs, v_all)
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.hidden_size]))
-    o_w = g.store.add(f"{p}.o_proj.weight", _weight_t(ckpt, [f"{p}.o_proj.weight"], dtype))
-    return g.op("MatMul", ctx, o_w)
+    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), dtype, bits)
 
 
 def gqa_rotary_layout(cfg: ModelConfig) -> tuple[int, np.ndarray]:
@@ -230,7 +244,7 @@ def _rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: np.dtype, width: in
 
 
 def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
-                       dtype: np.dtype, caches: tuple[str, str], perm: np.ndarray) -> str:
+                       dtype: np.dtype, caches: tuple[str, str], perm: np.ndarray, bits: int | None) -> str:
     """Attention through ONNX Runtime's GroupQueryAttention: KV written in place, rotary fused."""
     p = f"model.layers.{i}.self_attn"
 
@@ -240,7 +254,7 @@ def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpo
 
     weights = [permuted(f"{p}.q_proj.weight", cfg.num_heads), permuted(f"{p}.k_proj.weight", cfg.num_kv_heads),
                ckpt.read(f"{p}.v_proj.weight", np.float32)]
-    qkv = g.op("MatMul", h, g.store.add(f"{p}.qkv_proj.weight", np.concatenate(weights).T.astype(dtype)))
+    qkv = _linear(g, h, f"{p}.qkv_proj.weight", np.concatenate(weights), dtype, bits)
     if cfg.use_qkv_bias:
         biases = [permuted(f"{p}.q_proj.bias", cfg.num_heads), permuted(f"{p}.k_proj.bias", cfg.num_kv_heads),
                   ckpt.read(f"{p}.v_proj.bias", np.float32)]
@@ -251,8 +265,7 @@ def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpo
                out_names=[f"/layers.{i}/attention/out", present_name(i, "key"), present_name(i, "value")],
                num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                scale=cfg.head_dim ** -0.5)
-    o_w = g.store.add(f"{p}.o_proj.weight", _weight_t(ckpt, [f"{p}.o_proj.weight"], dtype))
-    return g.op("MatMul", ctx, o_w)
+    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), dtype, bits)
 
 
 def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
@@ -262,14 +275,14 @@ def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
     return g.op("GatherElements", x, index, axis=1)
 
 
-def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype) -> str:
+def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype,
+         bits: int | None) -> str:
     p = f"model.layers.{i}.mlp"
-    gu_w = g.store.add(f"{p}.gate_up_proj.weight",
-                       _weight_t(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], dtype))
-    gate, up = g.op("Split", g.op("MatMul", h, gu_w), g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
+    gate_up = _linear(g, h, f"{p}.gate_up_proj.weight",
+                      _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), dtype, bits)
+    gate, up = g.op("Split", gate_up, g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    down_w = g.store.add(f"{p}.down_proj.weight", _weight_t(ckpt, [f"{p}.down_proj.weight"], dtype))
-    return g.op("MatMul", act, down_w)
+    return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), dtype, bits)
 
 
 def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType) -> tuple[tuple[str, str], str]:
@@ -292,13 +305,15 @@ def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType) -> tuple[tup
 
 def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contract, dtype: DType, *,
                   opset: int, data_path: Path | None, rotary: Rotary = "plain", kv_cache: str = "concat",
-                  progress: Progress | None = None) -> onnx.ModelProto:
+                  quantize: str | None = None, progress: Progress | None = None) -> onnx.ModelProto:
     """Build the decoder graph for ``cfg`` with ``ckpt``'s weights in ``dtype``.
 
     ``data_path`` set: weights go to that external data file; None: weights are inline.
     ``kv_cache``: 'concat' (portable ONNX ops, present = past + new) or 'inplace' (ONNX Runtime's
     GroupQueryAttention over a preallocated buffer shared by past and present).
+    ``quantize``: None, 'int8' or 'int4' weight-only MatMulNBits for the linear layers.
     """
+    bits = QUANT_BITS[quantize] if quantize else None
     inplace = kv_cache == "inplace"
     assert not (inplace and rotary == "plugin"), "the plugin rotary is for the concat (TensorRT) graph"
     np_dtype = NP_DTYPE[dtype]
@@ -317,15 +332,15 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
                 progress("layers", i, cfg.num_layers)
             h = _layer_norm(g, x, ckpt, f"model.layers.{i}.input_layernorm", cfg, np_dtype)
             if inplace:
-                attn = _attention_inplace(g, h, i, ckpt, cfg, np_dtype, caches, perm)
+                attn = _attention_inplace(g, h, i, ckpt, cfg, np_dtype, caches, perm, bits)
             else:
-                attn = _attention(g, h, i, ckpt, cfg, np_dtype, rope, allowed, rotary, POSITION_IDS)
+                attn = _attention(g, h, i, ckpt, cfg, np_dtype, rope, allowed, rotary, bits)
             if cfg.use_parallel_residual:
-                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, np_dtype))
+                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, np_dtype, bits))
             else:
                 x = g.op("Add", x, attn)
                 h2 = _layer_norm(g, x, ckpt, f"model.layers.{i}.post_attention_layernorm", cfg, np_dtype)
-                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, np_dtype))
+                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, np_dtype, bits))
         if progress:
             progress("layers", cfg.num_layers, cfg.num_layers)
         if inplace:
@@ -333,8 +348,8 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
         x = _layer_norm(g, x, ckpt, "model.norm", cfg, np_dtype)
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt \
             else "lm_head.weight"
-        head = store.add("lm_head.weight", _weight_t(ckpt, [head_name], np_dtype))
-        logits = g.op("MatMul", x, head)
+        logits = _linear(g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]), np_dtype,
+                         None if bits is None else max(bits, LM_HEAD_BITS))
         if dtype != "fp32":
             g.op("Cast", logits, to=TensorProto.FLOAT, out_names=[LOGITS])
         else:
@@ -350,7 +365,7 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
                               [value_info(s) for s in contract.outputs],
                               initializer=store.tensors)
     imports = [helper.make_opsetid("", opset)]
-    if inplace:
+    if inplace or bits:
         imports.append(helper.make_opsetid("com.microsoft", 1))
     if rotary == "plugin":
         from stlm.plugins.partial_rotary.spec import ONNX_DOMAIN

@@ -17,7 +17,8 @@ from stlm.contract import KV_CACHE_KINDS, decoder_contract
 from stlm.dtypes import DType, parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
-from stlm.export.graph import Progress, Rotary, build_decoder, estimate_weight_bytes
+from stlm.export.graph import ACCURACY_LEVEL, LM_HEAD_BITS, Progress, Rotary, build_decoder, estimate_weight_bytes
+from stlm.export.quantize import BLOCK_SIZE, QUANT_BITS
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
 
@@ -51,7 +52,8 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int = 18,
-                rotary: Rotary = "plain", kv_cache: str | None = None, overwrite: bool = False,
+                rotary: Rotary = "plain", kv_cache: str | None = None, quantize: str | None = None,
+                overwrite: bool = False,
                 progress: Progress | None = None) -> Path:
     """Export checkpoint ``model`` (folder or hub id) to the package folder ``out``; return ``out``.
 
@@ -84,6 +86,12 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
     if kv_cache == "inplace" and rotary == "plugin":
         raise InvalidArgumentError("the TensorRT target needs --kv-cache concat (got inplace)",
                                    fix="pass --kv-cache concat with --target tensorrt")
+    if quantize is not None and quantize not in QUANT_BITS:
+        raise InvalidArgumentError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_BITS)}",
+                                   fix="pass --quantize int8 or --quantize int4, or omit it")
+    if quantize is not None and rotary == "plugin":
+        raise InvalidArgumentError(f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT "
+                                   "target does not take", fix="omit --quantize with --target tensorrt")
     contract = decoder_contract(cfg, kind, kv_cache)
     external = estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD
 
@@ -93,7 +101,8 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
     tmp.mkdir()
     start = time.perf_counter()
     try:
-        graph = build_decoder(cfg, ckpt, contract, kind, opset=opset, rotary=rotary, kv_cache=kv_cache, progress=progress,
+        graph = build_decoder(cfg, ckpt, contract, kind, opset=opset, rotary=rotary, kv_cache=kv_cache,
+                              quantize=quantize, progress=progress,
                               data_path=tmp / DATA_NAME if external else None)
         (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
         del graph
@@ -117,7 +126,9 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
             versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
                       "opset": opset, "exporter": "stlm.export.graph"},
             variant={"target": "tensorrt" if rotary == "plugin" else "onnxruntime", "rotary": rotary,
-                     "kv_cache": kv_cache, "quantization": None, "external_data": external},
+                     "kv_cache": kv_cache, "quantization": None if quantize is None else {
+                         "method": "MatMulNBits", "bits": QUANT_BITS[quantize], "block_size": BLOCK_SIZE,
+                         "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS), "accuracy_level": ACCURACY_LEVEL}, "external_data": external},
             extra={"source": str(model)},
         )
         write_manifest(tmp, manifest)

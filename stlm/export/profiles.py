@@ -1,11 +1,14 @@
 """TensorRT optimization profiles for the decoder, derived from the I/O contract as data.
 
-Design: **two profiles**, one tuned for each phase of generation.
+Design: **two profiles**, one tuned for each phase of generation (S = max_seq_len, C = the
+prefill chunk, ``min(S, 1024)`` by default):
 
-* ``decode`` (profile 0): ``sequence`` is exactly 1; ``past_sequence`` 0..max_seq_len-1;
-  ``total_sequence`` 1..max_seq_len. Tuned at (opt_batch, 1 token, opt_seq_len-1 past).
-* ``prefill`` (profile 1): ``sequence`` 1..max_seq_len with an empty cache
-  (``past_sequence`` 0..0); ``total_sequence`` = ``sequence``. Tuned at (opt_batch, opt_seq_len).
+* ``decode`` (profile 0): ``sequence`` exactly 1; ``past_sequence`` 0..S-1; ``total_sequence``
+  1..S. Tuned at (opt_batch, 1 token, opt_seq_len-1 cached).
+* ``prefill`` (profile 1): ``sequence`` 1..C; ``past_sequence`` 0..S-C; ``total_sequence`` 1..S.
+  Tuned at (opt_batch, min(opt_seq_len, C) tokens, empty cache). Prompts longer than C run in
+  chunks of C (chunked prefill), which also bounds the activations and the (batch, C, vocab)
+  logits buffer.
 
 Why two and not one profile covering both phases:
 
@@ -13,17 +16,15 @@ Why two and not one profile covering both phases:
    shape constraints, and the graph ties ``total_sequence`` (the attention mask) to
    ``past_sequence + sequence`` (the concatenated KV cache): every set must satisfy
    ``total = past + sequence``. A single profile "sequence 1..S, past 0..S-1, total 1..S" fails
-   that check at kMAX (S + S-1 != S). A valid single profile has to allow
-   ``total`` up to 2S-1, which sizes the attention activations for S x (2S-1) scores.
+   that check at kMAX (S + S-1 != S); a valid single profile must allow ``total`` up to 2S-1,
+   which sizes the attention activations for S x (2S-1) scores.
 2. TensorRT picks kernels at the kOPT shape. Decode steps (one token, long past) are the
    hot loop and want different GEMM/attention tactics than a long prefill; one kOPT point
    serves one of them badly.
 
-The runtime (:func:`select_profile`) uses ``decode`` for every one-token step and ``prefill``
-for a multi-token step on an empty cache; a multi-token step after a non-empty cache (not done
-by :class:`stlm.runtime.Generator`) is run token by token on ``decode``. Switching profiles
-happens twice per generate call (prefill → decode), so one execution context serves both and
-the activation memory is sized once (for the larger of the two).
+The runtime (:func:`select_profile`) uses ``decode`` for one-token steps and ``prefill`` for
+multi-token steps whose cache fits its ``past`` range (longer caches run token by token on
+``decode``). One execution context serves both profiles; it switches only when the phase changes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ DECODE: Final = "decode"
 PREFILL: Final = "prefill"
 DEFAULT_MAX_BATCH: Final = 4
 DEFAULT_OPT_SEQ_LEN: Final = 512
+DEFAULT_PREFILL_CHUNK: Final = 1024
 AXES: Final = (BATCH, SEQUENCE, PAST, TOTAL)
 
 
@@ -82,13 +84,15 @@ def _positive_int(value: object, flag: str, *, minimum: int = 1) -> int:
     return value
 
 
-def resolve_sizes(*, max_batch: int, max_seq_len: int | None, context_length: int,
-                  opt_batch: int | None = None, opt_seq_len: int | None = None) -> tuple[int, int, int, int]:
-    """Validate the build sizes and fill defaults; return ``(max_batch, max_seq_len, opt_batch, opt_seq_len)``.
+def resolve_sizes(*, max_batch: int, max_seq_len: int | None, context_length: int, opt_batch: int | None = None,
+                  opt_seq_len: int | None = None, prefill_chunk: int | None = None) -> tuple[int, int, int, int, int]:
+    """Validate the build sizes and fill defaults.
 
-    ``max_seq_len`` (prompt + generated tokens) defaults to ``context_length`` and may not exceed
-    it; ``opt_batch`` defaults to 1 and ``opt_seq_len`` to ``min(512, max_seq_len)``.
-    Raises :class:`InvalidArgumentError` naming the bad value.
+    Returns ``(max_batch, max_seq_len, opt_batch, opt_seq_len, prefill_chunk)``. ``max_seq_len``
+    (prompt + generated tokens) defaults to ``context_length`` and may not exceed it;
+    ``opt_batch`` defaults to 1, ``opt_seq_len`` to ``min(512, max_seq_len)`` and
+    ``prefill_chunk`` to ``min(1024, max_seq_len)``. Raises :class:`InvalidArgumentError`
+    naming the bad value.
     """
     max_batch = _positive_int(max_batch, "--max-batch")
     context_length = _positive_int(context_length, "context length", minimum=2)
@@ -106,17 +110,23 @@ def resolve_sizes(*, max_batch: int, max_seq_len: int | None, context_length: in
     if opt_seq_len > max_seq_len:
         raise InvalidArgumentError(f"--opt-seq-len {opt_seq_len} is larger than --max-seq-len {max_seq_len}",
                                    fix=f"pass --opt-seq-len between 1 and {max_seq_len}")
-    return max_batch, max_seq_len, opt_batch, opt_seq_len
+    chunk = min(DEFAULT_PREFILL_CHUNK, max_seq_len) if prefill_chunk is None else _positive_int(
+        prefill_chunk, "--prefill-chunk", minimum=2)
+    if chunk > max_seq_len:
+        raise InvalidArgumentError(f"--prefill-chunk {chunk} is larger than --max-seq-len {max_seq_len}",
+                                   fix=f"pass --prefill-chunk between 2 and {max_seq_len}")
+    return max_batch, max_seq_len, opt_batch, opt_seq_len, chunk
 
 
-def engine_profiles(*, max_batch: int, max_seq_len: int | None, context_length: int,
-                    opt_batch: int | None = None, opt_seq_len: int | None = None) -> tuple[Profile, Profile]:
+def engine_profiles(*, max_batch: int, max_seq_len: int | None, context_length: int, opt_batch: int | None = None,
+                    opt_seq_len: int | None = None, prefill_chunk: int | None = None) -> tuple[Profile, Profile]:
     """The ``(decode, prefill)`` profiles for these sizes (see the module docstring)."""
-    mb, ms, ob, os_ = resolve_sizes(max_batch=max_batch, max_seq_len=max_seq_len, context_length=context_length,
-                                    opt_batch=opt_batch, opt_seq_len=opt_seq_len)
+    mb, s, ob, os_, c = resolve_sizes(max_batch=max_batch, max_seq_len=max_seq_len, context_length=context_length,
+                                      opt_batch=opt_batch, opt_seq_len=opt_seq_len, prefill_chunk=prefill_chunk)
     batch = (1, ob, mb)
-    decode = Profile(DECODE, {BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, os_ - 1, ms - 1), TOTAL: (1, os_, ms)})
-    prefill = Profile(PREFILL, {BATCH: batch, SEQUENCE: (1, os_, ms), PAST: (0, 0, 0), TOTAL: (1, os_, ms)})
+    oc = min(os_, c)
+    decode = Profile(DECODE, {BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, os_ - 1, s - 1), TOTAL: (1, os_, s)})
+    prefill = Profile(PREFILL, {BATCH: batch, SEQUENCE: (1, oc, c), PAST: (0, 0, s - c), TOTAL: (1, oc, s)})
     for p in (decode, prefill):
         for k in range(3):
             assert p.axes[TOTAL][k] == p.axes[PAST][k] + p.axes[SEQUENCE][k], p

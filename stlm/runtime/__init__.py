@@ -11,7 +11,8 @@ Never imports torch or transformers. Typical use::
 """
 
 from stlm.errors import StlmError
-from stlm.runtime.generator import Completion, Generator
+from stlm.runtime.generator import Generator
+from stlm.runtime.sequence import Completion
 from stlm.runtime.sampling import SamplingParams
 from stlm.runtime.tokenizer import Tokenizer
 

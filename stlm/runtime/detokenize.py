@@ -45,14 +45,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None) -> None:
         """Start a stream; ``prompt_ids`` (optional) give the decoder its left context."""
-        self._tokenizer = tokenizer
         self._decode = tokenizer.backend.decode
         self._ids: list[int] = []  # the window: context tokens, then unreleased tokens
         self._read = 0  # window[:read] is context whose text was released (or is the prompt)
         self._done = 0  # chars of decode(window) already released or belonging to the context
         self._finished = False
         if prompt_ids is not None and len(prompt_ids) > 0:
-            context = [_check_token(t) for t in list(prompt_ids)[-_CONTEXT_TOKENS:]]
+            context = [_check_token(t) for t in prompt_ids[-_CONTEXT_TOKENS:]]
             text = self._decode(context)
             if text and not text.endswith(_REPLACEMENT):
                 self._ids, self._read, self._done = context, len(context), len(text)

@@ -9,70 +9,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
-from stlm.runtime.detokenize import IncrementalDetokenizer
-from stlm.runtime.sampling import SamplingParams, make_rng, sample_token
-from stlm.runtime.stops import StopMatcher
+from stlm.runtime.sampling import SamplingParams
+from stlm.runtime.sequence import Completion, SequenceState
 from stlm.runtime.tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class Completion:
-    """One finished sequence. ``finish_reason``: 'eos', 'stop' (a stop string), 'length', 'cancelled'."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: tuple[float, ...] | None = None
-
-
-@dataclass
-class _Row:
-    """Per-sequence state of one call."""
-
-    params: SamplingParams
-    prompt: list[int]
-    rng: np.random.Generator
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    seen: np.ndarray
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def emit(self, piece: str) -> str:
-        """Pass decoded text through the stop matcher; record and return what may be shown."""
-        shown, stopped = self.stops.feed(piece)
-        if stopped:
-            self.finish_reason = "stop"
-        self.text.append(shown)
-        return shown
-
-    def close(self, reason: str) -> str:
-        """Finish for ``reason`` (unless a stop string already did): release held-back text."""
-        shown = self.emit(self.detok.flush()) if self.finish_reason is None else ""
-        if self.finish_reason is None:
-            self.finish_reason = reason
-            tail = self.stops.finish()
-            self.text.append(tail)
-            shown += tail
-        return shown
-
-    def completion(self) -> Completion:
-        """The result."""
-        assert self.finish_reason is not None
-        return Completion("".join(self.text), tuple(self.generated), self.finish_reason, len(self.prompt),
-                          tuple(self.logprobs) if self.params.logprobs else None)
+__all__ = ["Completion", "Generator"]
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
@@ -151,7 +98,7 @@ class Generator:
 
     # -- internals --------------------------------------------------------------------------
     def _rows(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None,
-              overrides: dict[str, Any]) -> list[_Row]:
+              overrides: dict[str, Any]) -> list[SequenceState]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise InvalidArgumentError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}",
                                        fix="pass [prompt, ...], or use generate(prompt) for one")
@@ -172,42 +119,24 @@ class Generator:
                     f"max_new_tokens {sp.max_new_tokens} after a {len(ids)}-token prompt exceeds the "
                     f"context of {self.context_length} tokens",
                     fix=f"pass max_new_tokens ≤ {self.context_length - len(ids)}, or shorten the prompt")
-            rows.append(_Row(sp, ids, make_rng(sp.seed), IncrementalDetokenizer(self.tokenizer, ids),
-                             StopMatcher(sp.stop), np.array(ids, dtype=np.int64)))
+            rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_id))
         return rows
 
-    def _steps(self, rows: list[_Row], cancel: threading.Event | None) -> Iterator[list[str]]:
+    def _steps(self, rows: list[SequenceState], cancel: threading.Event | None) -> Iterator[list[str]]:
         """Run the batch to the end; after each step yield the new text of every row ('' if none).
 
-        Finished rows stay in the cache, idle, until the whole batch is done.
+        Finished rows stay in the cache, idle, until the whole batch is done; the cache is freed
+        when this generator ends (or is closed).
         """
         capacity = max(len(r.prompt) + r.params.max_new_tokens for r in rows)
         cache = self.backend.new_cache(len(rows), capacity)
         logits = self.backend.forward(cache, [r.prompt for r in rows])
         while True:
-            pieces = [""] * len(rows)
-            feed: list[list[int]] = [[] for _ in rows]
-            for b, r in enumerate(rows):
-                if r.finish_reason is not None:
-                    continue
-                if cancel is not None and cancel.is_set():
-                    pieces[b] = r.close("cancelled")
-                    continue
-                token, logprob = sample_token(logits[b], r.params, r.rng,
-                                              r.seen if r.params.repetition_penalty != 1.0 else None)
-                if token == self.eos_token_id:
-                    pieces[b] = r.close("eos")
-                    continue
-                r.generated.append(token)
-                r.logprobs.append(logprob)
-                if r.params.repetition_penalty != 1.0:
-                    r.seen = np.append(r.seen, token)
-                pieces[b] = r.emit(r.detok.push(token))
-                if r.finish_reason is None and len(r.generated) >= r.params.max_new_tokens:
-                    pieces[b] += r.close("length")
-                if r.finish_reason is None:
-                    feed[b] = [token]
+            cancelled = cancel is not None and cancel.is_set()
+            pieces = [("" if r.finished else r.cancel() if cancelled else r.step(logits[b]))
+                      for b, r in enumerate(rows)]
             yield pieces
+            feed = [[] if r.finished else [r.last_token] for r in rows]
             if not any(feed):
                 return
             logits = self.backend.forward(cache, feed)

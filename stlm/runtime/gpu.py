@@ -145,6 +145,22 @@ class Stream:
             call(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
                  "a device-to-device copy")
 
+    def dtod_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+        """Copy ``height`` rows of ``width`` bytes between device addresses with the given pitches (async)."""
+        if width and height:
+            rt = cudart()
+            call(rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
+                                      rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
+                 "a strided device-to-device copy")
+
+    def dtoh_2d(self, array: np.ndarray, src: int, spitch: int) -> None:
+        """Copy rows of ``array.shape[0]`` × ``array[0].nbytes`` bytes, ``spitch`` apart on the device,
+        into a C-contiguous host array (async)."""
+        rt = cudart()
+        width = array[0].nbytes
+        call(rt.cudaMemcpy2DAsync(array.ctypes.data, width, src, spitch, width, array.shape[0],
+                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "a strided device-to-host copy")
+
     def synchronize(self) -> None:
         """Wait for everything queued on the stream."""
         call(cudart().cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")

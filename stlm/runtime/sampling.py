@@ -20,10 +20,11 @@ Log-probabilities: for a sampled token, the log-probability under that final ren
 distribution (the one actually drawn from); for greedy, the log-softmax of the penalised logits
 (temperature 1, no truncation), i.e. the model's own confidence after the penalty.
 
-Cost (vocab 50304): no float64 copy of the vocabulary and no sort of its ids. Top-k uses
-``argpartition`` and sorts only the ``k`` candidates; top-p without top-k sorts the values of the
-64 best candidates and sorts all values (not ids) only when those fall short of ``top_p``; both
-are exact (see :func:`_nucleus`). Plain sampling draws by a two-level inverse CDF.
+Cost (vocab 50304): the vocabulary's ids are never sorted; top-k and top-p select candidates
+with a prefilter / ``argpartition`` and stay exact (:func:`_ranked_top`, :func:`_nucleus`);
+only top-p without top-k takes a float64 copy (its exact normaliser); plain sampling draws by
+a two-level inverse CDF (:func:`_draw_full`). Cumulative masses within 1e-9 (relative) of
+``top_p`` count as reaching it, so exact ties with the boundary do not depend on rounding.
 """
 
 from __future__ import annotations
@@ -38,64 +39,50 @@ import numpy as np
 from stlm.errors import InvalidArgumentError
 
 __all__ = [
-    "SamplingParams",
-    "apply_repetition_penalty",
-    "apply_temperature",
-    "log_softmax",
-    "make_rng",
-    "min_p_mask",
-    "sample_token",
-    "top_k_mask",
-    "top_p_mask",
+    "SamplingParams", "apply_repetition_penalty", "apply_temperature", "log_softmax", "make_rng",
+    "min_p_mask", "sample_token", "top_k_mask", "top_p_mask",
 ]
 
 # Candidates top-p without top-k ranks before falling back to sorting the whole vocabulary.
 _TOP_P_FIRST = 64
+# A cumulative mass within this relative distance of top_p counts as reaching it, so that exact
+# ties with the boundary (10 equal tokens, top_p=0.3 -> 3 tokens) do not depend on rounding.
+_TOP_P_RTOL = 1e-9
 # Stride of the sample that sets the top-k prefilter threshold.
 _STRIDE = 16
+# Block size of the two-level (block sums, then one block) cumulative sums.
+_BLOCK = 512
 # min-p preselects with a threshold this much looser (in log space) than the exact float64 test.
 _MIN_P_SLACK = 1e-3
 
 
-def _fail(name: str, value: object, expected: str, fix: str) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{name}={value!r} is invalid: expected {expected}", fix=fix)
-
-
-def _as_int(name: str, value: object, expected: str, fix: str, lo: int = 0) -> int:
-    """``value`` as an int >= ``lo`` (bools, floats and strings are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
-        raise _fail(name, value, expected, fix)
-    return int(value)
-
-
-def _as_float(
-    name: str, value: object, expected: str, fix: str, lo: float, hi: float, *,
-    lo_open: bool = False, hi_open: bool = False,
-) -> float:
-    """``value`` as a finite float in the interval ``lo..hi`` (ints accepted, bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise _fail(name, value, expected, fix)
-    x = float(value)
-    if (not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo)
-            or (hi_open and x == hi)):
-        raise _fail(name, value, expected, fix)
-    return x
-
-
+# name -> (expected, fix, kind, low, high, low excluded); kind "int" rejects floats and bools
 _INF = math.inf
-_RULES: dict[str, tuple[str, str]] = {  # name -> (expected, fix)
-    "max_new_tokens": ("an int >= 1", "ask for at least one new token, e.g. max_new_tokens=64"),
-    "temperature": ("a finite float >= 0 (0 = greedy)",
-                    "use temperature=0 for greedy decoding or e.g. 0.7 for sampling"),
-    "top_k": ("an int >= 0 (0 = off)", "use top_k=0 to disable top-k or a count such as 50"),
-    "top_p": ("a float in (0, 1] (1 = off)",
-              "use top_p=1.0 to disable nucleus sampling or a value such as 0.95"),
-    "min_p": ("a float in [0, 1] (0 = off)", "use min_p=0.0 to disable min-p or e.g. 0.05"),
-    "repetition_penalty": ("a finite float > 0 (1 = off)",
-                           "use repetition_penalty=1.0 to disable it or a value such as 1.1"),
-    "seed": ("None or an int >= 0", "pass an integer seed such as 0, or None for a random one"),
-    "logprobs": ("a bool", "pass logprobs=True or logprobs=False"),
+_RULES: dict[str, tuple[str, str, str, float, float, bool]] = {
+    "max_new_tokens": ("an int >= 1", "ask for e.g. max_new_tokens=64", "int", 1, _INF, False),
+    "temperature": ("a finite float >= 0 (0 = greedy)", "use 0 for greedy or e.g. 0.7",
+                    "float", 0, _INF, False),
+    "top_k": ("an int >= 0 (0 = off)", "use top_k=0 (off) or e.g. 50", "int", 0, _INF, False),
+    "top_p": ("a float in (0, 1] (1 = off)", "use top_p=1.0 (off) or e.g. 0.95",
+              "float", 0, 1, True),
+    "min_p": ("a float in [0, 1] (0 = off)", "use min_p=0.0 (off) or e.g. 0.05",
+              "float", 0, 1, False),
+    "repetition_penalty": ("a finite float > 0 (1 = off)", "use 1.0 (off) or e.g. 1.1",
+                           "float", 0, _INF, True),
+    "seed": ("None or an int >= 0", "pass e.g. seed=0, or None for a random seed",
+             "int", 0, _INF, False),
 }
+
+
+def _checked(name: str, value: object) -> Any:
+    """``value`` as the int/float ``_RULES[name]`` allows, or an InvalidArgumentError naming it."""
+    expected, fix, kind, lo, hi, lo_open = _RULES[name]
+    types = (int, np.integer) if kind == "int" else (int, float, np.integer, np.floating)
+    if not isinstance(value, bool) and isinstance(value, types):
+        x = int(value) if kind == "int" else float(value)  # type: ignore[arg-type]
+        if math.isfinite(x) and lo <= x <= hi and not (lo_open and x == lo):
+            return x
+    raise InvalidArgumentError(f"{name}={value!r} is invalid: expected {expected}", fix=fix)
 
 
 @dataclass(frozen=True)
@@ -119,24 +106,16 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self) -> None:
-        def put(name: str, value: object) -> None:
-            object.__setattr__(self, name, value)
-
-        r = _RULES
-        put("max_new_tokens", _as_int("max_new_tokens", self.max_new_tokens,
-                                      *r["max_new_tokens"], lo=1))
-        put("temperature", _as_float("temperature", self.temperature, *r["temperature"], 0, _INF))
-        put("top_k", _as_int("top_k", self.top_k, *r["top_k"]))
-        put("top_p", _as_float("top_p", self.top_p, *r["top_p"], 0, 1, lo_open=True))
-        put("min_p", _as_float("min_p", self.min_p, *r["min_p"], 0, 1))
-        put("repetition_penalty", _as_float("repetition_penalty", self.repetition_penalty,
-                                            *r["repetition_penalty"], 0, _INF, lo_open=True))
-        if self.seed is not None:
-            put("seed", _as_int("seed", self.seed, *r["seed"]))
-        put("stop", _check_stop(self.stop))
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                     "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if not (name == "seed" and value is None):
+                object.__setattr__(self, name, _checked(name, value))
+        object.__setattr__(self, "stop", _check_stop(self.stop))
         if not isinstance(self.logprobs, bool | np.bool_):
-            raise _fail("logprobs", self.logprobs, *r["logprobs"])
-        put("logprobs", bool(self.logprobs))
+            raise InvalidArgumentError(f"logprobs={self.logprobs!r} is invalid: expected a bool",
+                                       fix="pass logprobs=True or logprobs=False")
+        object.__setattr__(self, "logprobs", bool(self.logprobs))
 
     @property
     def greedy(self) -> bool:
@@ -145,37 +124,31 @@ class SamplingParams:
 
 
 def _check_stop(stop: object) -> tuple[str, ...]:
+    expected = "expected a list or tuple of non-empty str"
     fix = 'pass a list of non-empty strings, e.g. stop=["\\n\\n", "User:"]'
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, list | tuple):
-        raise _fail("stop", stop, "a list or tuple of non-empty str", fix)
+        raise InvalidArgumentError(f"stop={stop!r} is invalid: {expected}", fix=fix)
     for item in stop:
         if not isinstance(item, str) or not item:
             raise InvalidArgumentError(
-                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str "
-                "(expected a list or tuple of non-empty str)", fix=fix
-            )
+                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str ({expected})",
+                fix=fix)
     return tuple(stop)
 
 
 def make_rng(seed: int | None) -> np.random.Generator:
     """A PCG64 generator: reproducible for an int seed >= 0, fresh OS entropy for None."""
-    if seed is not None:
-        seed = _as_int("seed", seed, *_RULES["seed"])
-    return np.random.default_rng(seed)
-
-
-# --------------------------------------------------------------------------- logits checks
+    return np.random.default_rng(None if seed is None else _checked("seed", seed))
 
 
 def _check_logits(logits: Any) -> np.ndarray:
     x = np.asarray(logits)
     if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
-        raise InvalidArgumentError(
-            f"logits have shape {x.shape} and dtype {x.dtype}, expected a non-empty 1-D float array",
-            fix="pass one row of logits, shape (vocab,), e.g. logits[0, -1]",
-        )
+        raise InvalidArgumentError(f"logits have shape {x.shape} and dtype {x.dtype}, expected "
+                                   "a non-empty 1-D float array",
+                                   fix="pass one row of logits, shape (vocab,)")
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
@@ -184,8 +157,7 @@ def _finite_max(x: np.ndarray) -> float:
     if not math.isfinite(m):
         raise InvalidArgumentError(
             f"logits have maximum {m} (NaN, +inf, or every entry -inf), expected finite logits",
-            fix="check the model outputs: NaN/inf logits usually mean an overflow in fp16",
-        )
+            fix="check the model outputs: NaN/inf logits usually mean an overflow in fp16")
     return m
 
 
@@ -194,35 +166,27 @@ def _check_previous(previous_ids: Any, vocab: int) -> np.ndarray:
     if ids.size == 0:
         return ids.reshape(0).astype(np.int64)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InvalidArgumentError(
-            f"previous_ids have shape {ids.shape} and dtype {ids.dtype}, "
-            "expected a 1-D integer array",
-            fix="pass the prompt and generated ids of this sequence as one 1-D int array",
-        )
+        raise InvalidArgumentError(f"previous_ids have shape {ids.shape} and dtype {ids.dtype}, "
+                                   "expected a 1-D integer array",
+                                   fix="pass the prompt + generated ids as one 1-D int array")
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
-        bad = lo if lo < 0 else hi
-        raise InvalidArgumentError(
-            f"previous_ids contain the id {bad}, expected ids in [0, {vocab})",
-            fix="pass token ids of this model's vocabulary",
-        )
+        raise InvalidArgumentError(f"previous_ids contain the id {lo if lo < 0 else hi}, "
+                                   f"expected ids in [0, {vocab})",
+                                   fix="pass token ids of this model's vocabulary")
     return ids
-
-
-# --------------------------------------------------------------------------- processors
 
 
 def apply_repetition_penalty(
     logits: np.ndarray, previous_ids: np.ndarray | Sequence[int] | None, penalty: float
 ) -> np.ndarray:
-    """The CTRL / transformers repetition penalty, returned as a new array.
+    """The CTRL / transformers repetition penalty (the input array is never modified).
 
     For every distinct id in ``previous_ids`` (prompt and generated tokens): ``logit / penalty``
-    if the logit is > 0, else ``logit * penalty``. ``penalty=1`` or no ids returns the logits.
+    if the logit is > 0, else ``logit * penalty``; penalised once however often the id occurs.
     """
     x = _check_logits(logits)
-    penalty = _as_float("repetition_penalty", penalty, *_RULES["repetition_penalty"],
-                        0, _INF, lo_open=True)
+    penalty = _checked("repetition_penalty", penalty)
     if previous_ids is None or penalty == 1.0:
         return x
     ids = _check_previous(previous_ids, x.shape[0])
@@ -237,9 +201,10 @@ def apply_repetition_penalty(
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """``logits / temperature`` (temperature > 0; greedy is handled by :func:`sample_token`)."""
     x = _check_logits(logits)
-    t = _as_float("temperature", temperature, "a finite float > 0",
-                  "use temperature > 0 here; temperature=0 (greedy) needs no scaling",
-                  0, _INF, lo_open=True)
+    t = _checked("temperature", temperature)
+    if t == 0.0:
+        raise InvalidArgumentError("temperature=0 is invalid here: expected a float > 0",
+                                   fix="greedy decoding (temperature=0) needs no scaling")
     return x if t == 1.0 else x / np.float32(t)
 
 
@@ -273,10 +238,7 @@ def _prefilter(x: np.ndarray, k: int) -> np.ndarray:
 
 def _ranked_top(x: np.ndarray, k: int) -> np.ndarray:
     """Ids of the ``k`` largest entries of ``x``, ordered by value desc then id asc (exact)."""
-    n = x.shape[0]
-    if k >= n:
-        return np.argsort(-x, kind="stable")
-    pool = _prefilter(x, k)
+    pool = _prefilter(x, k)  # callers guarantee 0 < k < len(x)
     y = x[pool]  # ``pool`` is ascending, so lower positions in ``y`` are lower ids
     part = np.argpartition(y, y.shape[0] - k)[y.shape[0] - k :]
     vals = y[part]
@@ -302,7 +264,7 @@ def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
     ids are kept, so ``k=1`` keeps the greedy token.
     """
     x = _check_logits(logits)
-    k = _as_int("top_k", k, *_RULES["top_k"])
+    k = _checked("top_k", k)
     n = x.shape[0]
     if k == 0 or k >= n:
         return np.ones(n, dtype=bool)
@@ -316,16 +278,16 @@ def _nucleus(x: np.ndarray, m: float, inv_t: float, top_p: float) -> np.ndarray:
     Where the nucleus ends depends only on the cumulative mass of the sorted *values*, which is
     the same however ties are ordered, so no ids are sorted: first the values of the top
     ``_TOP_P_FIRST`` candidates are tried, and only if their mass falls short all values are
-    sorted (then the cut is found with float64 block sums, no float64 copy of the vocabulary).
-    With ``v`` the value where the mass reaches ``top_p`` and ``c`` the nucleus size, the
+    sorted (then the cut is found with block sums). Probabilities are float64, as in the
+    definition. With ``v`` the value where the mass reaches ``top_p`` and ``c`` the nucleus size, the
     nucleus is every id above ``v`` plus the lowest ids equal to ``v``, ``c`` ids in all.
     """
     n = x.shape[0]
-    w = x - np.float32(m)
-    if inv_t != 1.0:
-        w *= np.float32(inv_t)
+    w = x.astype(np.float64)
+    w -= m
+    w *= inv_t
     np.exp(w, out=w)
-    target = top_p * float(w.sum())
+    target = top_p * float(w.sum()) * (1.0 - _TOP_P_RTOL)
     cut = n
     if _TOP_P_FIRST < n:
         y = x[_prefilter(x, _TOP_P_FIRST)]
@@ -334,23 +296,23 @@ def _nucleus(x: np.ndarray, m: float, inv_t: float, top_p: float) -> np.ndarray:
         cut = int(np.searchsorted(np.cumsum(q), target, side="left"))
     if cut >= min(_TOP_P_FIRST, n):
         vals = np.sort(x)[::-1]
-        w = vals - np.float32(m)
-        if inv_t != 1.0:
-            w *= np.float32(inv_t)
-        np.exp(w, out=w)
-        cut = _cumsum_reaches(w, target)
+        cut = _cumsum_reaches(np.exp((vals.astype(np.float64) - m) * inv_t), target)
     v = vals[cut]
     above = np.flatnonzero(x > v)
     return np.concatenate([above, np.flatnonzero(x == v)[: cut + 1 - above.shape[0]]])
 
 
-def _cumsum_reaches(w: np.ndarray, target: float, block: int = 512) -> int:
-    """First index where ``cumsum(w)`` (float64) reaches ``target``; the last w > 0 if never."""
+def _block_sums(w: np.ndarray, block: int) -> np.ndarray:
+    """float64 sums of consecutive ``block``-entry slices of ``w`` (pairwise inside a block)."""
     n = w.shape[0]
     full = n - n % block
-    sums = w[:full].reshape(-1, block).sum(axis=1, dtype=np.float64)
-    if full < n:
-        sums = np.append(sums, w[full:].sum(dtype=np.float64))
+    sums = w[:full].reshape(-1, block).sum(axis=1).astype(np.float64)
+    return np.append(sums, float(w[full:].sum())) if full < n else sums
+
+
+def _cumsum_reaches(w: np.ndarray, target: float, block: int = _BLOCK) -> int:
+    """First index where ``cumsum(w)`` (float64) reaches ``target``; the last w > 0 if never."""
+    sums = _block_sums(w, block)
     cum = np.cumsum(sums)
     b = int(np.searchsorted(cum, target, side="left"))
     if b >= sums.shape[0]:  # rounding kept the total just below the target: keep all p > 0
@@ -368,7 +330,7 @@ def top_p_mask(logits: np.ndarray, top_p: float) -> np.ndarray:
     ``top_p=1`` keeps everything.
     """
     x = _check_logits(logits)
-    p = _as_float("top_p", top_p, *_RULES["top_p"], 0, 1, lo_open=True)
+    p = _checked("top_p", top_p)
     if p == 1.0:
         return np.ones(x.shape[0], dtype=bool)
     return _mask_from(_nucleus(x, _finite_max(x), 1.0, p), x.shape[0])
@@ -380,12 +342,10 @@ def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
     The ratio ``p / p_max = exp(logit - max_logit)`` is evaluated in float64.
     """
     x = _check_logits(logits)
-    mp = _as_float("min_p", min_p, *_RULES["min_p"], 0, 1)
+    mp = _checked("min_p", min_p)
     if mp == 0.0:
         return np.ones(x.shape[0], dtype=bool)
-    m = _finite_max(x)
-    ids = _min_p_candidates(x, m, 1.0, mp)
-    return _mask_from(ids, x.shape[0])
+    return _mask_from(_min_p_candidates(x, _finite_max(x), 1.0, mp), x.shape[0])
 
 
 def _min_p_candidates(x: np.ndarray, m: float, inv_t: float, min_p: float) -> np.ndarray:
@@ -394,9 +354,6 @@ def _min_p_candidates(x: np.ndarray, m: float, inv_t: float, min_p: float) -> np
     ids = np.flatnonzero(x >= np.float32(loose))
     ratio = np.exp((x[ids].astype(np.float64) - m) * inv_t)
     return ids[ratio >= min_p]
-
-
-# --------------------------------------------------------------------------- sampling
 
 
 def _draw(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
@@ -415,21 +372,17 @@ def _draw_full(
 ) -> tuple[int, float]:
     """Draw from ``softmax(x * inv_t)`` over the whole vocabulary; return (id, logprob).
 
-    No float64 copy of the vocabulary: a two-level inverse CDF over float64 sums of 512-entry
+    No float64 copy of the vocabulary: a two-level inverse CDF over the sums of 512-entry
     blocks, then a float64 cumsum inside the chosen block only.
     """
     w = x - np.float32(m)
     if inv_t != 1.0:
         w *= np.float32(inv_t)
     np.exp(w, out=w)
-    n, b = w.shape[0], 512
-    full = n - n % b
-    sums = w[:full].reshape(-1, b).sum(axis=1, dtype=np.float64)
-    if full < n:
-        sums = np.append(sums, w[full:].sum(dtype=np.float64))
+    sums = _block_sums(w, _BLOCK)
     block, _ = _draw(sums, rng)
-    lo = block * b
-    i, p_in_block = _draw(w[lo : lo + b].astype(np.float64), rng)
+    lo = block * _BLOCK
+    i, p_in_block = _draw(w[lo : lo + _BLOCK].astype(np.float64), rng)
     return lo + i, math.log(p_in_block * float(sums[block]) / float(sums.sum()))
 
 
@@ -471,7 +424,8 @@ def sample_token(
     # q = p / p_max over the candidates; the argmax always survives, so max(q) == 1
     q = np.exp((x[order].astype(np.float64) - m) * inv_t)
     if k and params.top_p < 1.0:  # top-p on the distribution renormalised over the top-k
-        cut = int(np.searchsorted(np.cumsum(q), params.top_p * float(q.sum()), side="left"))
+        target = params.top_p * float(q.sum()) * (1.0 - _TOP_P_RTOL)
+        cut = int(np.searchsorted(np.cumsum(q), target, side="left"))
         order, q = order[: cut + 1], q[: cut + 1]  # ``order`` is ranked, so this is a prefix
     if params.min_p > 0.0:
         keep = q >= params.min_p

@@ -43,6 +43,8 @@ class StopMatcher:
                     fix='pass non-empty strings only, e.g. stop=("\\n\\n", "User:")',
                 )
         self._stops = tuple(dict.fromkeys(stop))  # drop duplicates, keep order
+        self._firsts = frozenset(s[0] for s in self._stops)
+        self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self._stopped = False
         self._matched: str | None = None
@@ -72,6 +74,9 @@ class StopMatcher:
         if not self._stops:
             return piece, False
         held = self._held + piece
+        if not any(c in held for c in self._firsts):  # fast path: nothing can start here
+            self._held = ""
+            return held, False
         match = self._earliest_match(held)
         pending = self._earliest_pending(held, len(held) if match is None else match[0])
         if match is not None and pending is None:
@@ -81,7 +86,11 @@ class StopMatcher:
         return held[:cut], False
 
     def finish(self) -> str:
-        """The stream ended for another reason: return the held text (cut at a stop if any)."""
+        """The stream ended for another reason: return the held text (cut at a stop if any).
+
+        A stop string may have completed while an earlier-starting one was still possible; then
+        the text is cut there and :attr:`stopped` turns True (report finish reason "stop").
+        """
         if self._stopped:
             return ""
         held, self._held = self._held, ""
@@ -106,9 +115,9 @@ class StopMatcher:
     def _earliest_pending(self, text: str, before: int) -> int | None:
         """Earliest start < ``before`` of a suffix of ``text`` that is a proper stop prefix."""
         n = len(text)
-        longest = max(len(s) for s in self._stops)
-        for i in range(max(0, n - longest + 1), min(before, n)):
-            tail = text[i:]
-            if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
-                return i
+        for i in range(max(0, n - self._longest + 1), min(before, n)):
+            if text[i] in self._firsts:
+                tail = text[i:]
+                if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
+                    return i
         return None

@@ -46,8 +46,9 @@ class Tokenizer:
         """Load a ``tokenizer.json``; raise :class:`PackageError` if it is missing or corrupt."""
         file = Path(path)
         if not file.is_file():
+            state = "is a folder" if file.is_dir() else "does not exist"
             raise PackageError(
-                f"tokenizer file {str(file)!r} does not exist (expected a tokenizer.json file)",
+                f"tokenizer file {str(file)!r} {state} (expected a tokenizer.json file)",
                 fix="point to the package's tokenizer.json, or re-run the export that writes it",
             )
         try:

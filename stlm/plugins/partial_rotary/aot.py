@@ -80,7 +80,9 @@ def kernel_signature(dtype: DType) -> dict[str, str]:
     return dict(zip(KERNEL_ARG_NAMES, types, strict=True))
 
 
-def unique_kernel_name(dtype: DType, *, head_dim: int, rotary_dim: int, theta: float, block_h: int, num_warps: int) -> str:
+def unique_kernel_name(
+    dtype: DType, *, head_dim: int, rotary_dim: int, theta: float, block_h: int, num_warps: int
+) -> str:
     """A PTX entry name unique to everything baked into the kernel (pure)."""
     digest = hashlib.sha1(repr(float(theta)).encode()).hexdigest()[:8]
     return f"stlm_partial_rotary_{dtype}_d{head_dim}_r{rotary_dim}_h{block_h}_w{num_warps}_{digest}"
@@ -143,7 +145,9 @@ def compile_ptx(
 
     dt = validate_dtype(dtype)
     if arch not in SUPPORTED_ARCHS:
-        raise InvalidArgumentError(f"unsupported SM arch {arch}", fix=f"use one of {', '.join(map(str, SUPPORTED_ARCHS))}")
+        raise InvalidArgumentError(
+            f"unsupported SM arch {arch}", fix=f"use one of {', '.join(map(str, SUPPORTED_ARCHS))}"
+        )
     if num_warps < 1 or num_warps & (num_warps - 1):
         raise InvalidArgumentError(f"num_warps must be a power of two, got {num_warps}")
     constexprs = kernel_constexprs(head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, block_h=block_h)
@@ -164,7 +168,9 @@ def compile_ptx(
     metadata = compiled.metadata
     ptx = compiled.asm["ptx"]
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    name = unique_kernel_name(dt, head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, block_h=block_h, num_warps=num_warps)
+    name = unique_kernel_name(
+        dt, head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, block_h=block_h, num_warps=num_warps
+    )
     try:
         ptx = rename_entry(strip_trailing_params(ptx, NUM_KERNEL_PARAMS), metadata.name, name)
         entry, params = entry_params(ptx)
@@ -206,24 +212,30 @@ def launch_with_cuda_driver(
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
-        raise BackendUnavailableError("the CUDA driver (libcuda.so.1) is not available", fix="run on a GPU machine") from exc
+        raise BackendUnavailableError(
+            "the CUDA driver (libcuda.so.1) is not available", fix="run on a GPU machine"
+        ) from exc
 
     def check(status: int, what: str) -> None:
         if status != 0:
             raise BackendUnavailableError(f"{what} failed with CUDA driver error {status}")
 
-    torch.cuda.current_stream().synchronize()  # makes torch's primary context current on this thread
+    tensors = (q, k, position_ids, q_out, k_out)
+    if not all(t.is_cuda and t.is_contiguous() for t in tensors):
+        raise InvalidArgumentError("launch_with_cuda_driver needs contiguous CUDA tensors")
+    torch.cuda.current_stream().synchronize()  # torch's primary context is current on this thread
     module, function = ctypes.c_void_p(), ctypes.c_void_p()
     check(libcuda.cuModuleLoadData(ctypes.byref(module), compiled.ptx.encode() + b"\0"), "cuModuleLoadData")
     try:
-        check(libcuda.cuModuleGetFunction(ctypes.byref(function), module, compiled.kernel_name.encode()), "cuModuleGetFunction")
+        name = compiled.kernel_name.encode()
+        check(libcuda.cuModuleGetFunction(ctypes.byref(function), module, name), "cuModuleGetFunction")
         batch, n_q_heads, seq_len, _ = q.shape
         values = [
             ctypes.c_uint64(q.data_ptr()), ctypes.c_uint64(k.data_ptr()), ctypes.c_uint64(position_ids.data_ptr()),
             ctypes.c_int32(seq_len), ctypes.c_int32(n_q_heads), ctypes.c_int32(k.shape[1]),
             ctypes.c_uint64(q_out.data_ptr()), ctypes.c_uint64(k_out.data_ptr()),
         ]  # fmt: skip
-        params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+        params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         grid, block = compiled.grid(batch, seq_len, n_q_heads, k.shape[1]), compiled.block
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         check(

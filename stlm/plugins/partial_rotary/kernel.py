@@ -170,18 +170,25 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor)
     import torch
 
     if q.dim() != 4 or k.dim() != 4:
-        raise InvalidArgumentError(f"q and k must be 4-D (batch, heads, seq, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise InvalidArgumentError(
+            f"q and k must be 4-D (batch, heads, seq, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise InvalidArgumentError(f"q and k must share one dtype among float32/float16/bfloat16, got {q.dtype}, {k.dtype}")
+        raise InvalidArgumentError(
+            f"q and k must share one dtype among float32/float16/bfloat16, got {q.dtype}, {k.dtype}"
+        )
     batch, _, seq, head_dim = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
         raise InvalidArgumentError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim")
     if tuple(position_ids.shape) != (batch, seq) or position_ids.dtype not in (torch.int64, torch.int32):
         raise InvalidArgumentError(
-            f"position_ids must be int64 (or int32) of shape {(batch, seq)}, got {position_ids.dtype} {tuple(position_ids.shape)}"
+            f"position_ids must be int64 (or int32) of shape {(batch, seq)}, "
+            f"got {position_ids.dtype} {tuple(position_ids.shape)}"
         )
     if not (q.device == k.device == position_ids.device):
-        raise InvalidArgumentError(f"q, k and position_ids must be on one device, got {q.device}, {k.device}, {position_ids.device}")
+        raise InvalidArgumentError(
+            f"q, k and position_ids must be on one device, got {q.device}, {k.device}, {position_ids.device}"
+        )
 
 
 def partial_rotary_triton(

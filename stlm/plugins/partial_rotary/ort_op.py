@@ -58,7 +58,11 @@ def ort_partial_rotary(
     """The custom op's body: float32 in/out, computed by the reference in ``io_dtype`` (pure)."""
     dtype = _numpy_dtype(validate_dtype(io_dtype))
     q_out, k_out = partial_rotary_reference(
-        np.asarray(q).astype(dtype), np.asarray(k).astype(dtype), np.asarray(position_ids), rotary_dim=rotary_dim, theta=theta
+        np.asarray(q).astype(dtype),
+        np.asarray(k).astype(dtype),
+        np.asarray(position_ids),
+        rotary_dim=rotary_dim,
+        theta=theta,
     )
     return q_out.astype(np.float32), k_out.astype(np.float32)
 
@@ -150,6 +154,11 @@ def to_ort_extensions_model(model: onnx.ModelProto, *, dtype: DType | None = Non
             new_nodes.append(node)
             continue
         rotary_dim, theta = node_attributes(node)
+        if len(node.input) != 3 or len(node.output) != 2 or not all(node.input):
+            raise InvalidArgumentError(
+                f"plugin node {node.name!r} must have inputs (q, k, position_ids) and outputs (q_out, k_out), "
+                f"got {list(node.input)} -> {list(node.output)}"
+            )
         if dtype is not None:
             io_dtype = validate_dtype(dtype)
         elif elem_types.get(node.input[0]) in DTYPE_OF_ONNX_TYPE:
@@ -174,9 +183,10 @@ def to_ort_extensions_model(model: onnx.ModelProto, *, dtype: DType | None = Non
                     helper.make_node("Cast", [source], [target], to=ONNX_TYPE_OF_DTYPE[io_dtype], name=f"{source}/cast")
                 )
         else:
-            new_nodes.append(make_ort_custom_op_node(
-                *names, rotary_dim=rotary_dim, theta=theta, name=node.name or f"partial_rotary_{count}", io_dtype="fp32",
-            ))  # fmt: skip
+            name = node.name or f"partial_rotary_{count}"
+            new_nodes.append(
+                make_ort_custom_op_node(*names, rotary_dim=rotary_dim, theta=theta, name=name, io_dtype="fp32")
+            )
         count += 1
     del graph.node[:]
     graph.node.extend(new_nodes)

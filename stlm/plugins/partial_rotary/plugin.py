@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import threading
-from typing import Any, Final, Optional, Union
+from typing import Any, Final
 
 from stlm.dtypes import DType
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
@@ -44,7 +44,7 @@ _lock = threading.Lock()
 _registered = False
 
 
-def tile_for_tactic(tactic: Optional[int]) -> tuple[int, int]:
+def tile_for_tactic(tactic: int | None) -> tuple[int, int]:
     """``(block_h, num_warps)`` of a tactic id (0 or None: the default tile)."""
     if not tactic:
         return TACTICS[1]
@@ -63,7 +63,9 @@ def aot_arch() -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(dtype: DType, arch: int, head_dim: int, rotary_dim: int, theta: float, block_h: int, num_warps: int) -> Any:
+def _compiled(
+    dtype: DType, arch: int, head_dim: int, rotary_dim: int, theta: float, block_h: int, num_warps: int
+) -> Any:
     from stlm.plugins.partial_rotary.aot import compile_ptx
 
     return compile_ptx(
@@ -80,13 +82,23 @@ def _import_tensorrt() -> tuple[Any, Any]:
             "TensorRT's Python package with the tensorrt.plugin module is not installed (or cannot load)",
             fix="on a machine with an NVIDIA GPU, pip install 'stlm[gpu]' (TensorRT 11), then call register_plugin()",
         ) from exc
-    missing = [name for name in ("register", "impl", "aot_impl", "autotune", "KernelLaunchParams") if not hasattr(trtp, name)]
+    needed = ("register", "impl", "aot_impl", "autotune", "KernelLaunchParams", "SymIntExprs", "SymInt32")
+    missing = [name for name in needed if not hasattr(trtp, name)]
     if missing:
         raise BackendUnavailableError(
             f"tensorrt {getattr(trt, '__version__', '?')} lacks tensorrt.plugin.{', '.join(missing)}",
             fix="upgrade to TensorRT 11 (AOT plugins need TensorRT >= 10.10)",
         )
     return trt, trtp
+
+
+def _qdp_registry() -> dict[str, Any]:
+    """TensorRT's table of registered ``tensorrt.plugin`` plugins (private; empty if it moved)."""
+    try:
+        from tensorrt.plugin._lib import QDP_REGISTRY
+    except ImportError:
+        return {}
+    return QDP_REGISTRY if isinstance(QDP_REGISTRY, dict) else {}
 
 
 def register_plugin() -> None:
@@ -99,7 +111,8 @@ def register_plugin() -> None:
         if _registered:
             return
         trt, trtp = _import_tensorrt()
-        _define(trt, trtp)
+        if PLUGIN_ID not in _qdp_registry():  # e.g. defined by another copy of this module
+            _define(trt, trtp)
         _registered = True
         _log.info("registered TensorRT plugin %s (version 1)", PLUGIN_ID)
 
@@ -174,7 +187,7 @@ def _define(trt: Any, trtp: Any) -> None:
         theta: float,
         outputs: tuple[TensorDesc, TensorDesc],
         tactic: int,
-    ) -> tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         head_dim = _static_head_dim(q, k)
         validate_attributes(int(rotary_dim), float(theta), head_dim)
         block_h, num_warps = tile_for_tactic(tactic)

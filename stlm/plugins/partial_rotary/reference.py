@@ -42,7 +42,7 @@ def rotary_cos_sin(
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
-def _check_inputs(q: np.ndarray, k: np.ndarray, position_ids: np.ndarray, rotary_dim: int) -> None:
+def _check_inputs(q: np.ndarray, k: np.ndarray, position_ids: np.ndarray) -> None:
     if q.ndim != 4 or k.ndim != 4:
         raise InvalidArgumentError(
             f"q and k must be 4-D (batch, heads, seq, head_dim), got shapes {q.shape} and {k.shape}"
@@ -58,11 +58,13 @@ def _check_inputs(q: np.ndarray, k: np.ndarray, position_ids: np.ndarray, rotary
         )
     if position_ids.shape != (batch, seq) or not np.issubdtype(position_ids.dtype, np.integer):
         raise InvalidArgumentError(
-            f"position_ids must be an integer array of shape {(batch, seq)}, got {position_ids.dtype} {position_ids.shape}"
+            f"position_ids must be an integer array of shape {(batch, seq)}, "
+            f"got {position_ids.dtype} {position_ids.shape}"
         )
     if position_ids.size and (position_ids.min() < 0 or position_ids.max() >= MAX_POSITION):
-        raise InvalidArgumentError(f"positions must lie in [0, 2**24), got [{position_ids.min()}, {position_ids.max()}]")
-    validate_attributes(rotary_dim, 10000.0, head_dim)
+        raise InvalidArgumentError(
+            f"positions must lie in [0, 2**24), got [{position_ids.min()}, {position_ids.max()}]"
+        )
 
 
 def apply_partial_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotary_dim: int) -> np.ndarray:
@@ -89,7 +91,7 @@ def partial_rotary_reference(
     float16 or ``ml_dtypes.bfloat16``; ``position_ids``: (batch, seq) integers in [0, 2**24).
     """
     q, k, position_ids = np.asarray(q), np.asarray(k), np.asarray(position_ids)
-    validate_attributes(rotary_dim, theta)
-    _check_inputs(q, k, position_ids, rotary_dim)
+    _check_inputs(q, k, position_ids)
+    validate_attributes(rotary_dim, theta, q.shape[-1])
     cos, sin = rotary_cos_sin(position_ids, rotary_dim, theta)
     return apply_partial_rotary(q, cos, sin, rotary_dim), apply_partial_rotary(k, cos, sin, rotary_dim)

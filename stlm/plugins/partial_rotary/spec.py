@@ -7,8 +7,9 @@ namespace lookup fails it retries with the node's domain). For a ``tensorrt.plug
 ("quickly deployable") plugin the INT attribute ``aot`` picks the implementation:
 ``aot=1`` -> ``QuickPluginCreationRequest.kSTRICT_AOT`` (the PTX from ``@trtp.aot_impl`` is baked
 into the engine), ``aot=0`` -> ``kSTRICT_JIT`` (the Python ``@trtp.impl`` runs at inference).
-Every other node attribute whose name is a registered plugin attribute (``rotary_dim``,
-``theta``) becomes a plugin field; the rest are ignored by TensorRT.
+Node attributes named like a registered plugin attribute (``rotary_dim``, ``theta``) become
+plugin fields (INT -> int32, FLOAT -> float32; ``tensorrt.plugin`` converts them to the
+registered ``int`` / ``float``); the other attributes are not passed to the plugin.
 
 Sources: NVIDIA/TensorRT ``samples/python/quickly_deployable_plugins/README.md`` ("ONNX model with
 a plugin", "ONNX model with an AOT plugin") and onnx/onnx-tensorrt ``onnxOpImporters.cpp``
@@ -64,7 +65,8 @@ def validate_attributes(rotary_dim: int, theta: float, head_dim: int | None = No
     """Raise :class:`InvalidArgumentError` unless ``rotary_dim``/``theta`` (and ``head_dim``) are usable."""
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
         raise InvalidArgumentError(
-            f"rotary_dim must be an int, got {rotary_dim!r}", fix="pass rotary_dim=int(head_dim * partial_rotary_factor)"
+            f"rotary_dim must be an int, got {rotary_dim!r}",
+            fix="pass rotary_dim=int(head_dim * partial_rotary_factor)",
         )
     if rotary_dim <= 0 or rotary_dim % 2:
         raise InvalidArgumentError(
@@ -78,7 +80,8 @@ def validate_attributes(rotary_dim: int, theta: float, head_dim: int | None = No
         )
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1.0:
         raise InvalidArgumentError(
-            f"theta must be a finite number > 1, got {theta!r}", fix="pass the config's rope_theta (10000 for StableLM-3B)"
+            f"theta must be a finite number > 1, got {theta!r}",
+            fix="pass the config's rope_theta (10000 for StableLM-3B)",
         )
 
 

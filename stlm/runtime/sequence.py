@@ -1,0 +1,100 @@
+"""One sequence's decoding state: sampling, detokenization, stop strings, finish reason.
+
+Shared by the batch generator and the server's continuous batcher: the caller runs the model and
+hands each sequence its row of logits; the sequence picks the next token and the text to show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stlm.runtime.detokenize import IncrementalDetokenizer
+from stlm.runtime.sampling import SamplingParams, make_rng, sample_token
+from stlm.runtime.stops import StopMatcher
+from stlm.runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished sequence. ``finish_reason``: 'eos', 'stop' (a stop string), 'length', 'cancelled'."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: tuple[float, ...] | None = None
+
+
+class SequenceState:
+    """Decoding state of one prompt; feed it logits with :meth:`step` until :attr:`finished`."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, eos_token_id: int) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.eos_token_id = eos_token_id
+        self.rng = make_rng(params.seed)
+        self.generated: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self._text: list[str] = []
+        self._detok = IncrementalDetokenizer(tokenizer, prompt)
+        self._stops = StopMatcher(params.stop)
+        # prompt + generated ids, for the repetition penalty (a view of it is passed per step)
+        self._seen = np.zeros(len(prompt) + params.max_new_tokens, dtype=np.int64)
+        self._seen[: len(prompt)] = prompt
+        self._n_seen = len(prompt)
+
+    @property
+    def finished(self) -> bool:
+        """True once a finish reason is set."""
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        """The token to feed the model next (valid while not finished)."""
+        return self.generated[-1]
+
+    def step(self, logits: np.ndarray) -> str:
+        """Choose the next token from ``logits`` (vocab,) and return the text that became final."""
+        assert not self.finished
+        penalised = self.params.repetition_penalty != 1.0
+        token, logprob = sample_token(logits, self.params, self.rng,
+                                      self._seen[: self._n_seen] if penalised else None)
+        if token == self.eos_token_id:
+            return self._close("eos")
+        self.generated.append(token)
+        self.logprobs.append(logprob)
+        self._seen[self._n_seen] = token
+        self._n_seen += 1
+        shown = self._emit(self._detok.push(token))
+        if not self.finished and len(self.generated) >= self.params.max_new_tokens:
+            shown += self._close("length")
+        return shown
+
+    def cancel(self) -> str:
+        """Finish now (reason 'cancelled'); returns the held-back text."""
+        return "" if self.finished else self._close("cancelled")
+
+    def completion(self) -> Completion:
+        """The result of a finished sequence."""
+        assert self.finish_reason is not None
+        return Completion("".join(self._text), tuple(self.generated), self.finish_reason, len(self.prompt),
+                          tuple(self.logprobs) if self.params.logprobs else None)
+
+    def _emit(self, piece: str) -> str:
+        shown, stopped = self._stops.feed(piece)
+        if stopped:
+            self.finish_reason = "stop"
+        self._text.append(shown)
+        return shown
+
+    def _close(self, reason: str) -> str:
+        shown = self._emit(self._detok.flush())
+        if not self.finished:
+            tail = self._stops.finish()
+            self.finish_reason = "stop" if self._stops.stopped else reason
+            self._text.append(tail)
+            shown += tail
+        return shown

@@ -1,0 +1,387 @@
+"""TensorRT: optimization profiles and engine compatibility as data, the engine commands' errors
+where TensorRT is absent, the IOBinding ONNX Runtime backend, and (GPU only) a real engine
+compared with ONNX Runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from stlm.cli import cli
+from stlm.config import ModelConfig, model_config_from_hf
+from stlm.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, decoder_contract, past_name
+from stlm.errors import BackendUnavailableError, EngineCompatibilityError, InvalidArgumentError, PackageError
+from stlm.export.engine import ENGINE_NAME, engine_extra
+from stlm.export.engine_manifest import REBUILD, check_engine_compat, version_key
+from stlm.export.profiles import DECODE, PREFILL, Profile, engine_profiles, profile_shapes, select_profile
+from stlm.manifest import read_manifest, write_manifest
+
+HF_BASE: dict[str, Any] = dict(model_type="stablelm", architectures=["StableLmForCausalLM"], vocab_size=50304,
+                               max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.25)
+CONFIGS = {
+    "tiny": model_config_from_hf({**HF_BASE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "intermediate_size": 172}),
+    "stablelm-3b-4e1t": model_config_from_hf({**HF_BASE, "hidden_size": 2560, "num_hidden_layers": 32,
+                                              "num_attention_heads": 32, "num_key_value_heads": 32,
+                                              "intermediate_size": 6912}),
+}
+
+
+# -- optimization profiles ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("sizes", [dict(max_batch=1, max_seq_len=2), dict(max_batch=4, max_seq_len=None),
+                                   dict(max_batch=8, max_seq_len=2048, opt_batch=2, opt_seq_len=1000),
+                                   dict(max_batch=2, max_seq_len=64, prefill_chunk=64)])
+def test_profiles_cover_every_input_consistently(name: str, dtype: str, sizes: dict[str, Any]) -> None:
+    cfg: ModelConfig = CONFIGS[name]
+    contract = decoder_contract(cfg, dtype)  # type: ignore[arg-type]
+    profiles = engine_profiles(context_length=cfg.max_position_embeddings, **sizes)
+    assert [p.name for p in profiles] == [DECODE, PREFILL]
+    max_seq = sizes["max_seq_len"] or cfg.max_position_embeddings
+    for profile in profiles:
+        shapes = profile_shapes(contract, profile)
+        assert set(shapes) == {s.name for s in contract.inputs}
+        for name_, (lo, opt, hi) in shapes.items():
+            assert len(lo) == len(opt) == len(hi) == len(next(s for s in contract.inputs if s.name == name_).axes)
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (name_, lo, opt, hi)
+        for k in range(3):  # kMIN, kOPT, kMAX must each satisfy the graph's shape constraints
+            ids, mask, pos = shapes[INPUT_IDS][k], shapes[ATTENTION_MASK][k], shapes[POSITION_IDS][k]
+            assert pos == ids
+            for layer in range(cfg.num_layers):
+                for kind in ("key", "value"):
+                    kv = shapes[past_name(layer, kind)][k]
+                    assert kv[0] == ids[0] == mask[0]
+                    assert (kv[1], kv[3]) == (cfg.num_kv_heads, cfg.head_dim)
+                    assert kv[2] + ids[1] == mask[1], "total must equal past + sequence"
+        assert shapes[INPUT_IDS][2][0] == sizes["max_batch"]
+        assert shapes[ATTENTION_MASK][2][1] == max_seq
+    decode, prefill = (profile_shapes(contract, p) for p in profiles)
+    chunk = sizes.get("prefill_chunk") or min(1024, max_seq)
+    assert {s[1] for s in decode[INPUT_IDS]} == {1}
+    assert decode[past_name(0, "value")][2][2] == max_seq - 1
+    assert prefill[INPUT_IDS][2][1] == chunk
+    assert prefill[past_name(0, "key")][0][2] == prefill[past_name(0, "key")][1][2] == 0  # tuned for a fresh prompt
+    assert prefill[past_name(0, "key")][2][2] == max_seq - chunk
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(max_batch=0), "--max-batch 0"),
+    (dict(max_batch=True), "--max-batch"),
+    (dict(max_batch="4"), "'4'"),
+    (dict(max_seq_len=5000), "--max-seq-len 5000"),
+    (dict(max_seq_len=1), "--max-seq-len 1"),
+    (dict(opt_batch=5), "--opt-batch 5"),
+    (dict(opt_seq_len=300, max_seq_len=256), "--opt-seq-len 300"),
+    (dict(opt_seq_len=0), "--opt-seq-len 0"),
+    (dict(prefill_chunk=1), "--prefill-chunk 1"),
+    (dict(prefill_chunk=2048, max_seq_len=1024), "--prefill-chunk 2048"),
+])
+def test_profile_arguments_are_validated(kwargs: dict[str, Any], needle: str) -> None:
+    args: dict[str, Any] = dict(max_batch=4, max_seq_len=None, context_length=4096)
+    args.update(kwargs)
+    with pytest.raises(InvalidArgumentError) as err:
+        engine_profiles(**args)
+    assert needle in str(err.value)
+    assert "fix:" in str(err.value)
+
+
+def test_runtime_picks_the_profile_for_each_step() -> None:
+    profiles = engine_profiles(max_batch=2, max_seq_len=64, prefill_chunk=16, context_length=4096)
+    assert select_profile(profiles, batch=2, sequence=1, past=0) == 0
+    assert select_profile(profiles, batch=1, sequence=1, past=63) == 0
+    assert select_profile(profiles, batch=2, sequence=16, past=0) == 1
+    assert select_profile(profiles, batch=1, sequence=3, past=48) == 1  # a prompt chunk after a cached past
+    assert select_profile(profiles, batch=1, sequence=17, past=0) is None  # longer prompts run in chunks
+    assert select_profile(profiles, batch=1, sequence=3, past=49) is None  # then token by token
+    assert select_profile(profiles, batch=3, sequence=1, past=0) is None
+    assert select_profile(profiles, batch=1, sequence=1, past=64) is None
+    assert [Profile.from_dict(json.loads(json.dumps(p.to_dict()))) for p in profiles] == list(profiles)
+
+
+# -- engine compatibility ----------------------------------------------------------------------
+def _extra(**overrides: Any) -> dict[str, Any]:
+    profiles = engine_profiles(max_batch=2, max_seq_len=64, context_length=4096)
+    record = engine_extra(trt_version="11.2.1.2", gpu_name="NVIDIA A100-SXM4-80GB", compute_capability=(8, 0),
+                          precision="fp16", kv_dtype="float16", profiles=profiles, hardware_compat="none",
+                          builder_optimization_level=3, source_package="/data/stablelm-onnx")
+    record.update(overrides)
+    return json.loads(json.dumps(record))  # as read back from stlm.json
+
+
+COMPAT_CASES = [
+    # (extra overrides, TensorRT here, capability here, error needles or None)
+    ({}, "11.2.1", (8, 0), None),
+    ({}, "11.2.1.2", (8, 0), None),
+    ({}, "11.3.0", (8, 0), ["TensorRT 11.2.1.2", "TensorRT 11.3.0"]),
+    ({}, "10.15.1", (8, 0), ["11.2.1.2", "10.15.1"]),
+    ({}, "11.2.1", (9, 0), ["compute capability 8.0", "compute capability 9.0", "A100", "--hardware-compat"]),
+    ({}, "11.2.1", (8, 6), ["8.0", "8.6"]),
+    ({"hardware_compat": "ampere_plus"}, "11.2.1", (9, 0), None),
+    ({"hardware_compat": "ampere_plus"}, "11.2.1", (8, 6), None),
+    ({"hardware_compat": "ampere_plus"}, "11.2.1", (7, 5), ["ampere_plus", "7.5"]),
+    ({"hardware_compat": "ampere_plus"}, "11.4.0", (9, 0), ["11.2.1.2", "11.4.0"]),
+]
+
+
+@pytest.mark.parametrize("overrides, version, cc, needles", COMPAT_CASES)
+def test_engine_compat(overrides: dict[str, Any], version: str, cc: tuple[int, int], needles: list[str] | None) -> None:
+    extra = _extra(**overrides)
+    if needles is None:
+        check_engine_compat(extra, trt_version=version, compute_capability=cc, gpu_name="NVIDIA H100")
+        return
+    with pytest.raises(EngineCompatibilityError) as err:
+        check_engine_compat(extra, trt_version=version, compute_capability=cc, gpu_name="NVIDIA H100",
+                            engine_dir="/data/engine")
+    message = str(err.value)
+    for needle in needles:
+        assert needle in message, (needle, message)
+    assert "stlm build-engine /data/stablelm-onnx -o /data/engine" in message
+
+
+def test_engine_compat_message_without_paths_shows_the_generic_command() -> None:
+    extra = _extra(source_package=None)
+    with pytest.raises(EngineCompatibilityError) as err:
+        check_engine_compat(extra, trt_version="11.9.0", compute_capability=(8, 0))
+    assert REBUILD in str(err.value)
+
+
+@pytest.mark.parametrize("broken", [{"tensorrt_version": None}, {"compute_capability": "eight"},
+                                    {"hardware_compat": "turing_plus"}])
+def test_engine_compat_broken_record_is_a_package_error(broken: dict[str, Any]) -> None:
+    extra = {k: v for k, v in _extra().items() if k not in broken or broken[k] is not None}
+    extra.update({k: v for k, v in broken.items() if v is not None})
+    with pytest.raises(PackageError):
+        check_engine_compat(extra, trt_version="11.2.1", compute_capability=(8, 0))
+
+
+def test_version_key() -> None:
+    assert version_key("11.2.1.2") == version_key("11.2.1") == (11, 2, 1)
+    assert version_key("10.0.1.post1") == (10, 0, 1)
+
+
+# -- the commands where TensorRT / a GPU is missing ----------------------------------------------
+def _tensorrt_here() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_no_tensorrt = pytest.mark.skipif(_tensorrt_here(), reason="checks the message shown where TensorRT is absent")
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@needs_no_tensorrt
+def test_build_engine_without_tensorrt_exits_2(package: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine"
+    code, output = run_cli("build-engine", str(package), "-o", str(out), "--max-batch", "2", "--max-seq-len", "64",
+                           "--timing-cache", str(tmp_path / "t.cache"))
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert "error: TensorRT is not installed" in output
+    assert "stlm[gpu]" in output and "Dockerfile" in output
+    assert not out.exists() and not (tmp_path / "t.cache").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-seq-len", "99999"], "--max-seq-len 99999"),
+    (["--opt-batch", "9"], "--opt-batch 9"),
+    (["--builder-optimization-level", "7"], "--builder-optimization-level 7"),
+    (["--workspace-gib", "0"], "--workspace-gib 0"),
+    (["--hardware-compat", "turing"], "turing"),
+])
+def test_build_engine_bad_arguments_exit_2(package: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    code, output = run_cli("build-engine", str(package), "-o", str(tmp_path / "engine"), *args)
+    assert code == 2, output
+    assert needle in output and "Traceback" not in output
+    assert not (tmp_path / "engine").exists()
+
+
+def test_build_engine_refuses_non_empty_output(package: Path, tmp_path: Path) -> None:
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "keep.txt").write_text("x")
+    code, output = run_cli("build-engine", str(package), "-o", str(tmp_path / "engine"))
+    assert code == 2 and "already exists" in output and "--overwrite" in output
+
+
+@needs_no_tensorrt
+def test_build_engine_subprocess_has_no_traceback(package: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "stlm", "build-engine", str(package), "-o", str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "error: TensorRT is not installed" in proc.stderr and "fix:" in proc.stderr
+    assert proc.stdout == ""
+
+
+def make_engine_folder(package: Path, out: Path) -> Path:
+    """An engine-kind package built by hand (its model.engine is not a real engine)."""
+    manifest = read_manifest(package)
+    profiles = engine_profiles(max_batch=2, max_seq_len=64, context_length=manifest.generation.context_length)
+    engine = dataclasses.replace(
+        manifest, kind="tensorrt", graph=ENGINE_NAME,
+        extra=engine_extra(trt_version="11.2.1", gpu_name="NVIDIA A100", compute_capability=(8, 0),
+                           precision=manifest.dtype, kv_dtype=manifest.contract.kv_dtype, profiles=profiles,
+                           hardware_compat="none", builder_optimization_level=3, source_package=str(package)))
+    out.mkdir()
+    (out / ENGINE_NAME).write_bytes(b"not an engine")
+    shutil.copyfile(package / manifest.tokenizer, out / manifest.tokenizer)
+    write_manifest(out, engine)
+    return out
+
+
+@needs_no_tensorrt
+def test_generate_engine_package_without_tensorrt_exits_2(package: Path, tmp_path: Path) -> None:
+    engine = make_engine_folder(package, tmp_path / "engine")
+    assert read_manifest(engine).kind == "tensorrt"
+    code, output = run_cli("generate", str(engine), "-p", "Hello", "-n", "2")
+    assert code == 2, output
+    assert "Traceback" not in output and "error: TensorRT is not installed" in output
+
+    from stlm.runtime import Generator
+
+    with pytest.raises(BackendUnavailableError):
+        Generator.load(engine)
+
+
+def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
+    code = ("import sys, stlm.runtime.tensorrt_backend, stlm.runtime.onnxruntime_cuda, stlm.export.engine; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'tensorrt')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# -- ONNX Runtime with the KV cache bound through IOBinding ----------------------------------------
+def drive(backends: list[Any], batch: int, capacity: int, steps: int, seed: int = 0) -> list[Any]:
+    """Run the same ragged schedule (prompts of different lengths, idle rows, rows released at
+    ``capacity`` tokens and restarted with a new prompt) through every backend; assert equal
+    logits for the rows fed at each step. Returns the caches."""
+    rng = np.random.default_rng(seed)
+    # 8 spare tokens: the in-place variant needs room for the padded chunk after every row.
+    caches = [b.new_cache(batch, capacity + 8) for b in backends]
+    lengths = np.zeros(batch, dtype=np.int64)
+    for step in range(steps):
+        feed: list[list[int]] = []
+        for r in range(batch):
+            if step and rng.random() < 0.25:
+                feed.append([])  # idle this step
+                continue
+            n = int(rng.integers(2, 7)) if step == 0 or lengths[r] == 0 else 1
+            if lengths[r] + n > capacity:
+                for b, c in zip(backends, caches):
+                    b.release(c, r)
+                lengths[r], n = 0, int(rng.integers(2, 5))
+            feed.append(rng.integers(0, 50000, size=n).tolist())
+            lengths[r] += n
+        fed = [r for r in range(batch) if feed[r]]
+        outs = [b.forward(c, feed) for b, c in zip(backends, caches)]
+        for out in outs[1:]:
+            np.testing.assert_allclose(out[fed], outs[0][fed], rtol=2e-2, atol=2e-2)
+        for c in caches:
+            np.testing.assert_array_equal(c.lengths, lengths)
+    return caches
+
+
+@pytest.mark.parametrize("variant", ["hd16", "hd16-inplace"])
+def test_iobinding_backend_matches_cpu_backend(packages: dict[str, Path], variant: str) -> None:
+    from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from stlm.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+
+    folder = packages[variant]
+    manifest = read_manifest(folder)
+    backends = [OnnxRuntimeBackend(folder, manifest), OnnxRuntimeCudaBackend(folder, manifest, device="cpu")]
+    drive(backends, batch=3, capacity=12, steps=16)
+
+
+def test_onnx_backend_choice_without_cuda(package: Path) -> None:
+    import onnxruntime as ort
+
+    from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from stlm.runtime.onnxruntime_cuda import CUDA_PROVIDER, OnnxRuntimeCudaBackend, load_onnx_backend
+
+    if CUDA_PROVIDER in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    manifest = read_manifest(package)
+    assert isinstance(load_onnx_backend(package, manifest), OnnxRuntimeBackend)
+    with pytest.raises(BackendUnavailableError) as err:
+        OnnxRuntimeCudaBackend(package, manifest, device="cuda")
+    assert "CUDA execution provider" in str(err.value)
+
+
+# -- on a GPU: a real engine ---------------------------------------------------------------------
+def _require_gpu() -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'stlm[gpu]')")
+    from stlm.runtime.gpu import gpu_info
+
+    try:
+        gpu_info(0)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"no CUDA GPU: {exc.problem}")
+
+
+@pytest.fixture(scope="module")
+def engine_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny `--target tensorrt` export of the session checkpoint, built into an engine."""
+    _require_gpu()
+    from stlm.export.engine import build_engine
+    from stlm.export.onnx_export import export_onnx
+
+    base = tmp_path_factory.mktemp("tensorrt")
+    onnx_dir = export_onnx(checkpoint, base / "onnx", rotary="plugin", kv_cache="concat")
+    return build_engine(onnx_dir, base / "engine", max_batch=3, max_seq_len=64, opt_seq_len=16, prefill_chunk=8,
+                        timing_cache=base / "timing.cache")
+
+
+@pytest.mark.gpu
+def test_engine_package_records_its_build(engine_dir: Path) -> None:
+    manifest = read_manifest(engine_dir)
+    assert manifest.kind == "tensorrt" and (engine_dir / ENGINE_NAME).stat().st_size > 0
+    extra = manifest.extra
+    assert extra["precision"] == "fp32" and extra["hardware_compat"] == "none"
+    assert [p["name"] for p in extra["profiles"]] == [DECODE, PREFILL]
+    assert extra["plugin"]["id"] == "stlm::partial_rotary"
+    assert manifest.generation.context_length == 64
+    assert (engine_dir.parent / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_engine_logits_match_onnxruntime(engine_dir: Path, package: Path) -> None:
+    """Ragged prompts longer than the prefill chunk, idle rows, released rows with new prompts
+    after a cached past, and enough steps to force on-device compaction of the cache."""
+    from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from stlm.runtime.tensorrt_backend import TensorRTBackend
+
+    trt_backend = TensorRTBackend(engine_dir, read_manifest(engine_dir))
+    ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
+    assert read_manifest(package).variant["kv_cache"] == "concat"
+    ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3)
+    assert trt_cache.columns == 40 and ort_cache.mask.shape[1] > 60
+    assert trt_cache.width < 40  # the cache was compacted on the device, more than once
+
+
+@pytest.mark.gpu
+def test_engine_greedy_tokens_match_onnxruntime(engine_dir: Path, package: Path) -> None:
+    from stlm.runtime import Generator
+
+    prompts = ["The capital of France is", "Once upon a time there was a little"]
+    got = Generator.load(engine_dir).complete(prompts, temperature=0, max_new_tokens=12)
+    want = Generator.load(package).complete(prompts, temperature=0, max_new_tokens=12)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
