@@ -231,19 +231,22 @@ def test_build_engine_subprocess_has_no_traceback(package: Path, tmp_path: Path)
     assert proc.stdout == ""
 
 
-def make_engine_folder(package: Path, out: Path) -> Path:
-    """An engine-kind package built by hand (its model.engine is not a real engine)."""
+def make_engine_folder(package: Path, out: Path, *, engine: bytes = b"not an engine", max_batch: int = 2,
+                       max_seq_len: int = 64, prefill_chunk: int | None = None) -> Path:
+    """An engine-kind package made by hand from an ONNX package (its model.engine is no real engine)."""
     manifest = read_manifest(package)
-    profiles = engine_profiles(max_batch=2, max_seq_len=64, context_length=manifest.generation.context_length)
-    engine = dataclasses.replace(
+    profiles = engine_profiles(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                               context_length=manifest.generation.context_length)
+    manifest = dataclasses.replace(
         manifest, kind="tensorrt", graph=ENGINE_NAME,
+        generation=dataclasses.replace(manifest.generation, context_length=max_seq_len),
         extra=engine_extra(trt_version="11.2.1", gpu_name="NVIDIA A100", compute_capability=(8, 0),
                            precision=manifest.dtype, kv_dtype=manifest.contract.kv_dtype, profiles=profiles,
                            hardware_compat="none", builder_optimization_level=3, source_package=str(package)))
     out.mkdir()
-    (out / ENGINE_NAME).write_bytes(b"not an engine")
+    (out / ENGINE_NAME).write_bytes(engine)
     shutil.copyfile(package / manifest.tokenizer, out / manifest.tokenizer)
-    write_manifest(out, engine)
+    write_manifest(out, manifest)
     return out
 
 
@@ -267,6 +270,71 @@ def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# -- the TensorRT backend's own logic, on stand-ins for TensorRT and CUDA -------------------------
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path) -> tuple[Path, Any]:
+    """An engine folder whose "engine" runs ``package`` with ONNX Runtime on host "device" memory."""
+    import stlm.runtime.gpu as gpu
+    from fake_gpu import FakeCudart, fake_tensorrt
+
+    cudart = FakeCudart()
+    engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", max_batch=3, prefill_chunk=8)
+    monkeypatch.setattr(gpu, "_cudart", cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cudart, read_manifest(engine), package))
+    return engine, cudart
+
+
+def test_tensorrt_backend_matches_onnxruntime_on_fake_gpu(fake_gpu: tuple[Path, Any], package: Path) -> None:
+    """Prompts longer than the prefill chunk, idle rows, rows released and restarted after a long
+    past, and more steps than the cache has columns (so it is compacted on the "device")."""
+    from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from stlm.runtime.tensorrt_backend import TensorRTBackend
+
+    engine, cudart = fake_gpu
+    trt_backend = TensorRTBackend(engine, read_manifest(engine))
+    ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
+    assert read_manifest(package).variant["kv_cache"] == "concat"
+    ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3)
+    assert trt_cache.columns == 40 and trt_cache.width < 40 < ort_cache.mask.shape[1]
+    assert set(trt_backend.engine.context.switches) == {0, 1}
+
+
+def test_tensorrt_generator_on_fake_gpu(fake_gpu: tuple[Path, Any], package: Path) -> None:
+    from stlm.runtime import Generator
+
+    engine, _ = fake_gpu
+    prompts = ["The capital of France is a city that", "Once"]  # the first is longer than the chunk
+    got = Generator.load(engine).complete(prompts, temperature=0, max_new_tokens=20)
+    want = Generator.load(package).complete(prompts, temperature=0, max_new_tokens=20)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_tensorrt_backend_limits_on_fake_gpu(fake_gpu: tuple[Path, Any]) -> None:
+    from stlm.runtime.tensorrt_backend import TensorRTBackend
+
+    engine, _ = fake_gpu
+    backend = TensorRTBackend(engine, read_manifest(engine))
+    with pytest.raises(InvalidArgumentError, match="maximum of 3"):
+        backend.new_cache(4, 10)
+    with pytest.raises(InvalidArgumentError, match="maximum of 64"):
+        backend.new_cache(1, 65)
+    cache = backend.new_cache(2, 10)
+    with pytest.raises(InvalidArgumentError, match="would hold 11 tokens"):
+        backend.forward(cache, [list(range(11)), []])
+
+
+def test_tensorrt_backend_refuses_other_tensorrt_version(fake_gpu: tuple[Path, Any]) -> None:
+    from stlm.runtime.tensorrt_backend import TensorRTBackend
+
+    engine, _ = fake_gpu
+    sys.modules["tensorrt"].__version__ = "11.3.0"
+    code, output = run_cli("generate", str(engine), "-p", "Hi", "-n", "2")
+    assert code == 2 and "TensorRT 11.2.1" in output and "TensorRT 11.3.0" in output
+    assert f"-o {engine}" in output and "Traceback" not in output
+    with pytest.raises(EngineCompatibilityError):
+        TensorRTBackend(engine, read_manifest(engine))
 
 
 # -- ONNX Runtime with the KV cache bound through IOBinding ----------------------------------------

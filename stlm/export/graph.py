@@ -285,14 +285,24 @@ def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: Mode
     return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), dtype, bits)
 
 
-def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType) -> tuple[tuple[str, str], str]:
-    """cos/sin (batch, 1, seq, rotary_dim) in the model dtype, and the (batch, 1, seq, total) mask."""
+def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType,
+                   rotary: Rotary = "plain") -> tuple[tuple[str, str], str]:
+    """cos/sin (batch, 1, seq, rotary_dim) in the model dtype (not with the plugin, which computes
+    its own: ('', '')), and the (batch, 1, seq, total) mask."""
+    mask = _causal_padding_mask(g)
+    if rotary == "plugin":
+        return ("", ""), mask
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
                  g.const(inv_freq.astype(np.float32), np.float32))
     emb = g.op("Concat", freqs, freqs, axis=2)
     cos, sin = (g.op("Unsqueeze", g.op("Cast", g.op(fn, emb), to=ONNX_TYPE[dtype]), g.const([1]))
                 for fn in ("Cos", "Sin"))
+    return (cos, sin), mask
+
+
+def _causal_padding_mask(g: GraphBuilder) -> str:
+    """(batch, 1, seq, total) bool: causal over past + new positions, and not padding."""
     seq = g.op("Squeeze", g.op("Shape", INPUT_IDS, start=1, end=2), g.const([0]))
     total = g.op("Squeeze", g.op("Shape", ATTENTION_MASK, start=1, end=2), g.const([0]))
     zero, one = g.const(0), g.const(1)
@@ -300,7 +310,7 @@ def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType) -> tuple[tup
     q_pos = g.op("Add", g.op("Range", zero, seq, one), g.op("Sub", total, seq))
     causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, g.const([0])), g.op("Unsqueeze", q_pos, g.const([1])))
     keep = g.op("Cast", g.op("Unsqueeze", ATTENTION_MASK, g.const([1, 2])), to=TensorProto.BOOL)
-    return (cos, sin), g.op("And", causal, keep)
+    return g.op("And", causal, keep)
 
 
 def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contract, dtype: DType, *,
@@ -326,7 +336,7 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
             width, perm = gqa_rotary_layout(cfg)
             caches = _rotary_caches(g, cfg, np_dtype, width)
         else:
-            rope, allowed = _rope_and_mask(g, cfg, dtype)
+            rope, allowed = _rope_and_mask(g, cfg, dtype, rotary)
         for i in range(cfg.num_layers):
             if progress:
                 progress("layers", i, cfg.num_layers)

@@ -145,6 +145,11 @@ class Stream:
             call(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
                  "a device-to-device copy")
 
+    def memset(self, dst: int, value: int, nbytes: int) -> None:
+        """Fill ``nbytes`` of device memory with the byte ``value`` (async)."""
+        if nbytes:
+            call(cudart().cudaMemsetAsync(dst, value, nbytes, self.stream), "cudaMemsetAsync")
+
     def dtod_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
         """Copy ``height`` rows of ``width`` bytes between device addresses with the given pitches (async)."""
         if width and height:

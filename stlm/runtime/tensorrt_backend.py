@@ -201,6 +201,10 @@ class TensorRTBackend:
                 copies.append((r, int(run[0]), target, int(run.size)))
                 target += int(run.size)
         stream = self._stream
+        # The columns left of each row's tokens stay holes: zero them, since a masked column still
+        # multiplies its value by a 0 probability, and 0 × garbage (NaN/Inf) would poison the row.
+        spare = cache.slabs[1 - cache.current]
+        stream.memset(spare.ptr, 0, spare.nbytes)
         for i in range(len(self._past)):
             src, dst = cache.base(cache.current, i), cache.base(1 - cache.current, i)
             for r, col, target, n in copies:
