@@ -141,6 +141,28 @@ def generate(package: Path, prompt: str, max_new_tokens: int, temperature: float
         click.echo(gen.generate(text, params))
 
 
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
+@click.option("--api-key", default=None, envvar="STLM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (or set STLM_API_KEY).")
+@click.option("--max-batch", default=8, show_default=True, type=int, help="Sequences decoded together (cache slots).")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Sequences that may wait for a slot; beyond this requests get 429.")
+@click.option("--max-context", default=None, type=int,
+              help="Tokens per slot (prompt + completion) [default: min(model context, 2048)].")
+@click.option("--model-name", default=None, help="Model id clients pass [default: the package folder's name].")
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads [default: ORT's].")
+def serve(package: Path, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
+          max_context: int | None, model_name: str | None, threads: int | None) -> None:
+    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
+    from stlm.serve import run_server
+
+    run_server(package, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+               max_context=max_context, model_name=model_name, threads=threads)
+
+
 @cli.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", default="small", show_default=True,
@@ -169,6 +191,35 @@ def demo(workdir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None
                           progress=_progress, log=lambda msg: click.echo(msg, err=True)):
         click.echo(piece, nl=False)
     click.echo()
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--prompt-len", default=128, show_default=True, type=int)
+@click.option("--gen-len", default=64, show_default=True, type=int)
+@click.option("--runs", default=3, show_default=True, type=int, help="Measured runs (medians are reported).")
+@click.option("--warmup", default=1, show_default=True, type=int)
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(package: Path, batch: int, prompt_len: int, gen_len: int, runs: int, warmup: int, threads: int | None,
+          as_json: bool) -> None:
+    """Measure time to first token, prefill/decode speed and per-token latency of PACKAGE."""
+    import json
+
+    from stlm.runtime.bench import run_benchmark
+
+    r = run_benchmark(package, batch=batch, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup,
+                      threads=threads)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    click.echo(f"{r.backend} {r.dtype} {r.variant.get('kv_cache')} kv, quantization {r.variant.get('quantization')}"
+               f" | batch {r.batch}, prompt {r.prompt_len}, generate {r.gen_len}, {r.runs} runs")
+    click.echo(f"time to first token  {r.ttft_ms:9.1f} ms   prefill {r.prefill_tok_s:9.1f} tok/s")
+    click.echo(f"decode               {r.decode_tok_s:9.1f} tok/s  per token p50 {r.token_ms_p50:.2f} "
+               f"p90 {r.token_ms_p90:.2f} p99 {r.token_ms_p99:.2f} ms")
+    click.echo(f"peak RSS             {r.peak_rss_mb:9.0f} MB")
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Stand-ins for TensorRT and the CUDA runtime so the TensorRT backend's own logic runs on a CPU.
+"""Stand-ins for TensorRT and the CUDA runtime so the TensorRT backend's own logic runs on a CPU,
+and :func:`drive`, a ragged schedule that checks backends against each other.
 
 The backend under test is the real one; only its two dependencies are replaced:
 
@@ -174,3 +175,33 @@ def fake_tensorrt(cudart: FakeCudart, manifest: Manifest, onnx_package: Path) ->
 
     trt.ILogger, trt.Runtime = ILogger, Runtime
     return trt
+
+
+def drive(backends: list[Any], batch: int, capacity: int, steps: int, seed: int = 0) -> list[Any]:
+    """Run the same ragged schedule (prompts of different lengths, idle rows, rows released at
+    ``capacity`` tokens and restarted with a new prompt) through every backend; assert equal
+    logits for the rows fed at each step. Returns the caches."""
+    rng = np.random.default_rng(seed)
+    # 8 spare tokens: the in-place variant needs room for the padded chunk after every row.
+    caches = [b.new_cache(batch, capacity + 8) for b in backends]
+    lengths = np.zeros(batch, dtype=np.int64)
+    for step in range(steps):
+        feed: list[list[int]] = []
+        for r in range(batch):
+            if step and rng.random() < 0.25:
+                feed.append([])  # idle this step
+                continue
+            n = int(rng.integers(2, 7)) if step == 0 or lengths[r] == 0 else 1
+            if lengths[r] + n > capacity:
+                for b, c in zip(backends, caches):
+                    b.release(c, r)
+                lengths[r], n = 0, int(rng.integers(2, 5))
+            feed.append(rng.integers(0, 50000, size=n).tolist())
+            lengths[r] += n
+        fed = [r for r in range(batch) if feed[r]]
+        outs = [b.forward(c, feed) for b, c in zip(backends, caches)]
+        for out in outs[1:]:
+            np.testing.assert_allclose(out[fed], outs[0][fed], rtol=2e-2, atol=2e-2)
+        for c in caches:
+            np.testing.assert_array_equal(c.lengths, lengths)
+    return caches

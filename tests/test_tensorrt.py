@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -24,6 +23,8 @@ from stlm.export.engine import ENGINE_NAME, engine_extra
 from stlm.export.engine_manifest import REBUILD, check_engine_compat, version_key
 from stlm.export.profiles import DECODE, PREFILL, Profile, engine_profiles, profile_shapes, select_profile
 from stlm.manifest import read_manifest, write_manifest
+
+from fake_gpu import FakeCudart, drive, fake_tensorrt
 
 HF_BASE: dict[str, Any] = dict(model_type="stablelm", architectures=["StableLmForCausalLM"], vocab_size=50304,
                                max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.25)
@@ -214,6 +215,11 @@ def test_build_engine_bad_arguments_exit_2(package: Path, tmp_path: Path, args: 
     assert not (tmp_path / "engine").exists()
 
 
+def test_build_engine_refuses_onnxruntime_only_packages(packages: dict[str, Path], tmp_path: Path) -> None:
+    code, output = run_cli("build-engine", str(packages["hd16-inplace"]), "-o", str(tmp_path / "engine"))
+    assert code == 2 and "kv_cache='inplace'" in output and "--target tensorrt" in output
+
+
 def test_build_engine_refuses_non_empty_output(package: Path, tmp_path: Path) -> None:
     (tmp_path / "engine").mkdir()
     (tmp_path / "engine" / "keep.txt").write_text("x")
@@ -277,7 +283,6 @@ def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path) -> tuple[Path, Any]:
     """An engine folder whose "engine" runs ``package`` with ONNX Runtime on host "device" memory."""
     import stlm.runtime.gpu as gpu
-    from fake_gpu import FakeCudart, fake_tensorrt
 
     cudart = FakeCudart()
     engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", max_batch=3, prefill_chunk=8)
@@ -335,63 +340,6 @@ def test_tensorrt_backend_refuses_other_tensorrt_version(fake_gpu: tuple[Path, A
     assert f"-o {engine}" in output and "Traceback" not in output
     with pytest.raises(EngineCompatibilityError):
         TensorRTBackend(engine, read_manifest(engine))
-
-
-# -- ONNX Runtime with the KV cache bound through IOBinding ----------------------------------------
-def drive(backends: list[Any], batch: int, capacity: int, steps: int, seed: int = 0) -> list[Any]:
-    """Run the same ragged schedule (prompts of different lengths, idle rows, rows released at
-    ``capacity`` tokens and restarted with a new prompt) through every backend; assert equal
-    logits for the rows fed at each step. Returns the caches."""
-    rng = np.random.default_rng(seed)
-    # 8 spare tokens: the in-place variant needs room for the padded chunk after every row.
-    caches = [b.new_cache(batch, capacity + 8) for b in backends]
-    lengths = np.zeros(batch, dtype=np.int64)
-    for step in range(steps):
-        feed: list[list[int]] = []
-        for r in range(batch):
-            if step and rng.random() < 0.25:
-                feed.append([])  # idle this step
-                continue
-            n = int(rng.integers(2, 7)) if step == 0 or lengths[r] == 0 else 1
-            if lengths[r] + n > capacity:
-                for b, c in zip(backends, caches):
-                    b.release(c, r)
-                lengths[r], n = 0, int(rng.integers(2, 5))
-            feed.append(rng.integers(0, 50000, size=n).tolist())
-            lengths[r] += n
-        fed = [r for r in range(batch) if feed[r]]
-        outs = [b.forward(c, feed) for b, c in zip(backends, caches)]
-        for out in outs[1:]:
-            np.testing.assert_allclose(out[fed], outs[0][fed], rtol=2e-2, atol=2e-2)
-        for c in caches:
-            np.testing.assert_array_equal(c.lengths, lengths)
-    return caches
-
-
-@pytest.mark.parametrize("variant", ["hd16", "hd16-inplace"])
-def test_iobinding_backend_matches_cpu_backend(packages: dict[str, Path], variant: str) -> None:
-    from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from stlm.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
-
-    folder = packages[variant]
-    manifest = read_manifest(folder)
-    backends = [OnnxRuntimeBackend(folder, manifest), OnnxRuntimeCudaBackend(folder, manifest, device="cpu")]
-    drive(backends, batch=3, capacity=12, steps=16)
-
-
-def test_onnx_backend_choice_without_cuda(package: Path) -> None:
-    import onnxruntime as ort
-
-    from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from stlm.runtime.onnxruntime_cuda import CUDA_PROVIDER, OnnxRuntimeCudaBackend, load_onnx_backend
-
-    if CUDA_PROVIDER in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu is installed here")
-    manifest = read_manifest(package)
-    assert isinstance(load_onnx_backend(package, manifest), OnnxRuntimeBackend)
-    with pytest.raises(BackendUnavailableError) as err:
-        OnnxRuntimeCudaBackend(package, manifest, device="cuda")
-    assert "CUDA execution provider" in str(err.value)
 
 
 # -- on a GPU: a real engine ---------------------------------------------------------------------

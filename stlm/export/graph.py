@@ -4,6 +4,8 @@ The graph is written directly (no tracing): one merged prefill/decode graph whos
 outputs are exactly :func:`stlm.contract.decoder_contract`. Weights stream from safetensors into
 the initializer store one at a time, so memory stays at about one tensor, whatever the model size.
 The rotary embedding is either plain ONNX ops or a ``stlm::partial_rotary`` plugin node per layer.
+Weights are stored in the package dtype; where the graph computes in another dtype
+(:mod:`stlm.export.precision`), each weight is followed by a Cast to it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from stlm.contract import (
 )
 from stlm.dtypes import ONNX_TYPE, DType
 from stlm.errors import UnsupportedModelError
+from stlm.export.precision import Precision
 from stlm.export.quantize import QUANT_BITS, quantize_blockwise
 from stlm.export.weights import SafetensorsCheckpoint
 
@@ -90,10 +93,13 @@ class InitializerStore:
 
 
 class GraphBuilder:
-    """A small helper to emit ONNX nodes with unique names."""
+    """A small helper to emit ONNX nodes with unique names; ``weights``/``compute``: numpy dtypes
+    of stored weights and of activations."""
 
-    def __init__(self, store: InitializerStore) -> None:
+    def __init__(self, store: InitializerStore, weights: np.dtype | None = None, compute: np.dtype | None = None) -> None:
         self.store = store
+        self.weights = np.dtype(weights or np.float32)
+        self.compute = np.dtype(compute or self.weights)
         self.nodes: list[onnx.NodeProto] = []
         self._count = 0
         self._consts: dict[tuple[Any, ...], str] = {}
@@ -109,6 +115,17 @@ class GraphBuilder:
         outs = list(out_names) if out_names else [f"{node_name}/out{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Store float ``array`` as initializer ``name`` in the weight dtype; return it in the compute dtype."""
+        stored = self.store.add(name, array.astype(self.weights, copy=False))
+        return self.cast(stored, self.compute, name=f"/{name}/cast")
+
+    def cast(self, x: str, dtype: np.dtype, name: str | None = None) -> str:
+        """``x`` (of the other float dtype) as ``dtype``; a no-op when weights and compute agree."""
+        if self.weights == self.compute:
+            return x
+        return self.op("Cast", x, to=_ONNX_ELEM[np.dtype(dtype).name], name=name)
 
     def const(self, values: Any, dtype: np.dtype | type = np.int64) -> str:
         """A small constant initializer, shared between uses."""
@@ -133,13 +150,13 @@ def _weights_nk(ckpt: SafetensorsCheckpoint, names: Sequence[str]) -> np.ndarray
     return np.concatenate([ckpt.read(n, np.float32) for n in names], axis=0)
 
 
-def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, dtype: np.dtype, bits: int | None) -> str:
+def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bits: int | None) -> str:
     """``x @ weight.T``: a MatMul on a (in, out) initializer, or MatMulNBits on ``bits``-bit blocks."""
     if bits is None:
-        return g.op("MatMul", x, g.store.add(name, np.ascontiguousarray(weight.T).astype(dtype)))
+        return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(weight.T)))
     q = quantize_blockwise(weight, bits)
     return g.op("MatMulNBits", x, g.store.add(f"{name}.q{bits}", q.packed),
-                g.store.add(f"{name}.scales", q.scales.astype(dtype)),
+                g.weight(f"{name}.scales", q.scales),
                 g.store.add(f"{name}.zero_points", q.zero_points), domain="com.microsoft",
                 K=q.k, N=q.n, bits=bits, block_size=q.block_size, accuracy_level=ACCURACY_LEVEL)
 
@@ -157,10 +174,9 @@ def _rotary_plain(g: GraphBuilder, x: str, cos: str, sin: str, cfg: ModelConfig)
     return g.op("Concat", emb, x_pass, axis=3)
 
 
-def _layer_norm(g: GraphBuilder, x: str, ckpt: SafetensorsCheckpoint, prefix: str, cfg: ModelConfig,
-                dtype: np.dtype) -> str:
-    w = g.store.add(f"{prefix}.weight", ckpt.read(f"{prefix}.weight", dtype))
-    b = g.store.add(f"{prefix}.bias", ckpt.read(f"{prefix}.bias", dtype))
+def _layer_norm(g: GraphBuilder, x: str, ckpt: SafetensorsCheckpoint, prefix: str, cfg: ModelConfig) -> str:
+    w = g.weight(f"{prefix}.weight", ckpt.read(f"{prefix}.weight", g.weights))
+    b = g.weight(f"{prefix}.bias", ckpt.read(f"{prefix}.bias", g.weights))
     return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=cfg.layer_norm_eps)
 
 
@@ -181,14 +197,14 @@ def _repeat_kv(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
     return g.op("Reshape", expanded, g.const([0, cfg.num_heads, -1, cfg.head_dim]))
 
 
-def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype,
+def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
                rope: tuple[str, str], allowed: str, rotary: Rotary, bits: int | None) -> str:
     p = f"model.layers.{i}.self_attn"
-    qkv = _linear(g, h, f"{p}.qkv_proj.weight", _weights_nk(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"]),
-                  dtype, bits)
+    dtype = g.compute
+    qkv = _linear(g, h, f"{p}.qkv_proj.weight", _weights_nk(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"]), bits)
     if cfg.use_qkv_bias:
-        bias = np.concatenate([ckpt.read(f"{p}.{n}_proj.bias", np.float32) for n in "qkv"]).astype(dtype)
-        qkv = g.op("Add", qkv, g.store.add(f"{p}.qkv_proj.bias", bias))
+        bias = np.concatenate([ckpt.read(f"{p}.{n}_proj.bias", np.float32) for n in "qkv"])
+        qkv = g.op("Add", qkv, g.weight(f"{p}.qkv_proj.bias", bias))
     kv_width = cfg.num_kv_heads * cfg.head_dim
     q, k, v = g.op("Split", qkv, g.const([cfg.hidden_size, kv_width, kv_width]), axis=2, outputs=3)
     q, k, v = _heads(g, q, cfg.num_heads, cfg), _heads(g, k, cfg.num_kv_heads, cfg), _heads(g, v, cfg.num_kv_heads, cfg)
@@ -201,16 +217,18 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
         q, k = q_r, k_r
     else:
         q, k = _rotary_plain(g, q, *rope, cfg), _rotary_plain(g, k, *rope, cfg)
-    k_all = g.op("Concat", past_name(i, "key"), k, axis=2, out_names=[present_name(i, "key")])
-    v_all = g.op("Concat", past_name(i, "value"), v, axis=2, out_names=[present_name(i, "value")])
-    k_all, v_all = _repeat_kv(g, k_all, cfg), _repeat_kv(g, v_all, cfg)
+    # The cache keeps the weight dtype at the boundary: new K/V are cast to it before the concat,
+    # and attention reads the whole cache back in the compute dtype (one cast per layer and step).
+    k_all = g.op("Concat", past_name(i, "key"), g.cast(k, g.weights), axis=2, out_names=[present_name(i, "key")])
+    v_all = g.op("Concat", past_name(i, "value"), g.cast(v, g.weights), axis=2, out_names=[present_name(i, "value")])
+    k_all, v_all = _repeat_kv(g, g.cast(k_all, dtype), cfg), _repeat_kv(g, g.cast(v_all, dtype), cfg)
     scores = g.op("MatMul", q, g.op("Transpose", k_all, perm=[0, 1, 3, 2]))
     scores = g.op("Mul", scores, g.const(cfg.head_dim ** -0.5, dtype))
     scores = g.op("Where", allowed, scores, g.const(float(ml_dtypes.finfo(dtype).min), dtype))
     probs = g.op("Softmax", scores, axis=-1)
     ctx = g.op("MatMul", probs, v_all)
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.hidden_size]))
-    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), dtype, bits)
+    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
 
 
 def gqa_rotary_layout(cfg: ModelConfig) -> tuple[int, np.ndarray]:
@@ -233,8 +251,8 @@ def gqa_rotary_layout(cfg: ModelConfig) -> tuple[int, np.ndarray]:
 
 
 def _rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: np.dtype, width: int) -> tuple[str, str]:
-    """(max_positions, width) cos/sin tables, computed in fp32 like transformers; padded columns
-    are cos 1 / sin 0 (identity)."""
+    """(max_positions, width) cos/sin tables in ``dtype`` (GroupQueryAttention's), computed in fp32
+    like transformers; padded columns are cos 1 / sin 0 (identity)."""
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
     freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
     cos = np.ones((cfg.max_position_embeddings, width), np.float32)
@@ -244,8 +262,9 @@ def _rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: np.dtype, width: in
 
 
 def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
-                       dtype: np.dtype, caches: tuple[str, str], perm: np.ndarray, bits: int | None) -> str:
-    """Attention through ONNX Runtime's GroupQueryAttention: KV written in place, rotary fused."""
+                       kv: np.dtype, caches: tuple[str, str], perm: np.ndarray, bits: int | None) -> str:
+    """Attention through ONNX Runtime's GroupQueryAttention: KV (in dtype ``kv``, which the op also
+    computes in) written in place, rotary fused."""
     p = f"model.layers.{i}.self_attn"
 
     def permuted(name: str, heads: int) -> np.ndarray:  # rows (heads*head_dim, ...) in the fused-rotary layout
@@ -254,18 +273,22 @@ def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpo
 
     weights = [permuted(f"{p}.q_proj.weight", cfg.num_heads), permuted(f"{p}.k_proj.weight", cfg.num_kv_heads),
                ckpt.read(f"{p}.v_proj.weight", np.float32)]
-    qkv = _linear(g, h, f"{p}.qkv_proj.weight", np.concatenate(weights), dtype, bits)
+    qkv = _linear(g, h, f"{p}.qkv_proj.weight", np.concatenate(weights), bits)
     if cfg.use_qkv_bias:
         biases = [permuted(f"{p}.q_proj.bias", cfg.num_heads), permuted(f"{p}.k_proj.bias", cfg.num_kv_heads),
                   ckpt.read(f"{p}.v_proj.bias", np.float32)]
-        qkv = g.op("Add", qkv, g.store.add(f"{p}.qkv_proj.bias", np.concatenate(biases).astype(dtype)))
+        qkv = g.op("Add", qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(biases)))
+    if kv != g.compute:
+        qkv = g.op("Cast", qkv, to=_ONNX_ELEM[kv.name])
     inputs = [qkv, "", "", past_name(i, "key"), past_name(i, "value"), SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
               *caches, "", "", "", "", "", "", "", QUERY_SEQLENS]
     ctx, _, _ = g.op("GroupQueryAttention", *inputs, domain="com.microsoft", name=f"/layers.{i}/attention",
                out_names=[f"/layers.{i}/attention/out", present_name(i, "key"), present_name(i, "value")],
                num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                scale=cfg.head_dim ** -0.5)
-    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), dtype, bits)
+    if kv != g.compute:
+        ctx = g.op("Cast", ctx, to=_ONNX_ELEM[g.compute.name])
+    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
 
 
 def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
@@ -275,19 +298,18 @@ def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
     return g.op("GatherElements", x, index, axis=1)
 
 
-def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, dtype: np.dtype,
-         bits: int | None) -> str:
+def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, bits: int | None) -> str:
     p = f"model.layers.{i}.mlp"
     gate_up = _linear(g, h, f"{p}.gate_up_proj.weight",
-                      _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), dtype, bits)
+                      _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), bits)
     gate, up = g.op("Split", gate_up, g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), dtype, bits)
+    return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), bits)
 
 
 def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType,
                    rotary: Rotary = "plain") -> tuple[tuple[str, str], str]:
-    """cos/sin (batch, 1, seq, rotary_dim) in the model dtype (not with the plugin, which computes
+    """cos/sin (batch, 1, seq, rotary_dim) in the compute dtype (not with the plugin, which computes
     its own: ('', '')), and the (batch, 1, seq, total) mask."""
     mask = _causal_padding_mask(g)
     if rotary == "plugin":
@@ -315,9 +337,12 @@ def _causal_padding_mask(g: GraphBuilder) -> str:
 
 def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contract, dtype: DType, *,
                   opset: int, data_path: Path | None, rotary: Rotary = "plain", kv_cache: str = "concat",
-                  quantize: str | None = None, progress: Progress | None = None) -> onnx.ModelProto:
+                  quantize: str | None = None, precision: Precision | None = None,
+                  progress: Progress | None = None) -> onnx.ModelProto:
     """Build the decoder graph for ``cfg`` with ``ckpt``'s weights in ``dtype``.
 
+    ``precision``: the weight / compute / KV dtypes (:func:`stlm.export.precision.plan_precision`);
+    None computes and caches in ``dtype`` too.
     ``data_path`` set: weights go to that external data file; None: weights are inline.
     ``kv_cache``: 'concat' (portable ONNX ops, present = past + new) or 'inplace' (ONNX Runtime's
     GroupQueryAttention over a preallocated buffer shared by past and present).
@@ -326,41 +351,43 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
     bits = QUANT_BITS[quantize] if quantize else None
     inplace = kv_cache == "inplace"
     assert not (inplace and rotary == "plugin"), "the plugin rotary is for the concat (TensorRT) graph"
-    np_dtype = NP_DTYPE[dtype]
+    plan = precision or Precision(dtype, dtype, dtype)
+    assert plan.weights == dtype, "the package dtype is the weight dtype"
     store = InitializerStore(data_path)
-    g = GraphBuilder(store)
+    g = GraphBuilder(store, NP_DTYPE[plan.weights], NP_DTYPE[plan.compute])
     try:
-        embed = store.add("model.embed_tokens.weight", ckpt.read("model.embed_tokens.weight", np_dtype))
-        x = g.op("Gather", embed, INPUT_IDS, axis=0)
+        # The table stays in the weight dtype (Gather has fp16/bf16 CPU kernels); only the rows gathered are cast.
+        embed = store.add("model.embed_tokens.weight", ckpt.read("model.embed_tokens.weight", g.weights))
+        x = g.cast(g.op("Gather", embed, INPUT_IDS, axis=0), g.compute)
         if inplace:
             width, perm = gqa_rotary_layout(cfg)
-            caches = _rotary_caches(g, cfg, np_dtype, width)
+            caches = _rotary_caches(g, cfg, NP_DTYPE[plan.kv], width)
         else:
-            rope, allowed = _rope_and_mask(g, cfg, dtype, rotary)
+            rope, allowed = _rope_and_mask(g, cfg, plan.compute, rotary)
         for i in range(cfg.num_layers):
             if progress:
                 progress("layers", i, cfg.num_layers)
-            h = _layer_norm(g, x, ckpt, f"model.layers.{i}.input_layernorm", cfg, np_dtype)
+            h = _layer_norm(g, x, ckpt, f"model.layers.{i}.input_layernorm", cfg)
             if inplace:
-                attn = _attention_inplace(g, h, i, ckpt, cfg, np_dtype, caches, perm, bits)
+                attn = _attention_inplace(g, h, i, ckpt, cfg, NP_DTYPE[plan.kv], caches, perm, bits)
             else:
-                attn = _attention(g, h, i, ckpt, cfg, np_dtype, rope, allowed, rotary, bits)
+                attn = _attention(g, h, i, ckpt, cfg, rope, allowed, rotary, bits)
             if cfg.use_parallel_residual:
-                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, np_dtype, bits))
+                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, bits))
             else:
                 x = g.op("Add", x, attn)
-                h2 = _layer_norm(g, x, ckpt, f"model.layers.{i}.post_attention_layernorm", cfg, np_dtype)
-                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, np_dtype, bits))
+                h2 = _layer_norm(g, x, ckpt, f"model.layers.{i}.post_attention_layernorm", cfg)
+                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, bits))
         if progress:
             progress("layers", cfg.num_layers, cfg.num_layers)
         if inplace:
             x = _last_valid(g, x, cfg)
-        x = _layer_norm(g, x, ckpt, "model.norm", cfg, np_dtype)
+        x = _layer_norm(g, x, ckpt, "model.norm", cfg)
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt \
             else "lm_head.weight"
-        logits = _linear(g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]), np_dtype,
+        logits = _linear(g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]),
                          None if bits is None else max(bits, LM_HEAD_BITS))
-        if dtype != "fp32":
+        if plan.compute != "fp32":
             g.op("Cast", logits, to=TensorProto.FLOAT, out_names=[LOGITS])
         else:
             g.op("Identity", logits, out_names=[LOGITS])

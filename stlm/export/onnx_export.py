@@ -18,6 +18,7 @@ from stlm.dtypes import DType, parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import ACCURACY_LEVEL, LM_HEAD_BITS, Progress, Rotary, build_decoder, estimate_weight_bytes
+from stlm.export.precision import plan_precision
 from stlm.export.quantize import BLOCK_SIZE, QUANT_BITS
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
@@ -92,7 +93,8 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
     if quantize is not None and rotary == "plugin":
         raise InvalidArgumentError(f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT "
                                    "target does not take", fix="omit --quantize with --target tensorrt")
-    contract = decoder_contract(cfg, kind, kv_cache)
+    precision = plan_precision(kind, target="tensorrt" if rotary == "plugin" else "onnxruntime", kv_cache=kv_cache)
+    contract = decoder_contract(cfg, precision.kv, kv_cache)
     external = estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,7 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
     start = time.perf_counter()
     try:
         graph = build_decoder(cfg, ckpt, contract, kind, opset=opset, rotary=rotary, kv_cache=kv_cache,
-                              quantize=quantize, progress=progress,
+                              quantize=quantize, precision=precision, progress=progress,
                               data_path=tmp / DATA_NAME if external else None)
         (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
         del graph
@@ -128,7 +130,8 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
             variant={"target": "tensorrt" if rotary == "plugin" else "onnxruntime", "rotary": rotary,
                      "kv_cache": kv_cache, "quantization": None if quantize is None else {
                          "method": "MatMulNBits", "bits": QUANT_BITS[quantize], "block_size": BLOCK_SIZE,
-                         "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS), "accuracy_level": ACCURACY_LEVEL}, "external_data": external},
+                         "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS), "accuracy_level": ACCURACY_LEVEL}, "external_data": external,
+                     **precision.to_variant()},
             extra={"source": str(model)},
         )
         write_manifest(tmp, manifest)

@@ -25,7 +25,7 @@ from stlm.contract import (
     SEQLENS_K,
     TOTAL_SEQUENCE_LENGTH,
 )
-from stlm.errors import InvalidArgumentError, PackageError
+from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,31 @@ def _kv_numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+_ONNX_BFLOAT16 = 16
+
+
+def _ortvalue(array: np.ndarray) -> ort.OrtValue:
+    """A CPU OrtValue of ``array``; bfloat16 (ml_dtypes) goes in by its bits, which numpy feeds cannot."""
+    if array.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array).view(np.uint16),
+                                                               _ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _bfloat16_numpy(value: ort.OrtValue) -> np.ndarray:
+    """A copy of a CPU bfloat16 OrtValue as an ml_dtypes array (``OrtValue.numpy()`` refuses bfloat16)."""
+    import ctypes
+
+    import ml_dtypes
+
+    shape = tuple(value.shape())
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.zeros(shape, ml_dtypes.bfloat16)
+    bits = np.frombuffer((ctypes.c_uint16 * count).from_address(value.data_ptr()), dtype=np.uint16)
+    return bits.copy().view(ml_dtypes.bfloat16).reshape(shape)
+
+
 def _ragged(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tuple[np.ndarray, np.ndarray]:
     """Pad per-row token lists into (batch, longest) ids and a 0/1 validity mask."""
     if len(tokens) != batch:
@@ -101,6 +126,13 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
+            if "NOT_IMPLEMENTED" in str(exc):
+                raise BackendUnavailableError(
+                    f"ONNX Runtime ({', '.join(providers or ['CPUExecutionProvider'])}) has no kernel for a node of "
+                    f"{path} in the package's {manifest.dtype} ({str(exc).strip()[:300]})",
+                    fix="export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
+                        "weights and computes in fp32 on CPU",
+                ) from None
             raise PackageError(
                 f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
                 fix="the graph or its weights are corrupt or truncated: export the package again",
@@ -122,7 +154,7 @@ class OnnxRuntimeBackend:
         lengths = np.zeros(batch, dtype=np.int64)
         if self.inplace:
             shape = self._kv_shape(batch, capacity)
-            buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype)) for _ in self._past]
+            buffers = [_ortvalue(np.zeros(shape, self._kv_dtype)) for _ in self._past]
             return InplaceCache(buffers, lengths, capacity)
         empty = np.zeros(self._kv_shape(batch, 0), self._kv_dtype)
         return ConcatCache([empty] * len(self._past), np.zeros((batch, 0), dtype=np.int64), lengths)
@@ -145,7 +177,12 @@ class OnnxRuntimeBackend:
         mask = np.concatenate([cache.mask, valid], axis=1)
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
         feeds.update(zip(self._past, cache.arrays))
-        logits, *presents = self.session.run([LOGITS, *self._present], feeds)
+        if self._kv_dtype.name == "bfloat16":  # numpy feeds/fetches cannot carry bfloat16: go through OrtValues
+            values = self.session.run_with_ort_values([LOGITS, *self._present],
+                                                      {k: _ortvalue(v) for k, v in feeds.items()})
+            logits, presents = values[0].numpy(), [_bfloat16_numpy(v) for v in values[1:]]
+        else:
+            logits, *presents = self.session.run([LOGITS, *self._present], feeds)
         cache.arrays, cache.mask = presents, mask
         cache.lengths += valid.sum(axis=1)
         return logits[:, -1, :]

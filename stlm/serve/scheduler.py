@@ -1,0 +1,343 @@
+"""Continuous batching: one thread owns one KV cache of fixed slots and runs every sequence in it.
+
+Each step of :meth:`Scheduler._run`:
+
+1. cancelled sequences (their client went away) are finished and their slot released;
+2. waiting sequences take the free slots, oldest first;
+3. one ``backend.forward`` call feeds every slot its tokens: a joining sequence its next prompt
+   chunk (at most ``prefill_chunk`` tokens, so a long prompt does not stall the others for
+   long), a decoding sequence its last sampled token, an empty slot nothing;
+4. every row whose prompt is complete samples its next token (its own :class:`SequenceState`:
+   sampling parameters, seed, stop strings) and hands the new text to its sink;
+5. finished rows are released (``backend.release``) and their slots are free for the next step.
+
+Rows never influence each other: a request's greedy output is the same alone or in any batch
+(a row's prompt is always cut into the same chunks, whatever else runs). An exception while
+sampling one row fails only that sequence; a failed batched forward is retried row by row so
+only the rows that fail alone are failed. Sinks are called on the scheduler thread and must
+not block (the server's post results to its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stlm.errors import InvalidArgumentError, StlmError
+from stlm.runtime.backend import Backend, KVCache
+from stlm.runtime.sequence import Completion, SequenceState
+from stlm.serve.metrics import ServerMetrics
+
+__all__ = ["Job", "QueueFullError", "Scheduler", "SchedulerStoppedError", "StepOutput"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(StlmError):
+    """Every slot is busy and the waiting queue is full (HTTP 429)."""
+
+
+class SchedulerStoppedError(StlmError):
+    """The scheduler is draining or has stopped; no new work is accepted (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one sequence.
+
+    ``text`` became final this step (possibly ''), ``token_ids``/``logprobs`` are the tokens
+    sampled this step (EOS is not listed). The last output of a sequence has ``finish_reason``
+    ('eos', 'stop', 'length', 'cancelled' or 'error') and, unless it failed, its ``completion``.
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str | None = None
+    completion: Completion | None = None
+    error: str | None = None
+
+
+Sink = Callable[[StepOutput], None]
+
+
+class Job:
+    """One sequence submitted to the scheduler: its decoding state and where its output goes."""
+
+    def __init__(self, state: SequenceState, sink: Sink, *, tag: str = "") -> None:
+        self.state = state
+        self.sink = sink
+        self.tag = tag
+        self.submitted = time.monotonic()
+        self.fed = 0  # prompt tokens already in the cache
+        self.done = False
+        self._cancelled = threading.Event()
+        self._scheduler: Scheduler | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the scheduler to finish this sequence at its next step (no-op once done)."""
+        if not self.done and not self._cancelled.is_set():
+            self._cancelled.set()
+            if self._scheduler is not None:
+                self._scheduler.wake()
+
+
+def _positive(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name}={value!r} is invalid: expected an int >= {minimum}",
+                                   fix=f"pass {name} as a whole number >= {minimum}")
+    return value
+
+
+class Scheduler:
+    """Runs submitted :class:`Job`\\ s with continuous batching over ``max_batch`` cache slots."""
+
+    def __init__(self, backend: Backend, *, max_batch: int, capacity: int, max_queue: int,
+                 prefill_chunk: int = 256, metrics: ServerMetrics | None = None) -> None:
+        self.backend = backend
+        self.max_batch = _positive("max_batch", max_batch)
+        self.capacity = _positive("capacity", capacity, 2)
+        self.max_queue = _positive("max_queue", max_queue, 0)
+        self.prefill_chunk = _positive("prefill_chunk", prefill_chunk)
+        self.metrics = metrics or ServerMetrics()
+        self._cache: KVCache = backend.new_cache(self.max_batch, self.capacity)
+        self._slots: list[Job | None] = [None] * self.max_batch
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+        self.running_batch = 0  # rows fed by the last step
+        #: Test hook: called with each job just before it samples; an exception it raises fails
+        #: that job exactly as a real sampling failure would. ``None`` in production.
+        self.fault_hook: Callable[[Job], None] | None = None
+
+    # -- control ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="stlm-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new work, finish (``drain``) or cancel the queued and running sequences, and wait."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                for job in [*self._waiting, *(j for j in self._slots if j is not None)]:
+                    job._cancelled.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Wake the thread (a job was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        """True while the thread runs and accepts work."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        """Sequences waiting for a slot."""
+        return len(self._waiting)
+
+    @property
+    def slots_in_use(self) -> int:
+        """Slots holding a sequence."""
+        return sum(job is not None for job in self._slots)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue ``jobs`` (all or none). :class:`QueueFullError` when they do not fit the queue,
+        :class:`SchedulerStoppedError` while draining, :class:`InvalidArgumentError` if a job
+        cannot fit a slot."""
+        for job in jobs:
+            need = len(job.state.prompt) + job.state.params.max_new_tokens
+            if need > self.capacity:
+                raise InvalidArgumentError(
+                    f"a {len(job.state.prompt)}-token prompt plus {job.state.params.max_new_tokens} new tokens "
+                    f"exceeds the slot capacity of {self.capacity} tokens",
+                    fix="shorten the prompt or ask for fewer tokens")
+        with self._cond:
+            if self._stopping or self.crashed is not None:
+                raise SchedulerStoppedError("the server is shutting down and accepts no new requests",
+                                            fix="retry against another replica or after the restart")
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} sequences are already waiting (queue limit {self.max_queue}) "
+                    f"and all {self.max_batch} slots are busy",
+                    fix="retry later, or start the server with a larger --max-queue / --max-batch")
+            now = time.monotonic()
+            for job in jobs:
+                job.submitted, job._scheduler = now, self
+                self._waiting.append(job)
+            self._cond.notify_all()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(job is not None for job in self._slots)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._has_work() and not self._stopping:
+                        self._cond.wait()
+                    if not self._has_work():
+                        return
+                    self._admit()
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - a bug here must fail the jobs, not hang them
+            log.exception("the scheduler thread crashed; failing every queued and running sequence")
+            self.crashed = exc
+            with self._cond:
+                jobs = [*self._waiting, *(j for j in self._slots if j is not None)]
+                self._waiting.clear()
+            for job in jobs:
+                self._fail(None, job, exc)
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots (called with the lock held)."""
+        for row in range(self.max_batch):
+            while self._slots[row] is None and self._waiting:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    self._deliver(job, StepOutput(job.state.cancel(), finish_reason="cancelled",
+                                                  completion=job.state.completion()))
+                    continue
+                self._slots[row] = job
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        feed: list[list[int]] = []
+        sampling: list[int] = []  # rows whose logits are used this step
+        for row, job in enumerate(self._slots):
+            tokens: list[int] = []
+            if job is not None and job.cancelled:
+                self._finish(row, job, job.state.cancel())
+            elif job is not None and job.fed < len(job.state.prompt):
+                tokens = job.state.prompt[job.fed: job.fed + self.prefill_chunk]
+                if job.fed + len(tokens) == len(job.state.prompt):
+                    sampling.append(row)
+            elif job is not None:
+                tokens = [job.state.last_token]
+                sampling.append(row)
+            feed.append(tokens)
+        fed_rows = [row for row, tokens in enumerate(feed) if tokens]
+        self.running_batch = len(fed_rows)
+        if not fed_rows:
+            return
+        logits, failures = self._forward(feed, fed_rows)
+        for row, exc in failures.items():
+            job = self._slots[row]
+            if job is not None:
+                self._fail(row, job, exc)
+        prompt_tokens = 0
+        for row in fed_rows:
+            job = self._slots[row]
+            if job is not None and row not in failures and job.fed < len(job.state.prompt):
+                job.fed += len(feed[row])
+                prompt_tokens += len(feed[row])
+        generated = 0
+        for row in sampling:
+            job = self._slots[row]
+            if job is None or row in failures:
+                continue
+            assert logits is not None
+            before = len(job.state.generated)
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(job)
+                text = job.state.step(logits[row])
+            except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
+                self._fail(row, job, exc)
+                continue
+            if before == 0:
+                self.metrics.first_token.observe(time.monotonic() - job.submitted)
+            new = slice(before, len(job.state.generated))
+            generated += new.stop - new.start
+            output = StepOutput(text, tuple(job.state.generated[new]), tuple(job.state.logprobs[new]))
+            if job.state.finished:
+                self._finish(row, job, output.text, tokens=output.token_ids, logprobs=output.logprobs)
+            else:
+                self._deliver(job, output)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generated_tokens.inc(generated)
+        self.metrics.batch.observe(len(fed_rows))
+        self.metrics.step.observe(time.perf_counter() - start)
+
+    def _forward(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
+        """Logits of one step; if the batched call fails, each row is retried alone."""
+        try:
+            return self.backend.forward(self._cache, feed), {}
+        except Exception as exc:  # noqa: BLE001
+            if len(rows) == 1:
+                log.exception("forward failed for row %d", rows[0])
+                return None, {rows[0]: exc}
+            log.warning("a batched forward failed (%s: %s); retrying its %d rows one by one",
+                        type(exc).__name__, exc, len(rows))
+        logits: np.ndarray | None = None
+        failures: dict[int, Exception] = {}
+        for row in rows:
+            alone = [tokens if r == row else [] for r, tokens in enumerate(feed)]
+            try:
+                out = self.backend.forward(self._cache, alone)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("forward failed for row %d", row)
+                failures[row] = exc
+                continue
+            if logits is None:
+                logits = np.empty_like(out)
+            logits[row] = out[row]
+        return logits, failures
+
+    # -- finishing ----------------------------------------------------------------------------
+    def _release(self, row: int) -> None:
+        self._slots[row] = None
+        try:
+            self.backend.release(self._cache, row)
+        except Exception:  # noqa: BLE001 - keep serving; the next forward will tell if the cache broke
+            log.exception("releasing slot %d failed", row)
+
+    def _finish(self, row: int, job: Job, text: str, *, tokens: tuple[int, ...] = (),
+                logprobs: tuple[float, ...] = ()) -> None:
+        self._release(row)
+        reason = job.state.finish_reason or "cancelled"
+        self.metrics.sequences.inc(1, reason)
+        self._deliver(job, StepOutput(text, tokens, logprobs, reason, job.state.completion()))
+
+    def _fail(self, row: int | None, job: Job, exc: BaseException) -> None:
+        if row is not None:
+            self._release(row)
+        if not isinstance(exc, StlmError):
+            log.error("sequence %s failed: %s: %s", job.tag or "?", type(exc).__name__, exc,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+        self.metrics.sequences.inc(1, "error")
+        self._deliver(job, StepOutput("", finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+
+    def _deliver(self, job: Job, output: StepOutput) -> None:
+        if output.finish_reason is not None:
+            job.done = True
+        try:
+            job.sink(output)
+        except Exception:  # noqa: BLE001 - e.g. the event loop is closed: the client is gone anyway
+            log.debug("sink of sequence %s failed", job.tag, exc_info=True)
