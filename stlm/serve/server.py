@@ -7,6 +7,7 @@ requests (streams included) finish, then runs the app's shutdown, which drains t
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -47,9 +48,32 @@ def run_server(package: str | Path, *, host: str = "127.0.0.1", port: int = 8000
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
     server = uvicorn.Server(_uvicorn_config(service, log_level=log_level, access_log=access_log))
-    server.run()
+    _run_foreground(server)
     if service.scheduler.crashed is not None:
         raise StlmError(f"the scheduler crashed: {service.scheduler.crashed!r}", fix="see the log above")
+
+
+def _run_foreground(server: uvicorn.Server) -> None:
+    """``server.run()``; a SIGINT/SIGTERM that uvicorn handled (graceful shutdown) ends it normally.
+
+    uvicorn re-raises the signal it caught once it has shut down; while it runs, the handlers
+    installed here only note that signal, so the process exits with status 0 instead of dying.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    caught: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in watched}
+    for sig in watched:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        log.info("stopped by %s after draining", signal.Signals(caught[0]).name)
 
 
 class BackgroundServer:
