@@ -163,6 +163,28 @@ def serve(package: Path, host: str, port: int, api_key: str | None, max_batch: i
                max_context=max_context, model_name=model_name, threads=threads)
 
 
+@cli.command()
+@click.argument("reference")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--prompts", default=4, show_default=True, type=int, help="How many of the fixed prompts to run (1-8).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--save-reference", type=click.Path(path_type=Path), default=None,
+              help="Write the package's logits as polygraphy RunResults JSON (only if it passes), to verify an "
+                   "engine later with `stlm verify FILE ENGINE_DIR`.")
+def verify(reference: str, package: Path, prompts: int, as_json: bool, save_reference: Path | None) -> None:
+    """Compare PACKAGE with REFERENCE: a checkpoint (transformers, fp32) or a --save-reference file.
+
+    Exit status 0 within the tolerance for the package's dtype, 1 beyond it, 2 on errors.
+    """
+    import json
+
+    from stlm.verify import verify_package
+
+    report = verify_package(reference, package, prompts=prompts, save_reference_to=save_reference)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    sys.exit(0 if report.passed else 1)
+
+
 @cli.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--preset", default="small", show_default=True,

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -216,6 +215,16 @@ def test_disconnect_frees_the_slot(server: BackgroundServer, client: openai.Open
     assert after["stlm_generated_tokens_total"] - before["stlm_generated_tokens_total"] < 240
     wait_for(lambda: metrics(server).get('stlm_requests_total{status="499"}', 0) >= 1)
     assert greedy(client, PROMPTS[1], 4).choices[0].finish_reason == "length"
+    # a non-streamed request whose client hangs up is cancelled too
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 1.0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        wait_for(lambda: metrics(server)["stlm_slots_in_use"] == 1)
+    wait_for(lambda: metrics(server)["stlm_slots_in_use"] == 0)
+    assert metrics(server)['stlm_sequences_total{reason="cancelled"}'] == after[
+        'stlm_sequences_total{reason="cancelled"}'] + 1
 
 
 def test_greedy_same_alone_and_in_a_batch(server: BackgroundServer, client: openai.OpenAI,
@@ -288,7 +297,8 @@ def test_server_imports_neither_torch_nor_transformers(inplace_package: Path) ->
     script = ("import sys; from pathlib import Path; from stlm.serve import ServeConfig, create_app, load_service; "
               "create_app(load_service(ServeConfig(Path(sys.argv[1])))); "
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
-    proc = subprocess.run([sys.executable, "-c", script, str(inplace_package)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, str(inplace_package)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 

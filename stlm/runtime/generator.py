@@ -54,9 +54,9 @@ class Generator:
 
             backend: Backend = TensorRTBackend(folder, manifest)
         else:
-            from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
+            from stlm.runtime.onnxruntime_cuda import load_onnx_backend
 
-            backend = OnnxRuntimeBackend(folder, manifest, providers=providers, threads=threads)
+            backend = load_onnx_backend(folder, manifest, providers=providers, threads=threads)
         return cls(backend, tokenizer, manifest)
 
     # -- public API -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def _labels(names: Sequence[str], values: Sequence[str]) -> str:
     if not names:
         return ""
     escaped = (v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for v in values)
-    return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, escaped)) + "}"
+    return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, escaped, strict=True)) + "}"
 
 
 class Counter:
@@ -104,7 +104,7 @@ class Histogram:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} histogram"
         running = 0
-        for bound, n in zip(self.bounds, counts):
+        for bound, n in zip(self.bounds, counts, strict=True):
             running += n
             yield f'{self.name}_bucket{{le="{_value(bound)}"}} {running}'
         yield f"{self.name}_sum {_value(total)}"
@@ -137,8 +137,10 @@ class ServerMetrics:
     def render(self) -> str:
         """The whole exposition text."""
         lines: list[str] = []
-        for metric in (self.requests, self.prompt_tokens, self.generated_tokens, self.sequences,
-                       self.latency, self.first_token, self.step, self.batch, *self._gauges):
+        metrics: list[Counter | Gauge | Histogram] = [
+            self.requests, self.prompt_tokens, self.generated_tokens, self.sequences,
+            self.latency, self.first_token, self.step, self.batch, *self._gauges]
+        for metric in metrics:
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"
 

@@ -216,15 +216,16 @@ class Scheduler:
                 self._fail(None, job, exc)
 
     def _admit(self) -> None:
-        """Move waiting jobs into free slots (called with the lock held)."""
+        """Drop cancelled waiting jobs, then move waiting jobs into free slots (lock held)."""
+        if any(job.cancelled for job in self._waiting):
+            for job in [job for job in self._waiting if job.cancelled]:
+                self.metrics.sequences.inc(1, "cancelled")
+                self._deliver(job, StepOutput(job.state.cancel(), finish_reason="cancelled",
+                                              completion=job.state.completion()))
+            self._waiting = deque(job for job in self._waiting if not job.cancelled)
         for row in range(self.max_batch):
-            while self._slots[row] is None and self._waiting:
-                job = self._waiting.popleft()
-                if job.cancelled:
-                    self._deliver(job, StepOutput(job.state.cancel(), finish_reason="cancelled",
-                                                  completion=job.state.completion()))
-                    continue
-                self._slots[row] = job
+            if self._slots[row] is None and self._waiting:
+                self._slots[row] = self._waiting.popleft()
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -246,7 +247,7 @@ class Scheduler:
         self.running_batch = len(fed_rows)
         if not fed_rows:
             return
-        logits, failures = self._forward(feed, fed_rows)
+        logits, failures = self._forward_step(feed, fed_rows)
         for row, exc in failures.items():
             job = self._slots[row]
             if job is not None:
@@ -284,6 +285,29 @@ class Scheduler:
         self.metrics.generated_tokens.inc(generated)
         self.metrics.batch.observe(len(fed_rows))
         self.metrics.step.observe(time.perf_counter() - start)
+
+    def _forward_step(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
+        """One forward over every fed row, or two when that would mostly compute padding.
+
+        The backend pads every row to the longest feed of the call, so decoding rows sharing a
+        call with a prompt chunk would each cost a whole chunk: when the padded work exceeds
+        twice the real work, prompt chunks and decode tokens go to two calls (rows are
+        independent, so the logits are the same either way).
+        """
+        width = max(len(feed[row]) for row in rows)
+        decoding = [row for row in rows if len(feed[row]) == 1]
+        prefilling = [row for row in rows if len(feed[row]) > 1]
+        if not decoding or not prefilling or width * len(rows) <= 2 * sum(len(feed[row]) for row in rows):
+            return self._forward(feed, rows)
+        logits, failures = self._forward([feed[r] if r in prefilling else [] for r in range(len(feed))], prefilling)
+        more, more_failures = self._forward([feed[r] if r in decoding else [] for r in range(len(feed))], decoding)
+        if logits is None:
+            logits = more
+        elif more is not None:
+            merged = np.empty_like(more)
+            merged[prefilling], merged[decoding] = logits[prefilling], more[decoding]
+            logits = merged
+        return logits, {**failures, **more_failures}
 
     def _forward(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
         """Logits of one step; if the batched call fails, each row is retried alone."""
