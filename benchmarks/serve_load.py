@@ -49,7 +49,8 @@ class Result:
     error: str = ""
 
 
-def _request(url: str, body: dict[str, object], conn: http.client.HTTPConnection | None) -> tuple[Result, http.client.HTTPConnection]:
+def _request(url: str, body: dict[str, object],
+             conn: http.client.HTTPConnection | None) -> tuple[Result, http.client.HTTPConnection]:
     parts = urllib.parse.urlsplit(url)
     if conn is None:
         conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=TIMEOUT_S)

@@ -94,7 +94,7 @@ class VerifyReport:
     """The result of :func:`verify_package`."""
 
     package: str
-    package_class: str
+    description: str
     reference: str
     accuracy_class: str
     tolerance: Tolerance
@@ -110,7 +110,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``stlm verify --json``)."""
-        return {"passed": self.passed, "package": self.package, "package_class": self.package_class,
+        return {"passed": self.passed, "package": self.package, "description": self.description,
                 "reference": self.reference, "accuracy_class": self.accuracy_class,
                 "tolerance": self.tolerance.to_dict(), "checks": [vars(c) for c in self.checks],
                 "prompts": [{**vars(p), "reference_tokens": list(p.reference_tokens),
@@ -120,7 +120,7 @@ class VerifyReport:
     def format(self) -> str:
         """The human-readable report."""
         steps = self.prompts[0].steps if self.prompts else 0
-        lines = [f"stlm verify: {self.package} ({self.package_class}) vs {self.reference}",
+        lines = [f"stlm verify: {self.package} ({self.description}) vs {self.reference}",
                  f"  {len(self.prompts)} prompts, prefill + {steps - 1} decode steps each, teacher-forced on the "
                  f"reference's greedy tokens; tolerance class {self.accuracy_class}",
                  f"  {'output':<18}{'value':>12}{'limit':>14}  result"]
@@ -142,16 +142,22 @@ def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[in
     """Greedy runs of transformers' StableLmForCausalLM in fp32 (safetensors only, no remote code)."""
     import torch
     from transformers import StableLmForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from stlm.export.checkpoint import resolve_checkpoint
 
     folder = resolve_checkpoint(checkpoint)
     load_model_config(folder)  # a clear error for a non-StableLM before transformers tries
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"transformers cannot load {folder} ({type(exc).__name__}: {str(exc)[:300]})",
                               fix="pass a StableLM checkpoint folder with config.json and *.safetensors") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     tokens, logits = [], []
     with torch.no_grad():
         for ids in prompts:
@@ -191,9 +197,9 @@ def read_reference(path: Path) -> Reference:
 
 
 def save_reference(path: Path, reference: Reference, package_logits: Sequence[np.ndarray], *, runner: str,
-                   package_class: str) -> Path:
+                   package_class: str, source: str) -> Path:
     """Save ``package_logits`` (an ONNX package's, on ``reference``'s tokens) as a reference file."""
-    meta = {"format": REFERENCE_FORMAT, "version": 1, "accuracy_class": package_class, "source": runner,
+    meta = {"format": REFERENCE_FORMAT, "version": 1, "accuracy_class": package_class, "source": source,
             "verified_against": reference.source, "prompts": [list(p) for p in reference.prompts],
             "tokens": [list(t) for t in reference.tokens], "outputs": {LOGITS: "(steps, vocab) float32 per prompt"}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -255,11 +261,13 @@ def _describe(manifest: Manifest) -> str:
     return ", ".join(parts)
 
 
-def verify_package(reference: str | Path, package: str | Path, *, prompts: int = DEFAULT_PROMPTS,
+def verify_package(reference: str | Path | Reference, package: str | Path, *, prompts: int = DEFAULT_PROMPTS,
                    steps: int = DEFAULT_STEPS, save_reference_to: Path | None = None) -> VerifyReport:
-    """Compare ``package`` with ``reference``: a checkpoint (run in transformers, fp32) or a reference
-    JSON file from ``save_reference_to``. Writes that file (the package's logits) only when the package
-    passes. Raises :class:`StlmError` subclasses for unusable inputs; a failed comparison is a report."""
+    """Compare ``package`` with ``reference``: a checkpoint (run in transformers, fp32), a reference
+    JSON file from ``save_reference_to``, or a :class:`Reference` already computed (to check several
+    packages of one checkpoint; ``prompts``/``steps`` then come from it). Writes ``save_reference_to``
+    (the package's logits) only when the package passes. Raises :class:`StlmError` subclasses for
+    unusable inputs; a failed comparison is a report, not an error."""
     from stlm.runtime import Generator
     from stlm.runtime.tokenizer import Tokenizer
 
@@ -274,8 +282,10 @@ def verify_package(reference: str | Path, package: str | Path, *, prompts: int =
             f"{package} is a --target tensorrt ONNX graph (stlm::partial_rotary plugin nodes): it runs only as a "
             "TensorRT engine", fix=f"build it with `stlm build-engine {package} -o ENGINE`; to check it, {TWO_STEP_FIX}")
     package_class = accuracy_class(manifest.dtype, manifest.variant.get("quantization"))
-    from_file = Path(reference).is_file()
-    if from_file:
+    from_file = not isinstance(reference, Reference) and Path(reference).is_file()
+    if isinstance(reference, Reference):
+        ref = reference
+    elif from_file:
         ref = read_reference(Path(reference))
     elif manifest.kind == "tensorrt":
         raise InvalidArgumentError(f"{package} is a TensorRT engine package: it is compared with a reference saved "
@@ -294,13 +304,13 @@ def verify_package(reference: str | Path, package: str | Path, *, prompts: int =
     klass = looser(package_class, ref.accuracy_class)
     results, checks = compare(ref, got, TOLERANCES[klass])
     notes: list[str] = []
-    if package_class in ("fp16", "bf16", "int8", "int4") and not from_file:
+    if package_class != "fp32" and ref.accuracy_class == "fp32" and not from_file:
         notes.append(f"a {package_class} package is compared with transformers in fp32 on the same weights")
     saved = None
     if save_reference_to is not None:
         if all(c.passed for c in checks):
             saved = str(save_reference(save_reference_to, ref, got, runner=f"stlm-{manifest.kind}-{package_class}",
-                                       package_class=package_class))
+                                       package_class=package_class, source=f"{package} ({_describe(manifest)})"))
         else:
             notes.append(f"reference not written to {save_reference_to}: the package is beyond tolerance")
     return VerifyReport(str(package), _describe(manifest), ref.source, klass, TOLERANCES[klass], checks, results,

@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from stlm.runtime import Generator, SamplingParams
+from stlm.runtime.sequence import SequenceState
 from stlm.serve import BackgroundServer, ServeConfig, load_service
 from stlm.serve.metrics import parse_metrics
 from stlm.serve.scheduler import Job
@@ -198,6 +199,25 @@ def test_full_queue_gets_429(inplace_package: Path) -> None:
     assert set(statuses) <= {200, 429} and statuses.count(429) >= 1 and statuses.count(200) >= 1, results
     assert all(body["code"] == "queue_full" for status, body in results if status == 429)
     assert all(reason == "length" for status, reason in results if status == 200)
+
+
+def test_queue_limit_counts_sequences_left_waiting(generator: Generator) -> None:
+    from stlm.errors import InvalidArgumentError
+    from stlm.serve import QueueFullError, Scheduler
+
+    scheduler = Scheduler(generator.backend, max_batch=1, capacity=64, max_queue=1)  # not started: nothing moves
+
+    def jobs(n: int) -> list[Job]:
+        state = lambda: SequenceState([1, 2, 3], SamplingParams(max_new_tokens=4), generator.tokenizer, 0)  # noqa: E731
+        return [Job(state(), lambda out: None) for _ in range(n)]
+
+    with pytest.raises(InvalidArgumentError, match="never fit"):
+        scheduler.submit(jobs(3))
+    scheduler.submit(jobs(1))  # takes the free slot at the next step
+    scheduler.submit(jobs(1))  # waits
+    with pytest.raises(QueueFullError, match="queue is full"):
+        scheduler.submit(jobs(1))
+    assert scheduler.queue_depth == 2
 
 
 def test_disconnect_frees_the_slot(server: BackgroundServer, client: openai.OpenAI) -> None:

@@ -48,11 +48,8 @@ ACCURACY_LEVEL = 4
 LM_HEAD_BITS = 8
 Progress = Callable[[str, int, int], None]
 
-NP_DTYPE: dict[DType, np.dtype] = {
-    "fp32": np.dtype(np.float32),
-    "fp16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-}
+NP_DTYPE: dict[DType, np.dtype] = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16),
+                                   "bf16": np.dtype(ml_dtypes.bfloat16)}
 _ONNX_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
               "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
               "uint8": TensorProto.UINT8}
@@ -93,8 +90,7 @@ class InitializerStore:
 
 
 class GraphBuilder:
-    """A small helper to emit ONNX nodes with unique names; ``weights``/``compute``: numpy dtypes
-    of stored weights and of activations."""
+    """Emits ONNX nodes with unique names; ``weights``/``compute``: dtypes of stored weights, activations."""
 
     def __init__(self, store: InitializerStore, weights: np.dtype | None = None, compute: np.dtype | None = None) -> None:
         self.store = store
@@ -217,8 +213,7 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
         q, k = q_r, k_r
     else:
         q, k = _rotary_plain(g, q, *rope, cfg), _rotary_plain(g, k, *rope, cfg)
-    # The cache keeps the weight dtype at the boundary: new K/V are cast to it before the concat,
-    # and attention reads the whole cache back in the compute dtype (one cast per layer and step).
+    # The cache keeps the weight dtype at the boundary; attention reads it back in the compute dtype.
     k_all = g.op("Concat", past_name(i, "key"), g.cast(k, g.weights), axis=2, out_names=[present_name(i, "key")])
     v_all = g.op("Concat", past_name(i, "value"), g.cast(v, g.weights), axis=2, out_names=[present_name(i, "value")])
     k_all, v_all = _repeat_kv(g, g.cast(k_all, dtype), cfg), _repeat_kv(g, g.cast(v_all, dtype), cfg)

@@ -237,11 +237,7 @@ def _routes(service: CompletionService) -> list[Route]:
     async def completions(request: Request) -> Response | _CompletionResponse:
         arrived = time.monotonic()
         try:
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}",
-                               code="request_too_large")
-            parsed = protocol.parse_completion_request(body)
+            parsed = protocol.parse_completion_request(await _read_body(request))
             states = service.sequences(parsed)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
@@ -279,6 +275,17 @@ def _routes(service: CompletionService) -> list[Route]:
 
     return [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, or a 413 when it exceeds :data:`MAX_BODY_BYTES` (checked before reading when declared)."""
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else 0
+    body = b"" if size > MAX_BODY_BYTES else await request.body()
+    if max(size, len(body)) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body has {max(size, len(body))} bytes; the limit is {MAX_BODY_BYTES}",
+                       code="request_too_large")
+    return body
 
 
 def _poster(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, StepOutput]],

@@ -6,7 +6,9 @@ Each step of :meth:`Scheduler._run`:
 2. waiting sequences take the free slots, oldest first;
 3. one ``backend.forward`` call feeds every slot its tokens: a joining sequence its next prompt
    chunk (at most ``prefill_chunk`` tokens, so a long prompt does not stall the others for
-   long), a decoding sequence its last sampled token, an empty slot nothing;
+   long), a decoding sequence its last sampled token, an empty slot nothing (the backend pads
+   rows to the longest feed, so when that padding would more than double the work, prompt
+   chunks and decode tokens go to two calls in the same step: see :meth:`Scheduler._forward_step`);
 4. every row whose prompt is complete samples its next token (its own :class:`SequenceState`:
    sampling parameters, seed, stop strings) and hands the new text to its sink;
 5. finished rows are released (``backend.release``) and their slots are free for the next step.
@@ -167,9 +169,14 @@ class Scheduler:
         return sum(job is not None for job in self._slots)
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue ``jobs`` (all or none). :class:`QueueFullError` when they do not fit the queue,
+        """Queue ``jobs`` (all or none). :class:`QueueFullError` when more than ``max_queue``
+        sequences would be left waiting once the free slots are taken,
         :class:`SchedulerStoppedError` while draining, :class:`InvalidArgumentError` if a job
         cannot fit a slot."""
+        if len(jobs) > self.max_batch + self.max_queue:
+            raise InvalidArgumentError(
+                f"a request of {len(jobs)} prompts can never fit {self.max_batch} slots plus a queue of "
+                f"{self.max_queue}", fix="send fewer prompts per request")
         for job in jobs:
             need = len(job.state.prompt) + job.state.params.max_new_tokens
             if need > self.capacity:
@@ -181,10 +188,11 @@ class Scheduler:
             if self._stopping or self.crashed is not None:
                 raise SchedulerStoppedError("the server is shutting down and accepts no new requests",
                                             fix="retry against another replica or after the restart")
-            if len(self._waiting) + len(jobs) > self.max_queue:
+            free = self._slots.count(None)  # waiting jobs take these at the next step
+            if len(self._waiting) + len(jobs) - free > self.max_queue:
                 raise QueueFullError(
-                    f"{len(self._waiting)} sequences are already waiting (queue limit {self.max_queue}) "
-                    f"and all {self.max_batch} slots are busy",
+                    f"the queue is full: {len(self._waiting)} sequences already wait for "
+                    f"{self.max_batch - free} busy slots (queue limit {self.max_queue})",
                     fix="retry later, or start the server with a larger --max-queue / --max-batch")
             now = time.monotonic()
             for job in jobs:
