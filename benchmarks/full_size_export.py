@@ -58,7 +58,6 @@ def du_gb(path: Path) -> float:
 
 def hf_worker(checkpoint: str, prompt_len: int, gen_len: int) -> dict[str, float]:
     """transformers fp32 greedy generate on the checkpoint: decode tok/s and time to first token."""
-    import resource
 
     import torch
     from transformers import StableLmForCausalLM
@@ -141,7 +140,7 @@ def main() -> None:
             rows.append(f"export int4 (in-place KV)      {secs:7.1f} s  peak RSS {rss:5.2f} GB  disk {du_gb(out):5.2f} GB")
             print(rows[-1], flush=True)
             packages["int4"] = out
-            speed: dict[str, list[dict[str, Any]]] = {"fp32": [], "transformers": [], "int4": []}
+            speed: dict[str, list[dict[str, Any]]] = {"fp32": [], "transformers": [], "int4": [], "fp16": []}
             for r in range(a.rounds):  # alternate so the machine's noise hits both sides alike
                 print(f"speed round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
                 speed["fp32"].append(stlm_bench(packages["fp32"], a.prompt_len, a.gen_len))
@@ -149,14 +148,14 @@ def main() -> None:
                                           str(a.prompt_len), "--gen-len", str(a.gen_len)])
                 speed["transformers"].append({**json.loads(out_hf.strip().splitlines()[-1]), "peak_rss_gb": rss})
                 speed["int4"].append(stlm_bench(packages["int4"], a.prompt_len, a.gen_len))
-            speed["fp16"] = [stlm_bench(packages["fp16"], a.prompt_len, a.gen_len)]
+                speed["fp16"].append(stlm_bench(packages["fp16"], a.prompt_len, a.gen_len))
 
             def med(name: str, key: str) -> float:
                 return statistics.median(float(x[key]) for x in speed[name])
 
             hf = med("transformers", "decode_tok_s")
             rows.append(f"decode, batch 1, prompt {a.prompt_len}, {a.gen_len} tokens, medians of {a.rounds} "
-                        "alternating rounds (fp16: 1 run):")
+                        "alternating rounds:")
             for name in ("transformers", "fp32", "int4", "fp16"):
                 tok_s = med(name, "decode_tok_s")
                 label = "transformers fp32 generate" if name == "transformers" else f"stlm {name} (ORT CPU)"

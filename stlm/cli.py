@@ -58,21 +58,24 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("--dtype", default="fp32", show_default=True, help="Weight and KV precision: fp32, fp16 or bf16.")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="tensorrt: the rotary embedding runs in the stlm::partial_rotary plugin.")
+              help="tensorrt: a graph for `stlm build-engine` (concat KV cache, rotary per --rotary).")
+@click.option("--rotary", type=click.Choice(["plugin", "native"]), default=None,
+              help="With --target tensorrt: plugin (default: stlm::partial_rotary, one fused Triton kernel for "
+                   "Q and K) or native (ONNX RotaryEmbedding with rotary_embedding_dim, opset 23).")
 @click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default=None,
               help="inplace: preallocated cache updated in place (ONNX Runtime's GroupQueryAttention; the "
                    "default for --target onnxruntime); concat: portable ONNX ops (the default for tensorrt).")
 @click.option("--quantize", default=None, help="Weight-only quantization of the linear layers: int8 or int4 "
               "(ONNX Runtime MatMulNBits, blocks of 32; the LM head stays at 8 bits).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(model: str, out: Path, dtype: str, opset: int, target: str, kv_cache: str | None, quantize: str | None,
-           overwrite: bool) -> None:
+def export(model: str, out: Path, dtype: str, opset: int, target: str, rotary: str | None, kv_cache: str | None,
+           quantize: str | None, overwrite: bool) -> None:
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
     from stlm.export.onnx_export import export_onnx
 
     click.echo(f"exporting {model} → {out} ({dtype}, opset {opset}, {target})", err=True)
     path = export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=_progress,
-                       rotary="plugin" if target == "tensorrt" else "plain", kv_cache=kv_cache, quantize=quantize)
+                       target=target, rotary=rotary, kv_cache=kv_cache, quantize=quantize)
     click.echo(str(path))
 
 

@@ -304,7 +304,7 @@ def verify_package(reference: str | Path | Reference, package: str | Path, *, pr
     klass = looser(package_class, ref.accuracy_class)
     results, checks = compare(ref, got, TOLERANCES[klass])
     notes: list[str] = []
-    if package_class != "fp32" and ref.accuracy_class == "fp32" and not from_file:
+    if package_class != "fp32" and ref.source.startswith("transformers"):
         notes.append(f"a {package_class} package is compared with transformers in fp32 on the same weights")
     saved = None
     if save_reference_to is not None:

@@ -67,3 +67,41 @@ def test_plugin_graph_gives_the_plain_graphs_logits(trt_package: Path, package: 
     got = plugin.run(None, feeds)
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-4
+
+
+def test_native_rotary_graph_gives_the_plain_graphs_logits(checkpoint: Path, package: Path, tmp_path: Path) -> None:
+    """`--rotary native`: ONNX RotaryEmbedding-23 (rotary_embedding_dim) in place of the op chain."""
+    native = export_onnx(checkpoint, tmp_path / "native", target="tensorrt", rotary="native")
+    model = onnx.load(str(native / "model.onnx"))
+    onnx.checker.check_model(model)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    layers = read_manifest(native).model.num_layers
+    assert sum(n.op_type == "RotaryEmbedding" for n in model.graph.node) == 2 * layers
+    assert [n.op_type for n in model.graph.node if n.op_type in ("Sin", "Cos", "Neg")] == []
+    assert read_manifest(native).variant["rotary"] == "native"
+    feeds = _feeds(package)
+    got = ort.InferenceSession(str(native / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 1e-4
+
+
+def test_rotary_and_target_must_agree(checkpoint: Path, tmp_path: Path) -> None:
+    from stlm.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="tensorrt"):
+        export_onnx(checkpoint, tmp_path / "x", target="onnxruntime", rotary="native")
+    assert not (tmp_path / "x").exists()
+
+
+def _feeds(package: Path) -> dict[str, np.ndarray]:
+    manifest = read_manifest(package)
+    cfg = manifest.model
+    rng = np.random.default_rng(4)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0
+    feeds = {"input_ids": rng.integers(0, cfg.vocab_size, (2, 7)), "attention_mask": mask,
+             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    for spec in manifest.contract.inputs[3:]:
+        feeds[spec.name] = np.zeros((2, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    return feeds

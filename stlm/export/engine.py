@@ -22,6 +22,7 @@ import stlm
 from stlm.export.engine_manifest import (COMPUTE_CAPABILITY, GPU_NAME, HARDWARE_COMPAT, HARDWARE_COMPAT_LEVELS,
                                          SOURCE_PACKAGE, TRT_VERSION)
 from stlm.export.profiles import Profile, engine_profiles, profile_shapes
+from stlm.export.staging import staged_folder
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.manifest import Manifest, read_manifest, write_manifest
 from stlm.runtime.gpu import gpu_info
@@ -167,16 +168,6 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     log.info("saved the timing cache to %s", path)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def build_engine(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch: int, max_seq_len: int | None,
                  opt_batch: int | None = None, opt_seq_len: int | None = None, prefill_chunk: int | None = None,
                  timing_cache: str | Path | None = None,
@@ -279,20 +270,12 @@ def build_engine(onnx_dir: str | Path, engine_dir: str | Path, *, max_batch: int
                            model_context_length=source.generation.context_length, build_seconds=seconds))
     if progress:
         progress("write", 0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         with open(tmp / ENGINE_NAME, "wb") as f:
             f.write(serialized)
         del serialized
         shutil.copyfile(onnx_dir / source.tokenizer, tmp / source.tokenizer)
         write_manifest(tmp, manifest)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         progress("write", 1, 1)
     log.info("built %s → %s in %.1f s", onnx_dir, out, seconds)

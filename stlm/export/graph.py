@@ -3,7 +3,8 @@
 The graph is written directly (no tracing): one merged prefill/decode graph whose inputs and
 outputs are exactly :func:`stlm.contract.decoder_contract`. Weights stream from safetensors into
 the initializer store one at a time, so memory stays at about one tensor, whatever the model size.
-The rotary embedding is either plain ONNX ops or a ``stlm::partial_rotary`` plugin node per layer.
+The rotary embedding is plain ONNX ops, fused into GroupQueryAttention (in-place variant), a
+``stlm::partial_rotary`` plugin node per layer, or ONNX's own ``RotaryEmbedding`` (opset 23).
 Weights are stored in the package dtype; where the graph computes in another dtype
 (:mod:`stlm.export.precision`), each weight is followed by a Cast to it.
 """
@@ -41,7 +42,8 @@ from stlm.export.weights import SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
 
-Rotary = Literal["plain", "plugin"]
+Rotary = Literal["plain", "plugin", "native"]
+TENSORRT_ROTARIES = ("plugin", "native")
 # MatMulNBits compute type: 4 = int8 activations × quantized weights (MLAS' fastest CPU path).
 ACCURACY_LEVEL = 4
 # With --quantize int4 the LM head stays at 8 bits: it decides every token, and int8 keeps it close.
@@ -204,7 +206,10 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
     kv_width = cfg.num_kv_heads * cfg.head_dim
     q, k, v = g.op("Split", qkv, g.const([cfg.hidden_size, kv_width, kv_width]), axis=2, outputs=3)
     q, k, v = _heads(g, q, cfg.num_heads, cfg), _heads(g, k, cfg.num_kv_heads, cfg), _heads(g, v, cfg.num_kv_heads, cfg)
-    if rotary == "plugin":
+    if rotary == "native":  # ONNX RotaryEmbedding-23: (batch, heads, seq, head_dim), partial via rotary_embedding_dim
+        q, k = (g.op("RotaryEmbedding", x, *rope, POSITION_IDS, interleaved=0, rotary_embedding_dim=cfg.rotary_dim)
+                for x in (q, k))
+    elif rotary == "plugin":
         from stlm.plugins.partial_rotary.spec import make_onnx_node
 
         q_r, k_r = f"/layers.{i}/rotary/q_out", f"/layers.{i}/rotary/k_out"
@@ -304,11 +309,14 @@ def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: Mode
 
 def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType,
                    rotary: Rotary = "plain") -> tuple[tuple[str, str], str]:
-    """cos/sin (batch, 1, seq, rotary_dim) in the compute dtype (not with the plugin, which computes
-    its own: ('', '')), and the (batch, 1, seq, total) mask."""
+    """cos/sin (batch, 1, seq, rotary_dim) in the compute dtype — with 'native', the
+    (max_positions, rotary_dim/2) tables RotaryEmbedding indexes; with the plugin, which computes its
+    own, ('', '') — and the (batch, 1, seq, total) mask."""
     mask = _causal_padding_mask(g)
     if rotary == "plugin":
         return ("", ""), mask
+    if rotary == "native":
+        return _rotary_caches(g, cfg, NP_DTYPE[dtype], cfg.rotary_dim // 2), mask
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
     freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
                  g.const(inv_freq.astype(np.float32), np.float32))
@@ -345,7 +353,7 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
     """
     bits = QUANT_BITS[quantize] if quantize else None
     inplace = kv_cache == "inplace"
-    assert not (inplace and rotary == "plugin"), "the plugin rotary is for the concat (TensorRT) graph"
+    assert not (inplace and rotary != "plain"), "the TensorRT rotaries are for the concat graph"
     plan = precision or Precision(dtype, dtype, dtype)
     assert plan.weights == dtype, "the package dtype is the weight dtype"
     store = InitializerStore(data_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -17,9 +16,18 @@ from stlm.contract import KV_CACHE_KINDS, decoder_contract
 from stlm.dtypes import DType, parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
-from stlm.export.graph import ACCURACY_LEVEL, LM_HEAD_BITS, Progress, Rotary, build_decoder, estimate_weight_bytes
+from stlm.export.graph import (
+    ACCURACY_LEVEL,
+    LM_HEAD_BITS,
+    TENSORRT_ROTARIES,
+    Progress,
+    Rotary,
+    build_decoder,
+    estimate_weight_bytes,
+)
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import BLOCK_SIZE, QUANT_BITS
+from stlm.export.staging import staged_folder
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
 
@@ -29,6 +37,7 @@ GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 TOKENIZER_NAME = "tokenizer.json"
 MIN_OPSET = 17  # LayerNormalization
+NATIVE_ROTARY_OPSET = 23  # RotaryEmbedding
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
 
 
@@ -41,29 +50,33 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out`` (replacing it only when ``overwrite``)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int = 18,
-                rotary: Rotary = "plain", kv_cache: str | None = None, quantize: str | None = None,
+                target: str | None = None, rotary: Rotary | None = None, kv_cache: str | None = None,
+                quantize: str | None = None,
                 overwrite: bool = False,
                 progress: Progress | None = None) -> Path:
     """Export checkpoint ``model`` (folder or hub id) to the package folder ``out``; return ``out``.
 
     The folder is written under a temporary name and renamed when complete, so a failed export
     leaves nothing behind. ``rotary='plugin'`` writes the TensorRT-target graph whose rotary runs in
-    the ``stlm::partial_rotary`` plugin. ``kv_cache``: 'inplace' (default for ONNX Runtime) or
-    'concat' (portable ops; the default, and the only choice, with the plugin rotary).
+    the ``stlm::partial_rotary`` plugin; ``rotary='native'`` the TensorRT-target graph with ONNX's
+    own ``RotaryEmbedding`` (opset ≥ 23). ``kv_cache``: 'inplace' (default for ONNX Runtime) or
+    'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
     """
-    kv_cache = kv_cache or ("concat" if rotary == "plugin" else "inplace")
+    target = target or ("tensorrt" if rotary in TENSORRT_ROTARIES else "onnxruntime")
+    if target not in ("onnxruntime", "tensorrt"):
+        raise InvalidArgumentError(f"unknown target {target!r}; expected onnxruntime or tensorrt",
+                                   fix="pass --target onnxruntime or --target tensorrt")
+    tensorrt = target == "tensorrt"
+    if rotary is None:
+        rotary = "plugin" if tensorrt else "plain"
+    if tensorrt != (rotary in TENSORRT_ROTARIES):
+        raise InvalidArgumentError(f"rotary {rotary!r} does not go with target {target!r}",
+                                   fix="--rotary plugin|native applies to --target tensorrt only")
+    kv_cache = kv_cache or ("concat" if tensorrt else "inplace")
+    if rotary == "native" and opset < NATIVE_ROTARY_OPSET:
+        log.info("ONNX RotaryEmbedding needs opset %d: exporting at opset %d", NATIVE_ROTARY_OPSET, NATIVE_ROTARY_OPSET)
+        opset = NATIVE_ROTARY_OPSET
     out = Path(out)
     kind: DType = parse_dtype(dtype)
     _check_opset(opset)
@@ -84,25 +97,21 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
     if kv_cache not in KV_CACHE_KINDS:
         raise InvalidArgumentError(f"unknown KV cache kind {kv_cache!r}; expected one of {', '.join(KV_CACHE_KINDS)}",
                                    fix="pass --kv-cache inplace (ONNX Runtime, fastest) or concat (portable)")
-    if kv_cache == "inplace" and rotary == "plugin":
+    if kv_cache == "inplace" and tensorrt:
         raise InvalidArgumentError("the TensorRT target needs --kv-cache concat (got inplace)",
                                    fix="pass --kv-cache concat with --target tensorrt")
     if quantize is not None and quantize not in QUANT_BITS:
         raise InvalidArgumentError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_BITS)}",
                                    fix="pass --quantize int8 or --quantize int4, or omit it")
-    if quantize is not None and rotary == "plugin":
+    if quantize is not None and tensorrt:
         raise InvalidArgumentError(f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT "
                                    "target does not take", fix="omit --quantize with --target tensorrt")
-    precision = plan_precision(kind, target="tensorrt" if rotary == "plugin" else "onnxruntime", kv_cache=kv_cache)
+    precision = plan_precision(kind, target="tensorrt" if tensorrt else "onnxruntime", kv_cache=kv_cache)
     contract = decoder_contract(cfg, precision.kv, kv_cache)
     external = estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     start = time.perf_counter()
-    try:
+    with staged_folder(out) as tmp:
         graph = build_decoder(cfg, ckpt, contract, kind, opset=opset, rotary=rotary, kv_cache=kv_cache,
                               quantize=quantize, precision=precision, progress=progress,
                               data_path=tmp / DATA_NAME if external else None)
@@ -127,7 +136,7 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
             ),
             versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
                       "opset": opset, "exporter": "stlm.export.graph"},
-            variant={"target": "tensorrt" if rotary == "plugin" else "onnxruntime", "rotary": rotary,
+            variant={"target": "tensorrt" if tensorrt else "onnxruntime", "rotary": rotary,
                      "kv_cache": kv_cache, "quantization": None if quantize is None else {
                          "method": "MatMulNBits", "bits": QUANT_BITS[quantize], "block_size": BLOCK_SIZE,
                          "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS), "accuracy_level": ACCURACY_LEVEL}, "external_data": external,
@@ -135,9 +144,5 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
             extra={"source": str(model)},
         )
         write_manifest(tmp, manifest)
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out
