@@ -8,9 +8,10 @@
 2. Exports it to fp32, fp16 and bf16 (and int4 for the speed run), one at a time, each in its own
    process: wall time and that process's peak RSS (``os.wait4``) per export.
    Targets: fp32 ≤ 14 GB and ≤ 5 min; fp16/bf16 ≤ 8 GB.
-3. Decode speed at batch 1 (greedy, short prompt, a few tokens): the fp32 package vs transformers
-   ``generate`` (fp32, same weights), alternating processes round by round (never both in RAM),
-   medians; then int4 and fp16 (the fp16 session's RSS shows that fp16 saves disk, not RAM).
+3. Decode speed at batch 1 (greedy, short prompt, a few tokens): the fp32 package, transformers
+   ``generate`` (fp32, same weights), the int4 and the fp16 package, alternating processes round
+   by round (never two models in RAM), medians (the fp16 session's RSS shows that fp16 saves disk,
+   not RAM).
 4. ``--verify``: ``stlm verify`` of the fp32 package against transformers (saving a reference),
    then fp16/bf16/int4 against that reference.
 

@@ -130,8 +130,10 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailableError(
                     f"ONNX Runtime ({', '.join(providers or ['CPUExecutionProvider'])}) has no kernel for a node of "
                     f"{path} in the package's {manifest.dtype} ({str(exc).strip()[:300]})",
-                    fix="export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
-                        "weights and computes in fp32 on CPU",
+                    fix=("a --target tensorrt graph computes in its dtype for TensorRT: build an engine from it "
+                         "(stlm build-engine), or " if manifest.variant.get("target") == "tensorrt" else "")
+                    + "export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
+                      "weights and computes in fp32 on CPU",
                 ) from None
             raise PackageError(
                 f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
