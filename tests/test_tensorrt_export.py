@@ -105,3 +105,13 @@ def _feeds(package: Path) -> dict[str, np.ndarray]:
     for spec in manifest.contract.inputs[3:]:
         feeds[spec.name] = np.zeros((2, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     return feeds
+
+
+def test_onnxruntime_refuses_the_plugin_package_clearly(trt_package: Path) -> None:
+    from click.testing import CliRunner
+
+    from stlm.cli import cli
+
+    result = CliRunner().invoke(cli, ["generate", str(trt_package), "--prompt", "hi"])
+    assert result.exit_code == 2
+    assert "TensorRT-target" in result.output and "stlm build-engine" in result.output

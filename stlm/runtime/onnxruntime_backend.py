@@ -118,6 +118,12 @@ class OnnxRuntimeBackend:
                  threads: int | None = None) -> None:
         self.manifest = manifest
         self.inplace = manifest.variant.get("kv_cache", "concat") == "inplace"
+        if manifest.variant.get("rotary") == "plugin":
+            raise PackageError(
+                f"{folder} is a TensorRT-target package: its rotary runs in the stlm::partial_rotary "
+                "TensorRT plugin, which ONNX Runtime does not have",
+                fix=f"build an engine from it (`stlm build-engine {folder} -o ENGINE_DIR`) and generate with "
+                "that, or export for ONNX Runtime (without --target tensorrt)")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
