@@ -59,7 +59,8 @@ class InplaceCache:
         return int(self.lengths.shape[0])
 
 
-def _kv_numpy_dtype(name: str) -> np.dtype:
+def kv_numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype of a contract dtype name (bfloat16 through ml_dtypes)."""
     if name == "bfloat16":
         import ml_dtypes
 
@@ -109,6 +110,31 @@ def _ragged(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tupl
     return ids, valid
 
 
+def step_inputs(tokens: Sequence[Sequence[int]], lengths: np.ndarray, *, inplace: bool,
+                mask: np.ndarray | None = None, capacity: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The host inputs of one step (pure), and each row's new-token count.
+
+    In place: right-padded ids, ``seqlens_k`` (an idle row keeps its length; an empty idle row
+    reads one ignored slot, since GroupQueryAttention needs T ≥ 1), ``query_seqlens``, and the
+    total bound. Concat: left-padded ids, the mask extended by this step, and positions.
+    """
+    ids, valid = _ragged(tokens, len(lengths), right=inplace)
+    counts = valid.sum(axis=1)
+    if not inplace:
+        assert mask is not None
+        positions = np.maximum(lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)
+        return {INPUT_IDS: ids, ATTENTION_MASK: np.concatenate([mask, valid], axis=1), POSITION_IDS: positions}, counts
+    after = lengths + counts
+    assert capacity is not None
+    if int(after.max()) > capacity:
+        raise InvalidArgumentError(f"a row would hold {int(after.max())} tokens; this cache holds {capacity}",
+                                   fix="create the cache with a larger capacity")
+    seqlens_k = np.maximum(after - 1, 0).astype(np.int32)
+    total = np.array(max(int(seqlens_k.max()) + 1, ids.shape[1]), dtype=np.int32)
+    return {INPUT_IDS: ids, SEQLENS_K: seqlens_k, QUERY_SEQLENS: counts.astype(np.int32),
+            TOTAL_SEQUENCE_LENGTH: total}, counts
+
+
 class OnnxRuntimeBackend:
     """Runs an ONNX package with ONNX Runtime (CPU by default)."""
 
@@ -147,7 +173,7 @@ class OnnxRuntimeBackend:
             ) from None
         self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
         self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
-        self._kv_dtype = _kv_numpy_dtype(manifest.contract.kv_dtype)
+        self._kv_dtype = kv_numpy_dtype(manifest.contract.kv_dtype)
         missing = {s.name for s in manifest.contract.inputs} - {i.name for i in self.session.get_inputs()}
         if missing:
             raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
@@ -180,10 +206,8 @@ class OnnxRuntimeBackend:
             cache.mask[row] = 0
 
     def _forward_concat(self, cache: ConcatCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        ids, valid = _ragged(tokens, cache.batch, right=False)
-        positions = np.maximum(cache.lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)
-        mask = np.concatenate([cache.mask, valid], axis=1)
-        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
+        feeds, counts = step_inputs(tokens, cache.lengths, inplace=False, mask=cache.mask)
+        mask = feeds[ATTENTION_MASK]
         feeds.update(zip(self._past, cache.arrays))
         if self._kv_dtype.name == "bfloat16":  # numpy feeds/fetches cannot carry bfloat16: go through OrtValues
             values = self.session.run_with_ort_values([LOGITS, *self._present],
@@ -192,28 +216,18 @@ class OnnxRuntimeBackend:
         else:
             logits, *presents = self.session.run([LOGITS, *self._present], feeds)
         cache.arrays, cache.mask = presents, mask
-        cache.lengths += valid.sum(axis=1)
+        cache.lengths += counts
         return logits[:, -1, :]
 
     def _forward_inplace(self, cache: InplaceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        ids, valid = _ragged(tokens, cache.batch, right=True)
-        counts = valid.sum(axis=1)
-        after = cache.lengths + counts
-        if int(after.max()) > cache.capacity:
-            raise InvalidArgumentError(f"a row would hold {int(after.max())} tokens; this cache holds "
-                                       f"{cache.capacity}", fix="create the cache with a larger capacity")
-        # An idle row keeps its length (an empty idle row reads one ignored slot: GQA needs T ≥ 1).
-        seqlens_k = np.maximum(after - 1, 0).astype(np.int32)
+        feeds, counts = step_inputs(tokens, cache.lengths, inplace=True, capacity=cache.capacity)
         binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_IDS, ids)
-        binding.bind_cpu_input(SEQLENS_K, seqlens_k)
-        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(max(int(seqlens_k.max()) + 1, ids.shape[1]),
-                                                                dtype=np.int32))
-        binding.bind_cpu_input(QUERY_SEQLENS, counts.astype(np.int32))
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
         binding.bind_output(LOGITS)
         for past, present, buffer in zip(self._past, self._present, cache.buffers):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
         self.session.run_with_iobinding(binding)
-        cache.lengths = after
+        cache.lengths = cache.lengths + counts
         return binding.get_outputs()[0].numpy()[:, 0, :]

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from stlm.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, QUERY_SEQLENS, SEQLENS_K,
-                           TOTAL_SEQUENCE_LENGTH)
+from stlm.contract import (ATTENTION_MASK, LOGITS)
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.manifest import Manifest
 from stlm.runtime.backend import Backend
 from stlm.runtime.gpu import GPU_FIX
+from stlm.runtime.onnxruntime_backend import kv_numpy_dtype, step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +56,6 @@ class DeviceCache:
 def cuda_provider_available() -> bool:
     """Whether this ONNX Runtime build has the CUDA execution provider (onnxruntime-gpu)."""
     return CUDA_PROVIDER in ort.get_available_providers()
-
-
-def _kv_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def _pad(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(batch, longest) ids and 0/1 validity of per-row token lists, left- or right-aligned."""
-    if len(tokens) != batch:
-        raise InvalidArgumentError(f"{len(tokens)} token lists for a cache of {batch} rows",
-                                   fix="pass one (possibly empty) token list per cache row")
-    width = max(max((len(t) for t in tokens), default=0), 1)
-    ids = np.zeros((batch, width), dtype=np.int64)
-    valid = np.zeros((batch, width), dtype=np.int64)
-    for b, row in enumerate(tokens):
-        if len(row):
-            cols = slice(0, len(row)) if right else slice(width - len(row), width)
-            ids[b, cols], valid[b, cols] = row, 1
-    return ids, valid
 
 
 class OnnxRuntimeCudaBackend:
@@ -112,7 +89,7 @@ class OnnxRuntimeCudaBackend:
                                               "pass --gpus all")
         self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
         self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
-        self._kv_dtype = _kv_dtype(manifest.contract.kv_dtype)
+        self._kv_dtype = kv_numpy_dtype(manifest.contract.kv_dtype)
         missing = {s.name for s in manifest.contract.inputs} - {i.name for i in self.session.get_inputs()}
         if missing:
             raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
@@ -135,21 +112,8 @@ class OnnxRuntimeCudaBackend:
     def forward(self, cache: DeviceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Append ``tokens[row]`` to each row; logits after each row's last token, (batch, vocab)."""
         binding = self.session.io_binding()
-        if self.inplace:
-            ids, valid = _pad(tokens, cache.batch, right=True)
-            counts = valid.sum(axis=1)
-            after = cache.lengths + counts
-            if int(after.max()) > cache.capacity:
-                raise InvalidArgumentError(f"a row would hold {int(after.max())} tokens; this cache holds "
-                                           f"{cache.capacity}", fix="create the cache with a larger capacity")
-            seqlens_k = np.maximum(after - 1, 0).astype(np.int32)
-            host = {INPUT_IDS: ids, SEQLENS_K: seqlens_k, QUERY_SEQLENS: counts.astype(np.int32),
-                    TOTAL_SEQUENCE_LENGTH: np.array(max(int(seqlens_k.max()) + 1, ids.shape[1]), dtype=np.int32)}
-        else:
-            ids, valid = _pad(tokens, cache.batch, right=False)
-            assert cache.mask is not None
-            host = {INPUT_IDS: ids, ATTENTION_MASK: np.concatenate([cache.mask, valid], axis=1),
-                    POSITION_IDS: np.maximum(cache.lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)}
+        host, counts = step_inputs(tokens, cache.lengths, inplace=self.inplace, mask=cache.mask,
+                                   capacity=cache.capacity)
         for name, array in host.items():  # `host` keeps the arrays alive until the run ends
             binding.bind_cpu_input(name, array)
         binding.bind_output(LOGITS, "cpu")
@@ -166,7 +130,7 @@ class OnnxRuntimeCudaBackend:
         outputs = binding.get_outputs()
         if not self.inplace:
             cache.values, cache.mask = list(outputs[1:]), host[ATTENTION_MASK]
-        cache.lengths = cache.lengths + valid.sum(axis=1)
+        cache.lengths = cache.lengths + counts
         return outputs[0].numpy()[:, -1, :]
 
     def release(self, cache: DeviceCache, row: int) -> None:
