@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_vs_transformers import hf_worker  # noqa: E402 - the same transformers timing for both benchmarks
 NEOX = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 TARGETS = {"fp32": (14.0, 300.0), "fp16": (8.0, None), "bf16": (8.0, None)}  # peak RSS GB, seconds
 
@@ -55,26 +57,6 @@ def run_rss(args: list[str]) -> tuple[float, float, str]:
 def du_gb(path: Path) -> float:
     """Bytes on disk under ``path``, in GB."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 1e9
-
-
-def hf_worker(checkpoint: str, prompt_len: int, gen_len: int) -> dict[str, float]:
-    """transformers fp32 greedy generate on the checkpoint: decode tok/s and time to first token."""
-
-    import torch
-    from transformers import StableLmForCausalLM
-
-    model = StableLmForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = torch.randint(3, 50000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        t1 = time.perf_counter()
-        model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
-        t2 = time.perf_counter()
-    ttft = t1 - t0
-    return {"decode_tok_s": (gen_len - 1) / ((t2 - t1) - ttft), "ttft_ms": ttft * 1000}
 
 
 def stlm_bench(package: Path, prompt_len: int, gen_len: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -135,6 +136,60 @@ def step_inputs(tokens: Sequence[Sequence[int]], lengths: np.ndarray, *, inplace
             TOTAL_SEQUENCE_LENGTH: total}, counts
 
 
+@dataclass(frozen=True)
+class DecoderSession:
+    """An ONNX Runtime session over a package's graph, checked against its contract."""
+
+    session: ort.InferenceSession
+    past: list[str]
+    present: list[str]
+    kv_dtype: np.dtype
+    inplace: bool
+
+
+def open_decoder_session(folder: Path, manifest: Manifest, providers: list[Any],
+                         threads: int | None = None) -> DecoderSession:
+    """Load ``folder``'s graph with ``providers``; package and kernel problems become StlmErrors."""
+    if manifest.variant.get("rotary") == "plugin":
+        raise PackageError(
+            f"{folder} is a TensorRT-target package: its rotary runs in the stlm::partial_rotary "
+            "TensorRT plugin, which ONNX Runtime does not have",
+            fix=f"build an engine from it (`stlm build-engine {folder} -o ENGINE_DIR`) and generate with "
+            "that, or export for ONNX Runtime (without --target tensorrt)")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    path = Path(folder) / manifest.graph
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
+        if "NOT_IMPLEMENTED" in str(exc):
+            raise BackendUnavailableError(
+                f"ONNX Runtime ({', '.join(map(str, providers))}) has no kernel for a node of "
+                f"{path} in the package's {manifest.dtype} ({str(exc).strip()[:300]})",
+                fix=("a --target tensorrt graph computes in its dtype for TensorRT: build an engine from it "
+                     "(stlm build-engine), or " if manifest.variant.get("target") == "tensorrt" else "")
+                + "export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
+                  "weights and computes in fp32 on CPU",
+            ) from None
+        raise PackageError(
+            f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
+            fix="the graph or its weights are corrupt or truncated: export the package again",
+        ) from None
+    missing = {s.name for s in manifest.contract.inputs} - {i.name for i in session.get_inputs()}
+    if missing:
+        raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
+                           fix="export the package again")
+    return DecoderSession(
+        session=session,
+        past=[s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")],
+        present=[s.name for s in manifest.contract.outputs if s.name.startswith("present.")],
+        kv_dtype=kv_numpy_dtype(manifest.contract.kv_dtype),
+        inplace=manifest.variant.get("kv_cache", "concat") == "inplace",
+    )
+
+
 class OnnxRuntimeBackend:
     """Runs an ONNX package with ONNX Runtime (CPU by default)."""
 
@@ -143,41 +198,9 @@ class OnnxRuntimeBackend:
     def __init__(self, folder: Path, manifest: Manifest, *, providers: list[str] | None = None,
                  threads: int | None = None) -> None:
         self.manifest = manifest
-        self.inplace = manifest.variant.get("kv_cache", "concat") == "inplace"
-        if manifest.variant.get("rotary") == "plugin":
-            raise PackageError(
-                f"{folder} is a TensorRT-target package: its rotary runs in the stlm::partial_rotary "
-                "TensorRT plugin, which ONNX Runtime does not have",
-                fix=f"build an engine from it (`stlm build-engine {folder} -o ENGINE_DIR`) and generate with "
-                "that, or export for ONNX Runtime (without --target tensorrt)")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        path = Path(folder) / manifest.graph
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
-            if "NOT_IMPLEMENTED" in str(exc):
-                raise BackendUnavailableError(
-                    f"ONNX Runtime ({', '.join(providers or ['CPUExecutionProvider'])}) has no kernel for a node of "
-                    f"{path} in the package's {manifest.dtype} ({str(exc).strip()[:300]})",
-                    fix=("a --target tensorrt graph computes in its dtype for TensorRT: build an engine from it "
-                         "(stlm build-engine), or " if manifest.variant.get("target") == "tensorrt" else "")
-                    + "export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
-                      "weights and computes in fp32 on CPU",
-                ) from None
-            raise PackageError(
-                f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
-                fix="the graph or its weights are corrupt or truncated: export the package again",
-            ) from None
-        self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
-        self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
-        self._kv_dtype = kv_numpy_dtype(manifest.contract.kv_dtype)
-        missing = {s.name for s in manifest.contract.inputs} - {i.name for i in self.session.get_inputs()}
-        if missing:
-            raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
-                               fix="export the package again")
+        opened = open_decoder_session(folder, manifest, providers or ["CPUExecutionProvider"], threads)
+        self.session, self._past, self._present = opened.session, opened.past, opened.present
+        self._kv_dtype, self.inplace = opened.kv_dtype, opened.inplace
 
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         cfg = self.manifest.model

@@ -26,11 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from stlm.contract import (ATTENTION_MASK, LOGITS)
-from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
+from stlm.errors import BackendUnavailableError, InvalidArgumentError
 from stlm.manifest import Manifest
 from stlm.runtime.backend import Backend
 from stlm.runtime.gpu import GPU_FIX
-from stlm.runtime.onnxruntime_backend import kv_numpy_dtype, step_inputs
+from stlm.runtime.onnxruntime_backend import open_decoder_session, step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +70,15 @@ class OnnxRuntimeCudaBackend:
                                           f"(available: {', '.join(ort.get_available_providers())})", fix=GPU_FIX)
         self.manifest, self.device, self.device_id = manifest, device, device_id
         self.name = "onnxruntime-cuda" if device == "cuda" else "onnxruntime-iobinding"
-        self.inplace = manifest.variant.get("kv_cache", "concat") == "inplace"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
         providers: list[Any] = [(CUDA_PROVIDER, {"device_id": device_id})] if device == "cuda" else []
-        path = Path(folder) / manifest.graph
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
-            raise PackageError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
-                               fix="the graph or its weights are corrupt or truncated: export the package again") from None
+        opened = open_decoder_session(folder, manifest, [*providers, "CPUExecutionProvider"], threads)
+        self.session, self._past, self._present = opened.session, opened.past, opened.present
+        self._kv_dtype, self.inplace = opened.kv_dtype, opened.inplace
         if device == "cuda" and self.session.get_providers()[0] != CUDA_PROVIDER:
             raise BackendUnavailableError(f"ONNX Runtime could not start its CUDA provider (session providers: "
                                           f"{self.session.get_providers()})",
                                           fix="check the GPU, driver and CUDA libraries with nvidia-smi; in Docker "
                                               "pass --gpus all")
-        self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
-        self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
-        self._kv_dtype = kv_numpy_dtype(manifest.contract.kv_dtype)
-        missing = {s.name for s in manifest.contract.inputs} - {i.name for i in self.session.get_inputs()}
-        if missing:
-            raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
-                               fix="export the package again")
 
     def new_cache(self, batch: int, capacity: int) -> DeviceCache:
         """An empty cache; the in-place variant allocates its device buffers now, once."""
