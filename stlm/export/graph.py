@@ -34,10 +34,11 @@ from stlm.contract import (
     past_name,
     present_name,
 )
-from stlm.dtypes import ONNX_TYPE, DType
-from stlm.errors import UnsupportedModelError
+from stlm.dtypes import DType
 from stlm.export.precision import Precision
 from stlm.export.quantize import QUANT_BITS, quantize_blockwise
+from stlm.export.onnx_builder import NP_DTYPE, ONNX_ELEM, GraphBuilder, InitializerStore
+from stlm.export.rotary import gqa_rotary_layout, rope_tables, rotary_caches, rotary_plain
 from stlm.export.weights import SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
@@ -49,90 +50,6 @@ ACCURACY_LEVEL = 4
 # With --quantize int4 the LM head stays at 8 bits: it decides every token, and int8 keeps it close.
 LM_HEAD_BITS = 8
 Progress = Callable[[str, int, int], None]
-
-NP_DTYPE: dict[DType, np.dtype] = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16),
-                                   "bf16": np.dtype(ml_dtypes.bfloat16)}
-_ONNX_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-              "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
-              "uint8": TensorProto.UINT8}
-
-
-class InitializerStore:
-    """Collects initializers, inline or appended to one external data file."""
-
-    def __init__(self, data_path: Path | None) -> None:
-        self.data_path = data_path
-        self.tensors: list[TensorProto] = []
-        self.nbytes = 0
-        self._file = data_path.open("wb") if data_path is not None else None
-
-    def add(self, name: str, array: np.ndarray) -> str:
-        """Store ``array`` as initializer ``name`` and return the name."""
-        array = np.ascontiguousarray(array)
-        elem = _ONNX_ELEM[array.dtype.name]
-        if self._file is None or array.nbytes < 1024:
-            tensor = helper.make_tensor(name, elem, array.shape, array.tobytes(), raw=True)
-        else:
-            offset = self._file.tell()
-            self._file.write(array.tobytes())
-            tensor = TensorProto(name=name, data_type=elem, dims=array.shape)
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", self.data_path.name), ("offset", str(offset)),  # type: ignore[union-attr]
-                               ("length", str(array.nbytes))):
-                tensor.external_data.add(key=key, value=value)
-        self.nbytes += array.nbytes
-        self.tensors.append(tensor)
-        return name
-
-    def close(self) -> None:
-        """Flush and close the external data file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class GraphBuilder:
-    """Emits ONNX nodes with unique names; ``weights``/``compute``: dtypes of stored weights, activations."""
-
-    def __init__(self, store: InitializerStore, weights: np.dtype | None = None, compute: np.dtype | None = None) -> None:
-        self.store = store
-        self.weights = np.dtype(weights or np.float32)
-        self.compute = np.dtype(compute or self.weights)
-        self.nodes: list[onnx.NodeProto] = []
-        self._count = 0
-        self._consts: dict[tuple[Any, ...], str] = {}
-
-    def _fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"/{hint}_{self._count}"
-
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
-           domain: str = "", out_names: Sequence[str] | None = None, **attrs: Any) -> Any:
-        """Append a node; returns its output name (or a list when ``outputs`` > 1)."""
-        node_name = name or self._fresh(op_type)
-        outs = list(out_names) if out_names else [f"{node_name}/out{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """Store float ``array`` as initializer ``name`` in the weight dtype; return it in the compute dtype."""
-        stored = self.store.add(name, array.astype(self.weights, copy=False))
-        return self.cast(stored, self.compute, name=f"/{name}/cast")
-
-    def cast(self, x: str, dtype: np.dtype, name: str | None = None) -> str:
-        """``x`` (of the other float dtype) as ``dtype``; a no-op when weights and compute agree."""
-        if self.weights == self.compute:
-            return x
-        return self.op("Cast", x, to=_ONNX_ELEM[np.dtype(dtype).name], name=name)
-
-    def const(self, values: Any, dtype: np.dtype | type = np.int64) -> str:
-        """A small constant initializer, shared between uses."""
-        arr = np.asarray(values, dtype=dtype)
-        key = (arr.dtype.name, arr.shape, arr.tobytes())
-        if key not in self._consts:
-            self._consts[key] = self.store.add(f"const_{len(self._consts)}", arr)
-        return self._consts[key]
-
 
 def estimate_weight_bytes(cfg: ModelConfig, dtype: DType) -> int:
     """Bytes of all weights of ``cfg`` in ``dtype`` (to choose inline vs external data)."""
@@ -157,19 +74,6 @@ def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bits: int | 
                 g.weight(f"{name}.scales", q.scales),
                 g.store.add(f"{name}.zero_points", q.zero_points), domain="com.microsoft",
                 K=q.k, N=q.n, bits=bits, block_size=q.block_size, accuracy_level=ACCURACY_LEVEL)
-
-
-def _rotary_plain(g: GraphBuilder, x: str, cos: str, sin: str, cfg: ModelConfig) -> str:
-    """NeoX rotate_half rotary on the first rotary_dim dims of the last axis of ``x``."""
-    rot, half = cfg.rotary_dim, cfg.rotary_dim // 2
-    axis = g.const([3])
-    x_rot = g.op("Slice", x, g.const([0]), g.const([rot]), axis)
-    x_pass = g.op("Slice", x, g.const([rot]), g.const([cfg.head_dim]), axis)
-    x1 = g.op("Slice", x_rot, g.const([0]), g.const([half]), axis)
-    x2 = g.op("Slice", x_rot, g.const([half]), g.const([rot]), axis)
-    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=3)
-    emb = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
-    return g.op("Concat", emb, x_pass, axis=3)
 
 
 def _layer_norm(g: GraphBuilder, x: str, ckpt: SafetensorsCheckpoint, prefix: str, cfg: ModelConfig) -> str:
@@ -217,7 +121,7 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
                                       theta=cfg.rope_theta, name=f"/layers.{i}/partial_rotary"))
         q, k = q_r, k_r
     else:
-        q, k = _rotary_plain(g, q, *rope, cfg), _rotary_plain(g, k, *rope, cfg)
+        q, k = rotary_plain(g, q, *rope, cfg), rotary_plain(g, k, *rope, cfg)
     # The cache keeps the weight dtype at the boundary; attention reads it back in the compute dtype.
     k_all = g.op("Concat", past_name(i, "key"), g.cast(k, g.weights), axis=2, out_names=[present_name(i, "key")])
     v_all = g.op("Concat", past_name(i, "value"), g.cast(v, g.weights), axis=2, out_names=[present_name(i, "value")])
@@ -229,36 +133,6 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
     ctx = g.op("MatMul", probs, v_all)
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.hidden_size]))
     return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
-
-
-def gqa_rotary_layout(cfg: ModelConfig) -> tuple[int, np.ndarray]:
-    """ONNX Runtime's fused rotary needs a cos/sin width that is a multiple of 8 (StableLM-3B has
-    rotary_dim/2 = 10). Pick the width ``c`` = rotary_dim/2 rounded up to 8 and a permutation of
-    each Q/K head's dims that puts the rotary pairs (j, j + rotary_dim/2) at (j, j + c); the extra
-    table columns are cos 1 / sin 0, i.e. pass-through. Q·K is unchanged by permuting both alike,
-    so attention is exact; only the in-place K cache is stored in the permuted layout."""
-    half = cfg.rotary_dim // 2
-    width = -(-half // 8) * 8
-    if 2 * width > cfg.head_dim:
-        raise UnsupportedModelError(
-            f"head dim {cfg.head_dim} is too small for ONNX Runtime's fused rotary (needs ≥ {2 * width})",
-            fix="export with --kv-cache concat",
-        )
-    perm = list(range(half)) + list(range(2 * half, 2 * half + width - half))
-    perm += list(range(half, 2 * half)) + list(range(2 * half + width - half, cfg.head_dim))
-    assert sorted(perm) == list(range(cfg.head_dim))
-    return width, np.array(perm)
-
-
-def _rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: np.dtype, width: int) -> tuple[str, str]:
-    """(max_positions, width) cos/sin tables in ``dtype`` (GroupQueryAttention's), computed in fp32
-    like transformers; padded columns are cos 1 / sin 0 (identity)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
-    freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
-    cos = np.ones((cfg.max_position_embeddings, width), np.float32)
-    sin = np.zeros((cfg.max_position_embeddings, width), np.float32)
-    cos[:, : freqs.shape[1]], sin[:, : freqs.shape[1]] = np.cos(freqs), np.sin(freqs)
-    return g.store.add("rotary.cos_cache", cos.astype(dtype)), g.store.add("rotary.sin_cache", sin.astype(dtype))
 
 
 def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
@@ -279,7 +153,7 @@ def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpo
                   ckpt.read(f"{p}.v_proj.bias", np.float32)]
         qkv = g.op("Add", qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(biases)))
     if kv != g.compute:
-        qkv = g.op("Cast", qkv, to=_ONNX_ELEM[kv.name])
+        qkv = g.op("Cast", qkv, to=ONNX_ELEM[kv.name])
     inputs = [qkv, "", "", past_name(i, "key"), past_name(i, "value"), SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
               *caches, "", "", "", "", "", "", "", QUERY_SEQLENS]
     ctx, _, _ = g.op("GroupQueryAttention", *inputs, domain="com.microsoft", name=f"/layers.{i}/attention",
@@ -287,7 +161,7 @@ def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpo
                num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                scale=cfg.head_dim ** -0.5)
     if kv != g.compute:
-        ctx = g.op("Cast", ctx, to=_ONNX_ELEM[g.compute.name])
+        ctx = g.op("Cast", ctx, to=ONNX_ELEM[g.compute.name])
     return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
 
 
@@ -305,25 +179,6 @@ def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: Mode
     gate, up = g.op("Split", gate_up, g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), bits)
-
-
-def _rope_and_mask(g: GraphBuilder, cfg: ModelConfig, dtype: DType,
-                   rotary: Rotary = "plain") -> tuple[tuple[str, str], str]:
-    """cos/sin (batch, 1, seq, rotary_dim) in the compute dtype — with 'native', the
-    (max_positions, rotary_dim/2) tables RotaryEmbedding indexes; with the plugin, which computes its
-    own, ('', '') — and the (batch, 1, seq, total) mask."""
-    mask = _causal_padding_mask(g)
-    if rotary == "plugin":
-        return ("", ""), mask
-    if rotary == "native":
-        return _rotary_caches(g, cfg, NP_DTYPE[dtype], cfg.rotary_dim // 2), mask
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
-                 g.const(inv_freq.astype(np.float32), np.float32))
-    emb = g.op("Concat", freqs, freqs, axis=2)
-    cos, sin = (g.op("Unsqueeze", g.op("Cast", g.op(fn, emb), to=ONNX_TYPE[dtype]), g.const([1]))
-                for fn in ("Cos", "Sin"))
-    return (cos, sin), mask
 
 
 def _causal_padding_mask(g: GraphBuilder) -> str:
@@ -364,9 +219,9 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
         x = g.cast(g.op("Gather", embed, INPUT_IDS, axis=0), g.compute)
         if inplace:
             width, perm = gqa_rotary_layout(cfg)
-            caches = _rotary_caches(g, cfg, NP_DTYPE[plan.kv], width)
+            caches = rotary_caches(g, cfg, NP_DTYPE[plan.kv], width)
         else:
-            rope, allowed = _rope_and_mask(g, cfg, plan.compute, rotary)
+            rope, allowed = rope_tables(g, cfg, plan.compute, rotary), _causal_padding_mask(g)
         for i in range(cfg.num_layers):
             if progress:
                 progress("layers", i, cfg.num_layers)
@@ -398,7 +253,7 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
         store.close()
 
     def value_info(spec: Any) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(spec.name, _ONNX_ELEM[spec.dtype], list(spec.axes))
+        return helper.make_tensor_value_info(spec.name, ONNX_ELEM[spec.dtype], list(spec.axes))
 
     graph = helper.make_graph(g.nodes, "stlm_stablelm_decoder",
                               [value_info(s) for s in contract.inputs],
