@@ -128,3 +128,11 @@ def test_errors_are_stlm_errors(package: Path) -> None:
     gen = Generator.load(package)
     with pytest.raises(StlmError, match="string"):
         gen.generate(42)  # type: ignore[arg-type]
+
+
+def test_export_hub_id_offline_names_the_id_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = assert_user_error(["export", "stlm-tests/no-such-model", "-o", str(tmp_path / "pkg")],
+                            "stlm-tests/no-such-model", "local folder")
+    assert "hf download" in out
+    assert not (tmp_path / "pkg").exists()
