@@ -34,8 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_vs_transformers import hf_worker  # noqa: E402 - the same transformers timing for both benchmarks
-NEOX = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+from decode_vs_transformers import NEOX, hf_worker  # noqa: E402 - the same transformers timing for both benchmarks
+
 TARGETS = {"fp32": (14.0, 300.0), "fp16": (8.0, None), "bf16": (8.0, None)}  # peak RSS GB, seconds
 
 
@@ -84,7 +84,11 @@ def main() -> None:
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     if a.worker == "checkpoint":
-        from stlm.export.published_checkpoint import STABLELM_3B_4E1T, Shape, make_published_checkpoint
+        from stlm.export.published_checkpoint import (
+            STABLELM_3B_4E1T,
+            Shape,
+            make_published_checkpoint,
+        )
 
         shape = Shape(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=688) \
             if a.smoke else STABLELM_3B_4E1T

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import itertools
 import random
-from pathlib import Path
 
 import pytest
+from conftest import neox_tokenizer
 
 from stlm.errors import InvalidArgumentError
 from stlm.runtime.detokenize import IncrementalDetokenizer
 from stlm.runtime.stops import StopMatcher
 from stlm.runtime.tokenizer import Tokenizer
 
-NEOX = Path(__file__).resolve().parents[1].parent / "shared/tokenizers/gpt-neox-20b/tokenizer.json"
 FFFD = "\ufffd"
 
 MULTIBYTE = [
@@ -27,9 +26,7 @@ MULTIBYTE = [
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    if not NEOX.is_file():
-        pytest.skip(f"the GPT-NeoX tokenizer is not at {NEOX}")
-    return Tokenizer.from_file(NEOX)
+    return Tokenizer.from_file(neox_tokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import neox_tokenizer
 
 from stlm.errors import InvalidArgumentError, PackageError
 from stlm.runtime.tokenizer import Tokenizer
-
-NEOX = Path(__file__).resolve().parents[1].parent / "shared/tokenizers/gpt-neox-20b/tokenizer.json"
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -33,9 +32,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def path() -> Path:
-    if not NEOX.is_file():
-        pytest.skip(f"the GPT-NeoX tokenizer is not at {NEOX}")
-    return NEOX
+    return neox_tokenizer()
 
 
 @pytest.fixture(scope="module")
