@@ -116,8 +116,22 @@ def _run(args: list[str]) -> dict:
 
 
 def _stlm_bench(package: Path, prompt_len: int, gen_len: int) -> dict:
-    return _run(["-m", "stlm", "-q", "bench", str(package), "--prompt-len", str(prompt_len), "--gen-len",
-                 str(gen_len), "--runs", "3", "--json"])
+    return _run(
+        [
+            "-m",
+            "stlm",
+            "-q",
+            "bench",
+            str(package),
+            "--prompt-len",
+            str(prompt_len),
+            "--gen-len",
+            str(gen_len),
+            "--runs",
+            "3",
+            "--json",
+        ]
+    )
 
 
 def main() -> None:
@@ -153,8 +167,9 @@ def main() -> None:
         make_random_checkpoint(checkpoint, preset=a.preset, tokenizer=NEOX if NEOX.is_file() else None)
     packages = {"fp32": export_onnx(checkpoint, a.workdir / "pkg-fp32", overwrite=True)}
     if a.quantize:
-        packages[a.quantize] = export_onnx(checkpoint, a.workdir / f"pkg-{a.quantize}", quantize=a.quantize,
-                                           overwrite=True)
+        packages[a.quantize] = export_onnx(
+            checkpoint, a.workdir / f"pkg-{a.quantize}", quantize=a.quantize, overwrite=True
+        )
     me = [str(Path(__file__).resolve())]
     results: dict[str, list[dict]] = {k: [] for k in [*packages, "transformers", "bandwidth"]}
     for r in range(a.rounds):  # alternate A/B/... so machine noise hits every side alike
@@ -162,35 +177,60 @@ def main() -> None:
         results["bandwidth"].append(_run([*me, "--worker", "bandwidth"]))
         for name, pkg in packages.items():
             results[name].append(_stlm_bench(pkg, a.prompt_len, a.gen_len))
-        results["transformers"].append(_run([*me, "--worker", "hf", "--checkpoint", str(checkpoint),
-                                             "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]))
+        results["transformers"].append(
+            _run(
+                [
+                    *me,
+                    "--worker",
+                    "hf",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--prompt-len",
+                    str(a.prompt_len),
+                    "--gen-len",
+                    str(a.gen_len),
+                ]
+            )
+        )
 
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name])
 
     bw = med("bandwidth", "read_gb_s")
     hf_tok_s, hf_ttft = med("transformers", "decode_tok_s"), med("transformers", "ttft_ms")
-    print(f"\ncheckpoint {checkpoint}  prompt {a.prompt_len}  generate {a.gen_len}  batch 1  "
-          f"({a.rounds} alternating rounds, medians)")
+    print(
+        f"\ncheckpoint {checkpoint}  prompt {a.prompt_len}  generate {a.gen_len}  batch 1  "
+        f"({a.rounds} alternating rounds, medians)"
+    )
     print(f"read bandwidth (max over 1 GiB, a thread per core): {bw:.1f} GB/s")
     print(f"{'':14}{'decode tok/s':>14}{'ms/token':>10}{'TTFT ms':>10}{'vs HF':>8}{'floor ms':>10}{'of floor':>10}")
     print(f"{'transformers':14}{hf_tok_s:14.1f}{1000 / hf_tok_s:10.2f}{hf_ttft:10.1f}{1.0:8.2f}")
     for name, pkg in packages.items():
         tok_s = med(name, "decode_tok_s")
         floor_ms = weight_bytes_per_token(pkg) / (bw * 1e9) * 1000
-        print(f"{'stlm ' + name:14}{tok_s:14.1f}{1000 / tok_s:10.2f}{med(name, 'ttft_ms'):10.1f}"
-              f"{tok_s / hf_tok_s:8.2f}{floor_ms:10.2f}{floor_ms * tok_s / 1000:10.0%}")
+        print(
+            f"{'stlm ' + name:14}{tok_s:14.1f}{1000 / tok_s:10.2f}{med(name, 'ttft_ms'):10.1f}"
+            f"{tok_s / hf_tok_s:8.2f}{floor_ms:10.2f}{floor_ms * tok_s / 1000:10.0%}"
+        )
     if a.ttft_512:
         stlm_512 = statistics.median(_stlm_bench(packages["fp32"], 512, 2)["ttft_ms"] for _ in range(3))
-        hf_512 = statistics.median(_run([*me, "--worker", "hf", "--checkpoint", str(checkpoint), "--prompt-len",
-                                         "512", "--gen-len", "2"])["ttft_ms"] for _ in range(3))
-        print(f"time to first token, 512-token prompt: stlm {stlm_512:.0f} ms, transformers {hf_512:.0f} ms "
-              f"(ratio {stlm_512 / hf_512:.2f})")
+        hf_512 = statistics.median(
+            _run([*me, "--worker", "hf", "--checkpoint", str(checkpoint), "--prompt-len", "512", "--gen-len", "2"])[
+                "ttft_ms"
+            ]
+            for _ in range(3)
+        )
+        print(
+            f"time to first token, 512-token prompt: stlm {stlm_512:.0f} ms, transformers {hf_512:.0f} ms "
+            f"(ratio {stlm_512 / hf_512:.2f})"
+        )
     if a.context_scaling:
         short = [_stlm_bench(packages["fp32"], 64, 32)["token_ms_p50"] for _ in range(3)]
         long = [_stlm_bench(packages["fp32"], 2048, 32)["token_ms_p50"] for _ in range(3)]
-        print(f"decode ms/token at context 64: {statistics.median(short):.2f}, at 2048: "
-              f"{statistics.median(long):.2f} (ratio {statistics.median(long) / statistics.median(short):.2f})")
+        print(
+            f"decode ms/token at context 64: {statistics.median(short):.2f}, at 2048: "
+            f"{statistics.median(long):.2f} (ratio {statistics.median(long) / statistics.median(short):.2f})"
+        )
     if a.profile:
         print("decode step, share of kernel time by op type (fp32):")
         for op, share in profile_decode(packages["fp32"])[:8]:

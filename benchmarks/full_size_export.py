@@ -61,8 +61,25 @@ def du_gb(path: Path) -> float:
 
 def stlm_bench(package: Path, prompt_len: int, gen_len: int) -> dict[str, Any]:
     """``stlm bench --json`` in its own process (1 warm-up, 2 measured runs)."""
-    _, rss, out = run_rss([sys.executable, "-m", "stlm", "-q", "bench", str(package), "--prompt-len", str(prompt_len),
-                           "--gen-len", str(gen_len), "--runs", "2", "--warmup", "1", "--json"])
+    _, rss, out = run_rss(
+        [
+            sys.executable,
+            "-m",
+            "stlm",
+            "-q",
+            "bench",
+            str(package),
+            "--prompt-len",
+            str(prompt_len),
+            "--gen-len",
+            str(gen_len),
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+        ]
+    )
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_gb"] = rss
     return result
@@ -90,8 +107,11 @@ def main() -> None:
             make_published_checkpoint,
         )
 
-        shape = Shape(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=688) \
-            if a.smoke else STABLELM_3B_4E1T
+        shape = (
+            Shape(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=688)
+            if a.smoke
+            else STABLELM_3B_4E1T
+        )
         make_published_checkpoint(a.checkpoint, NEOX, shape=shape)
         return
     if a.worker == "hf":
@@ -114,9 +134,12 @@ def main() -> None:
             secs, rss, _ = run_rss([*stlm, "export", str(ckpt), "-o", str(out), "--dtype", dtype, "--overwrite"])
             rss_max, secs_max = TARGETS[dtype]
             ok = rss <= rss_max and (secs_max is None or secs <= secs_max)
-            rows.append(f"export {dtype:5} (in-place KV)     {secs:7.1f} s  peak RSS {rss:5.2f} GB  disk "
-                        f"{du_gb(out):5.2f} GB  target RSS ≤ {rss_max:g} GB"
-                        + (f", ≤ {secs_max:g} s" if secs_max else "") + f"  {'ok' if ok else 'MISSED'}")
+            rows.append(
+                f"export {dtype:5} (in-place KV)     {secs:7.1f} s  peak RSS {rss:5.2f} GB  disk "
+                f"{du_gb(out):5.2f} GB  target RSS ≤ {rss_max:g} GB"
+                + (f", ≤ {secs_max:g} s" if secs_max else "")
+                + f"  {'ok' if ok else 'MISSED'}"
+            )
             print(rows[-1], flush=True)
             packages[dtype] = out
         if not a.verify:
@@ -124,15 +147,28 @@ def main() -> None:
         if not a.skip_speed:
             out = work / "pkg-int4"
             secs, rss, _ = run_rss([*stlm, "export", str(ckpt), "-o", str(out), "--quantize", "int4", "--overwrite"])
-            rows.append(f"export int4 (in-place KV)      {secs:7.1f} s  peak RSS {rss:5.2f} GB  disk {du_gb(out):5.2f} GB")
+            rows.append(
+                f"export int4 (in-place KV)      {secs:7.1f} s  peak RSS {rss:5.2f} GB  disk {du_gb(out):5.2f} GB"
+            )
             print(rows[-1], flush=True)
             packages["int4"] = out
             speed: dict[str, list[dict[str, Any]]] = {"fp32": [], "transformers": [], "int4": [], "fp16": []}
             for r in range(a.rounds):  # alternate so the machine's noise hits both sides alike
                 print(f"speed round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
                 speed["fp32"].append(stlm_bench(packages["fp32"], a.prompt_len, a.gen_len))
-                _, rss, out_hf = run_rss([*me, "--worker", "hf", "--checkpoint", str(ckpt), "--prompt-len",
-                                          str(a.prompt_len), "--gen-len", str(a.gen_len)])
+                _, rss, out_hf = run_rss(
+                    [
+                        *me,
+                        "--worker",
+                        "hf",
+                        "--checkpoint",
+                        str(ckpt),
+                        "--prompt-len",
+                        str(a.prompt_len),
+                        "--gen-len",
+                        str(a.gen_len),
+                    ]
+                )
                 speed["transformers"].append({**json.loads(out_hf.strip().splitlines()[-1]), "peak_rss_gb": rss})
                 speed["int4"].append(stlm_bench(packages["int4"], a.prompt_len, a.gen_len))
                 speed["fp16"].append(stlm_bench(packages["fp16"], a.prompt_len, a.gen_len))
@@ -141,23 +177,32 @@ def main() -> None:
                 return statistics.median(float(x[key]) for x in speed[name])
 
             hf = med("transformers", "decode_tok_s")
-            rows.append(f"decode, batch 1, prompt {a.prompt_len}, {a.gen_len} tokens, medians of {a.rounds} "
-                        "alternating rounds:")
+            rows.append(
+                f"decode, batch 1, prompt {a.prompt_len}, {a.gen_len} tokens, medians of {a.rounds} alternating rounds:"
+            )
             for name in ("transformers", "fp32", "int4", "fp16"):
                 tok_s = med(name, "decode_tok_s")
                 label = "transformers fp32 generate" if name == "transformers" else f"stlm {name} (ORT CPU)"
-                rows.append(f"  {label:28} {tok_s:6.2f} tok/s  {1000 / tok_s:8.0f} ms/token  "
-                            f"x{tok_s / hf:4.2f} vs transformers  peak RSS {med(name, 'peak_rss_gb'):5.2f} GB")
+                rows.append(
+                    f"  {label:28} {tok_s:6.2f} tok/s  {1000 / tok_s:8.0f} ms/token  "
+                    f"x{tok_s / hf:4.2f} vs transformers  peak RSS {med(name, 'peak_rss_gb'):5.2f} GB"
+                )
         if a.verify:
             ref = work / "reference.json"
-            proc = subprocess.run([*stlm, "verify", str(ckpt), str(packages["fp32"]), "--prompts", "2",
-                                   "--save-reference", str(ref)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [*stlm, "verify", str(ckpt), str(packages["fp32"]), "--prompts", "2", "--save-reference", str(ref)],
+                capture_output=True,
+                text=True,
+            )
             rows.append(f"verify fp32 vs transformers (exit {proc.returncode}):\n{proc.stdout}")
             for name in ("fp16", "bf16", "int4"):
                 if name in packages:
-                    proc = subprocess.run([*stlm, "verify", str(ref), str(packages[name])], capture_output=True,
-                                          text=True)
-                    rows.append(f"verify {name} vs the fp32 package's reference (exit {proc.returncode}):\n{proc.stdout}")
+                    proc = subprocess.run(
+                        [*stlm, "verify", str(ref), str(packages[name])], capture_output=True, text=True
+                    )
+                    rows.append(
+                        f"verify {name} vs the fp32 package's reference (exit {proc.returncode}):\n{proc.stdout}"
+                    )
     finally:
         print("\n" + "\n".join(rows))
         if not a.keep:

@@ -37,8 +37,13 @@ STOPS = ("\n\nUser:", "###")
 SETTINGS = {
     "greedy": SamplingParams(temperature=0.0, max_new_tokens=1 << 20, stop=STOPS),
     "t0.8/k50/p0.95/rp1.1": SamplingParams(
-        temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1,
-        max_new_tokens=1 << 20, stop=STOPS, seed=0,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        repetition_penalty=1.1,
+        max_new_tokens=1 << 20,
+        stop=STOPS,
+        seed=0,
     ),
 }
 
@@ -58,8 +63,9 @@ class Row:
         self.done = False
 
 
-def run(tokenizer: Tokenizer, params: SamplingParams, batch: int, steps: int, warmup: int,
-        pool: np.ndarray) -> dict[str, np.ndarray]:
+def run(
+    tokenizer: Tokenizer, params: SamplingParams, batch: int, steps: int, warmup: int, pool: np.ndarray
+) -> dict[str, np.ndarray]:
     """Time ``warmup + steps`` decode steps; return per-step seconds by component."""
     data = np.random.default_rng(1)
     total = warmup + steps
@@ -116,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     pool = (data.standard_normal((64, VOCAB)) * 2.5).astype(np.float32)
     pool[np.arange(64)[:, None], data.integers(2, 50000, (64, 5))] += 8.0
 
-    print(f"host overhead, vocab {VOCAB}, prompt {PROMPT_LEN} tokens, {args.steps} steps "
-          f"after {args.warmup} warm-up; ms per token (batch 1) / per step (batch 8)")
-    header = f"{'setting':<22} {'batch':>5} {'median':>8} {'p99':>8}   " \
-             f"{'sample':>7} {'detok':>7} {'stop':>7} {'book':>7}  (component medians)"
+    print(
+        f"host overhead, vocab {VOCAB}, prompt {PROMPT_LEN} tokens, {args.steps} steps "
+        f"after {args.warmup} warm-up; ms per token (batch 1) / per step (batch 8)"
+    )
+    header = (
+        f"{'setting':<22} {'batch':>5} {'median':>8} {'p99':>8}   "
+        f"{'sample':>7} {'detok':>7} {'stop':>7} {'book':>7}  (component medians)"
+    )
     print(header)
     targets = {1: 1.0, 8: 3.0}
     ok = True
@@ -127,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (1, 8):
             t = run(tokenizer, params, batch, args.steps, args.warmup, pool)
             med, p99 = (float(np.percentile(t["total"], q)) * 1e3 for q in (50, 99))
-            parts = " ".join(f"{float(np.median(t[k])) * 1e3:7.3f}"
-                             for k in ("sample", "detok", "stop", "bookkeeping"))
+            parts = " ".join(f"{float(np.median(t[k])) * 1e3:7.3f}" for k in ("sample", "detok", "stop", "bookkeeping"))
             flag = "ok" if med <= targets[batch] else f"OVER {targets[batch]} ms target"
             ok = ok and med <= targets[batch]
             print(f"{name:<22} {batch:>5} {med:8.3f} {p99:8.3f}   {parts}  {flag}")

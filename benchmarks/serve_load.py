@@ -34,8 +34,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
-PROMPTS = ["Hello world", "The capital of France is", "Once upon a time", "def fibonacci(n):",
-           "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole", "Dear Sir or Madam,"]
+PROMPTS = [
+    "Hello world",
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole",
+    "Dear Sir or Madam,",
+]
 TIMEOUT_S = 120.0
 
 
@@ -49,8 +55,9 @@ class Result:
     error: str = ""
 
 
-def _request(url: str, body: dict[str, object],
-             conn: http.client.HTTPConnection | None) -> tuple[Result, http.client.HTTPConnection]:
+def _request(
+    url: str, body: dict[str, object], conn: http.client.HTTPConnection | None
+) -> tuple[Result, http.client.HTTPConnection]:
     parts = urllib.parse.urlsplit(url)
     if conn is None:
         conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=TIMEOUT_S)
@@ -76,8 +83,13 @@ def run_load(url: str, model: str, *, clients: int, requests: int, max_tokens: i
         conn: http.client.HTTPConnection | None = None
         out = []
         for r in range(requests):
-            body = {"model": model, "prompt": PROMPTS[(c + r) % len(PROMPTS)], "max_tokens": max_tokens,
-                    "temperature": 0.8, "seed": c * 1000 + r}
+            body = {
+                "model": model,
+                "prompt": PROMPTS[(c + r) % len(PROMPTS)],
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "seed": c * 1000 + r,
+            }
             result, conn = _request(url, body, conn)
             out.append(result)
         if conn is not None:
@@ -99,9 +111,11 @@ def _report(name: str, results: list[Result], wall: float) -> float:
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
     latencies = [r.latency for r in ok] or [float("nan")]
-    print(f"{name}: {len(results)} requests, {len(results) - len(ok)} errors, {wall:.2f} s, "
-          f"{len(ok) / wall:.1f} req/s, {tokens / wall:.0f} tokens/s, "
-          f"latency p50 {_percentile(latencies, 0.5) * 1e3:.0f} ms, p99 {_percentile(latencies, 0.99) * 1e3:.0f} ms")
+    print(
+        f"{name}: {len(results)} requests, {len(results) - len(ok)} errors, {wall:.2f} s, "
+        f"{len(ok) / wall:.1f} req/s, {tokens / wall:.0f} tokens/s, "
+        f"latency p50 {_percentile(latencies, 0.5) * 1e3:.0f} ms, p99 {_percentile(latencies, 0.99) * 1e3:.0f} ms"
+    )
     for r in [r for r in results if not r.ok][:3]:
         print(f"  error: {r.error}")
     return tokens / wall
@@ -117,8 +131,9 @@ def _build_tiny(folder: Path) -> Path:
     from stlm.export.onnx_export import export_onnx
     from stlm.export.random_checkpoint import make_random_checkpoint
 
-    checkpoint = make_random_checkpoint(folder / "checkpoint", preset="tiny",
-                                        tokenizer=TOKENIZER if TOKENIZER.is_file() else None)
+    checkpoint = make_random_checkpoint(
+        folder / "checkpoint", preset="tiny", tokenizer=TOKENIZER if TOKENIZER.is_file() else None
+    )
     return export_onnx(checkpoint, folder / "tiny", kv_cache="inplace", overwrite=True)
 
 
@@ -166,9 +181,21 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             package = args.package or _build_tiny(Path(tmp))
             port = _free_port()
-            command = [sys.executable, "-m", "stlm", "serve", str(package), "--port", str(port),
-                       "--max-batch", str(args.max_batch), "--max-queue", str(max(64, args.clients)),
-                       "--max-context", "512"]
+            command = [
+                sys.executable,
+                "-m",
+                "stlm",
+                "serve",
+                str(package),
+                "--port",
+                str(port),
+                "--max-batch",
+                str(args.max_batch),
+                "--max-queue",
+                str(max(64, args.clients)),
+                "--max-context",
+                "512",
+            ]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -177,15 +204,16 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None:
                 _wait_healthy(url, proc)
             model = _model_id(url)
-            print(f"server {url}, model {model!r}, {args.max_tokens} new tokens per request, cpu count "
-                  f"{os.cpu_count()}")
+            print(
+                f"server {url}, model {model!r}, {args.max_tokens} new tokens per request, cpu count {os.cpu_count()}"
+            )
             run_load(url, model, clients=4, requests=2, max_tokens=8)  # warm-up
-            results, wall = run_load(url, model, clients=args.clients, requests=args.requests,
-                                     max_tokens=args.max_tokens)
+            results, wall = run_load(
+                url, model, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens
+            )
             _report(f"{args.clients} clients x {args.requests}", results, wall)
             one = _report("1 client  x 8", *run_load(url, model, clients=1, requests=8, max_tokens=args.max_tokens))
-            eight = _report("8 clients x 8", *run_load(url, model, clients=8, requests=8,
-                                                        max_tokens=args.max_tokens))
+            eight = _report("8 clients x 8", *run_load(url, model, clients=8, requests=8, max_tokens=args.max_tokens))
             print(f"tokens/s at 8 clients / at 1 client: {eight / one:.2f}x (target >= 3x)")
             errors = sum(not r.ok for r in results)
         finally:

@@ -112,7 +112,9 @@ def check_case(
         arrays = [t.float().cpu().numpy().astype(np_dtype) for t in (q, k)]
         q_ref, k_ref = partial_rotary_reference(*arrays, pos.cpu().numpy(), rotary_dim=ROTARY_DIM, theta=THETA)
         got = [t.float().cpu().numpy() for t in (q_out, k_out)]
-        row["vs_ref"] = max(float(np.abs(g - r.astype(np.float32)).max()) for g, r in zip(got, (q_ref, k_ref)))
+        row["vs_ref"] = max(
+            float(np.abs(g - r.astype(np.float32)).max()) for g, r in zip(got, (q_ref, k_ref), strict=True)
+        )
     else:
         row["vs_ref"] = None
 

@@ -48,8 +48,11 @@ def _progress(stage: str, done: int, total: int) -> None:
 @click.version_option(package_name="stlm")
 def cli(verbose: bool, quiet: bool) -> None:
     """stlm: export StableLM-3B-4E1T to ONNX / TensorRT and generate text with it."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command()
@@ -57,25 +60,61 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package folder to write.")
 @click.option("--dtype", default="fp32", show_default=True, help="Weight and KV precision: fp32, fp16 or bf16.")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="tensorrt: a graph for `stlm build-engine` (concat KV cache, rotary per --rotary).")
-@click.option("--rotary", type=click.Choice(["plugin", "native"]), default=None,
-              help="With --target tensorrt: plugin (default: stlm::partial_rotary, one fused Triton kernel for "
-                   "Q and K) or native (ONNX RotaryEmbedding with rotary_embedding_dim, opset 23).")
-@click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default=None,
-              help="inplace: preallocated cache updated in place (ONNX Runtime's GroupQueryAttention; the "
-                   "default for --target onnxruntime); concat: portable ONNX ops (the default for tensorrt).")
-@click.option("--quantize", default=None, help="Weight-only quantization of the linear layers: int8 or int4 "
-              "(ONNX Runtime MatMulNBits, blocks of 32; the LM head stays at 8 bits).")
+@click.option(
+    "--target",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="tensorrt: a graph for `stlm build-engine` (concat KV cache, rotary per --rotary).",
+)
+@click.option(
+    "--rotary",
+    type=click.Choice(["plugin", "native"]),
+    default=None,
+    help="With --target tensorrt: plugin (default: stlm::partial_rotary, one fused Triton kernel for "
+    "Q and K) or native (ONNX RotaryEmbedding with rotary_embedding_dim, opset 23).",
+)
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["inplace", "concat"]),
+    default=None,
+    help="inplace: preallocated cache updated in place (ONNX Runtime's GroupQueryAttention; the "
+    "default for --target onnxruntime); concat: portable ONNX ops (the default for tensorrt).",
+)
+@click.option(
+    "--quantize",
+    default=None,
+    help="Weight-only quantization of the linear layers: int8 or int4 "
+    "(ONNX Runtime MatMulNBits, blocks of 32; the LM head stays at 8 bits).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(model: str, out: Path, dtype: str, opset: int, target: str, rotary: str | None, kv_cache: str | None,
-           quantize: str | None, overwrite: bool) -> None:
+def export(
+    model: str,
+    out: Path,
+    dtype: str,
+    opset: int,
+    target: str,
+    rotary: str | None,
+    kv_cache: str | None,
+    quantize: str | None,
+    overwrite: bool,
+) -> None:
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
     from stlm.export.onnx_export import export_onnx
 
     click.echo(f"exporting {model} → {out} ({dtype}, opset {opset}, {target})", err=True)
-    path = export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=_progress,
-                       target=target, rotary=rotary, kv_cache=kv_cache, quantize=quantize)
+    path = export_onnx(
+        model,
+        out,
+        dtype=dtype,
+        opset=opset,
+        overwrite=overwrite,
+        progress=_progress,
+        target=target,
+        rotary=rotary,
+        kv_cache=kv_cache,
+        quantize=quantize,
+    )
     click.echo(str(path))
 
 
@@ -83,31 +122,69 @@ def export(model: str, out: Path, dtype: str, opset: int, target: str, rotary: s
 @click.argument("onnx_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
 @click.option("--max-batch", default=4, show_default=True, type=int, help="Most sequences per call.")
-@click.option("--max-seq-len", default=None, type=int,
-              help="Most positions (prompt + generated) per sequence [default: the model's context].")
+@click.option(
+    "--max-seq-len",
+    default=None,
+    type=int,
+    help="Most positions (prompt + generated) per sequence [default: the model's context].",
+)
 @click.option("--opt-batch", default=None, type=int, help="Batch size kernels are tuned for [default: 1].")
 @click.option("--opt-seq-len", default=None, type=int, help="Length kernels are tuned for [default: 512].")
-@click.option("--prefill-chunk", default=None, type=int,
-              help="Longest prompt piece run at once; longer prompts run in chunks [default: 1024].")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="Timing cache file: read if present, written after the build (faster rebuilds).")
+@click.option(
+    "--prefill-chunk",
+    default=None,
+    type=int,
+    help="Longest prompt piece run at once; longer prompts run in chunks [default: 1024].",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Timing cache file: read if present, written after the build (faster rebuilds).",
+)
 @click.option("--builder-optimization-level", default=3, show_default=True, type=int, help="0 (fast build) .. 5.")
-@click.option("--hardware-compat", type=click.Choice(["none", "ampere_plus"]), default="none", show_default=True,
-              help="ampere_plus: one engine for every GPU of compute capability ≥ 8.0 (slower kernels).")
+@click.option(
+    "--hardware-compat",
+    type=click.Choice(["none", "ampere_plus"]),
+    default="none",
+    show_default=True,
+    help="ampere_plus: one engine for every GPU of compute capability ≥ 8.0 (slower kernels).",
+)
 @click.option("--workspace-gib", default=None, type=float, help="Builder workspace limit [default: TensorRT's].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def build_engine_command(onnx_dir: Path, out: Path, max_batch: int, max_seq_len: int | None, opt_batch: int | None,
-                         opt_seq_len: int | None, prefill_chunk: int | None, timing_cache: Path | None,
-                         builder_optimization_level: int,
-                         hardware_compat: str, workspace_gib: float | None, overwrite: bool) -> None:
+def build_engine_command(
+    onnx_dir: Path,
+    out: Path,
+    max_batch: int,
+    max_seq_len: int | None,
+    opt_batch: int | None,
+    opt_seq_len: int | None,
+    prefill_chunk: int | None,
+    timing_cache: Path | None,
+    builder_optimization_level: int,
+    hardware_compat: str,
+    workspace_gib: float | None,
+    overwrite: bool,
+) -> None:
     """Build a TensorRT engine package from the ONNX package ONNX_DIR (needs TensorRT and a GPU)."""
     from stlm.export.engine import build_engine
 
     click.echo(f"building a TensorRT engine {onnx_dir} → {out}", err=True)
-    path = build_engine(onnx_dir, out, max_batch=max_batch, max_seq_len=max_seq_len, opt_batch=opt_batch,
-                        opt_seq_len=opt_seq_len, prefill_chunk=prefill_chunk, timing_cache=timing_cache,
-                        builder_optimization_level=builder_optimization_level, hardware_compat=hardware_compat,
-                        workspace_gib=workspace_gib, overwrite=overwrite, progress=_progress)
+    path = build_engine(
+        onnx_dir,
+        out,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        opt_batch=opt_batch,
+        opt_seq_len=opt_seq_len,
+        prefill_chunk=prefill_chunk,
+        timing_cache=timing_cache,
+        builder_optimization_level=builder_optimization_level,
+        hardware_compat=hardware_compat,
+        workspace_gib=workspace_gib,
+        overwrite=overwrite,
+        progress=_progress,
+    )
     click.echo(str(path))
 
 
@@ -127,13 +204,32 @@ def _read_prompt(prompt: str) -> str:
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--stream/--no-stream", default=False, help="Print text as it is generated.")
-def generate(package: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-             min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], stream: bool) -> None:
+def generate(
+    package: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    stream: bool,
+) -> None:
     """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout)."""
     from stlm.runtime import Generator, SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop),
+    )
     gen = Generator.load(package)
     text = _read_prompt(prompt)
     if stream:
@@ -148,22 +244,50 @@ def generate(package: Path, prompt: str, max_new_tokens: int, temperature: float
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
-@click.option("--api-key", default=None, envvar="STLM_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (or set STLM_API_KEY).")
+@click.option(
+    "--api-key", default=None, envvar="STLM_API_KEY", help="Require 'Authorization: Bearer KEY' (or set STLM_API_KEY)."
+)
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Sequences decoded together (cache slots).")
-@click.option("--max-queue", default=64, show_default=True, type=int,
-              help="Sequences that may wait for a slot; beyond this requests get 429.")
-@click.option("--max-context", default=None, type=int,
-              help="Tokens per slot (prompt + completion) [default: min(model context, 2048)].")
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Sequences that may wait for a slot; beyond this requests get 429.",
+)
+@click.option(
+    "--max-context",
+    default=None,
+    type=int,
+    help="Tokens per slot (prompt + completion) [default: min(model context, 2048)].",
+)
 @click.option("--model-name", default=None, help="Model id clients pass [default: the package folder's name].")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads [default: ORT's].")
-def serve(package: Path, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
-          max_context: int | None, model_name: str | None, threads: int | None) -> None:
+def serve(
+    package: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch: int,
+    max_queue: int,
+    max_context: int | None,
+    model_name: str | None,
+    threads: int | None,
+) -> None:
     """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
     from stlm.serve import run_server
 
-    run_server(package, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-               max_context=max_context, model_name=model_name, threads=threads)
+    run_server(
+        package,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        model_name=model_name,
+        threads=threads,
+    )
 
 
 @cli.command()
@@ -171,9 +295,13 @@ def serve(package: Path, host: str, port: int, api_key: str | None, max_batch: i
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--prompts", default=4, show_default=True, type=int, help="How many of the fixed prompts to run (1-8).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--save-reference", type=click.Path(path_type=Path), default=None,
-              help="Write the package's logits as polygraphy RunResults JSON (only if it passes), to verify an "
-                   "engine later with `stlm verify FILE ENGINE_DIR`.")
+@click.option(
+    "--save-reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the package's logits as polygraphy RunResults JSON (only if it passes), to verify an "
+    "engine later with `stlm verify FILE ENGINE_DIR`.",
+)
 def verify(reference: str, package: Path, prompts: int, as_json: bool, save_reference: Path | None) -> None:
     """Compare PACKAGE with REFERENCE: a checkpoint (transformers, fp32) or a --save-reference file.
 
@@ -190,10 +318,18 @@ def verify(reference: str, package: Path, prompts: int, as_json: bool, save_refe
 
 @cli.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", default="small", show_default=True,
-              help="tiny, tiny-hd64, small, medium or stablelm-3b-4e1t (the full architecture).")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="tokenizer.json to ship (default: a small BPE trained locally).")
+@click.option(
+    "--preset",
+    default="small",
+    show_default=True,
+    help="tiny, tiny-hd64, small, medium or stablelm-3b-4e1t (the full architecture).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tokenizer.json to ship (default: a small BPE trained locally).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str) -> None:
@@ -212,8 +348,14 @@ def demo(workdir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None
     """Build a small random StableLM, export it, and stream a generation from it (no download)."""
     from stlm.demo import run_demo
 
-    for piece in run_demo(workdir, prompt=prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                          progress=_progress, log=lambda msg: click.echo(msg, err=True)):
+    for piece in run_demo(
+        workdir,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        tokenizer=tokenizer,
+        progress=_progress,
+        log=lambda msg: click.echo(msg, err=True),
+    ):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -227,23 +369,29 @@ def demo(workdir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None
 @click.option("--warmup", default=1, show_default=True, type=int)
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(package: Path, batch: int, prompt_len: int, gen_len: int, runs: int, warmup: int, threads: int | None,
-          as_json: bool) -> None:
+def bench(
+    package: Path, batch: int, prompt_len: int, gen_len: int, runs: int, warmup: int, threads: int | None, as_json: bool
+) -> None:
     """Measure time to first token, prefill/decode speed and per-token latency of PACKAGE."""
     import json
 
     from stlm.runtime.bench import run_benchmark
 
-    r = run_benchmark(package, batch=batch, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup,
-                      threads=threads)
+    r = run_benchmark(
+        package, batch=batch, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup, threads=threads
+    )
     if as_json:
         click.echo(json.dumps(r.to_dict()))
         return
-    click.echo(f"{r.backend} {r.dtype} {r.variant.get('kv_cache')} kv, quantization {r.variant.get('quantization')}"
-               f" | batch {r.batch}, prompt {r.prompt_len}, generate {r.gen_len}, {r.runs} runs")
+    click.echo(
+        f"{r.backend} {r.dtype} {r.variant.get('kv_cache')} kv, quantization {r.variant.get('quantization')}"
+        f" | batch {r.batch}, prompt {r.prompt_len}, generate {r.gen_len}, {r.runs} runs"
+    )
     click.echo(f"time to first token  {r.ttft_ms:9.1f} ms   prefill {r.prefill_tok_s:9.1f} tok/s")
-    click.echo(f"decode               {r.decode_tok_s:9.1f} tok/s  per token p50 {r.token_ms_p50:.2f} "
-               f"p90 {r.token_ms_p90:.2f} p99 {r.token_ms_p99:.2f} ms")
+    click.echo(
+        f"decode               {r.decode_tok_s:9.1f} tok/s  per token p50 {r.token_ms_p50:.2f} "
+        f"p90 {r.token_ms_p90:.2f} p99 {r.token_ms_p99:.2f} ms"
+    )
     click.echo(f"peak RSS             {r.peak_rss_mb:9.0f} MB")
 
 

@@ -8,8 +8,15 @@ from pathlib import Path
 from stlm.export.graph import Progress
 
 
-def run_demo(workdir: Path, *, prompt: str, max_new_tokens: int, tokenizer: Path | None = None,
-             progress: Progress | None = None, log: Callable[[str], None] = lambda _: None) -> Iterator[str]:
+def run_demo(
+    workdir: Path,
+    *,
+    prompt: str,
+    max_new_tokens: int,
+    tokenizer: Path | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Iterator[str]:
     """Create ``workdir/checkpoint`` (if absent), export ``workdir/package``, stream a greedy
     continuation of ``prompt`` from it. Yields text pieces."""
     from stlm.export.onnx_export import export_onnx

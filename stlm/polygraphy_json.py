@@ -46,26 +46,32 @@ def decode_array(data: Mapping[str, Any]) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-def run_results(runners: Sequence[tuple[str, Sequence[Iteration]]], *,
-                runtimes: Sequence[float | None] | None = None) -> dict[str, Any]:
+def run_results(
+    runners: Sequence[tuple[str, Sequence[Iteration]]], *, runtimes: Sequence[float | None] | None = None
+) -> dict[str, Any]:
     """The RunResults JSON object of ``runners``: (runner name, one output dict per iteration)."""
     lst = []
     for name, iterations in runners:
         encoded = []
         for k, outputs in enumerate(iterations):
-            encoded.append({
-                "outputs": {key: {"values": encode_array(value), TYPE_MARKER: LAZY_ARRAY_MARKERS[0]}
-                            for key, value in outputs.items()},
-                "runtime": None if runtimes is None else runtimes[k],
-                "runner_name": name,
-                TYPE_MARKER: "IterationResult",
-            })
+            encoded.append(
+                {
+                    "outputs": {
+                        key: {"values": encode_array(value), TYPE_MARKER: LAZY_ARRAY_MARKERS[0]}
+                        for key, value in outputs.items()
+                    },
+                    "runtime": None if runtimes is None else runtimes[k],
+                    "runner_name": name,
+                    TYPE_MARKER: "IterationResult",
+                }
+            )
         lst.append([name, encoded])
     return {"lst": lst, TYPE_MARKER: "RunResults"}
 
 
-def write_run_results(path: Path, runners: Sequence[tuple[str, Sequence[Iteration]]], *,
-                      extra: Mapping[str, Any] | None = None) -> Path:
+def write_run_results(
+    path: Path, runners: Sequence[tuple[str, Sequence[Iteration]]], *, extra: Mapping[str, Any] | None = None
+) -> Path:
     """Write RunResults JSON to ``path`` (with stlm's ``extra`` keys beside ``lst``); return ``path``."""
     data = run_results(runners)
     data.update(extra or {})
@@ -82,12 +88,14 @@ def read_run_results(path: Path) -> tuple[list[tuple[str, list[dict[str, np.ndar
             raise ValueError(f"{TYPE_MARKER} is {data.get(TYPE_MARKER)!r}, expected 'RunResults'")
         runners = []
         for name, iterations in data["lst"]:
-            runners.append((str(name), [{key: _decode_output(value) for key, value in it["outputs"].items()}
-                                        for it in iterations]))
+            runners.append(
+                (str(name), [{key: _decode_output(value) for key, value in it["outputs"].items()} for it in iterations])
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgumentError(f"{path} is not a polygraphy RunResults JSON file ({exc})",
-                                   fix="pass the file written by `stlm verify CHECKPOINT PACKAGE --save-reference FILE`"
-                                   ) from None
+        raise InvalidArgumentError(
+            f"{path} is not a polygraphy RunResults JSON file ({exc})",
+            fix="pass the file written by `stlm verify CHECKPOINT PACKAGE --save-reference FILE`",
+        ) from None
     return runners, {k: v for k, v in data.items() if k not in ("lst", TYPE_MARKER)}
 
 

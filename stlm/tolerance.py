@@ -50,8 +50,10 @@ class ToleranceTable:
 
     def __getitem__(self, accuracy_class: str) -> Tolerance:
         if accuracy_class not in ACCURACY_CLASSES:
-            raise InvalidArgumentError(f"unknown accuracy class {accuracy_class!r}; expected one of "
-                                       f"{', '.join(ACCURACY_CLASSES)}", fix="use a package exported by stlm")
+            raise InvalidArgumentError(
+                f"unknown accuracy class {accuracy_class!r}; expected one of {', '.join(ACCURACY_CLASSES)}",
+                fix="use a package exported by stlm",
+            )
         return getattr(self, accuracy_class)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,18 +62,37 @@ class ToleranceTable:
 
 
 TOLERANCES: Final = ToleranceTable(
-    fp32=Tolerance(1e-3, 1e-3, 1.0, 1.0,
-                   "same weights and math as transformers in fp32: only summation order differs"),
-    fp16=Tolerance(1e-3, 0.02, 0.9, 0.5,
-                   "fp16 weights (11-bit mantissa, relative rounding 5e-4) and KV cache; computed in fp32 on CPU"),
-    bf16=Tolerance(1e-3, 0.06, 0.75, 0.25,
-                   "bf16 weights (8-bit mantissa, relative rounding 4e-3) and KV cache; computed in fp32 on CPU"),
-    int8=Tolerance(1e-3, 0.06, 0.75, 0.25,
-                   "weight-only int8 (blocks of 32, per-block scale and zero point), int8 activations in "
-                   "MatMulNBits (accuracy level 4)"),
-    int4=Tolerance(1e-3, 0.4, 0.25, 0.0,
-                   "weight-only int4 (blocks of 32; 16 levels per block: relative weight error up to ~7%), "
-                   "LM head at int8; top-1 on near-ties of random models flips freely, so only a floor"),
+    fp32=Tolerance(1e-3, 1e-3, 1.0, 1.0, "same weights and math as transformers in fp32: only summation order differs"),
+    fp16=Tolerance(
+        1e-3,
+        0.02,
+        0.9,
+        0.5,
+        "fp16 weights (11-bit mantissa, relative rounding 5e-4) and KV cache; computed in fp32 on CPU",
+    ),
+    bf16=Tolerance(
+        1e-3,
+        0.06,
+        0.75,
+        0.25,
+        "bf16 weights (8-bit mantissa, relative rounding 4e-3) and KV cache; computed in fp32 on CPU",
+    ),
+    int8=Tolerance(
+        1e-3,
+        0.06,
+        0.75,
+        0.25,
+        "weight-only int8 (blocks of 32, per-block scale and zero point), int8 activations in "
+        "MatMulNBits (accuracy level 4)",
+    ),
+    int4=Tolerance(
+        1e-3,
+        0.4,
+        0.25,
+        0.0,
+        "weight-only int4 (blocks of 32; 16 levels per block: relative weight error up to ~7%), "
+        "LM head at int8; top-1 on near-ties of random models flips freely, so only a floor",
+    ),
 )
 
 

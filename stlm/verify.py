@@ -48,8 +48,10 @@ DEFAULT_STEPS: Final = 8
 REFERENCE_KEY: Final = "stlm_verify"
 REFERENCE_FORMAT: Final = "stlm-verify-reference"
 LOGITS: Final = "logits"
-TWO_STEP_FIX: Final = ("save a reference where transformers runs: `stlm verify CHECKPOINT ONNX_PACKAGE --save-reference "
-                       "ref.json`, then on the GPU machine `stlm verify ref.json ENGINE_PACKAGE`")
+TWO_STEP_FIX: Final = (
+    "save a reference where transformers runs: `stlm verify CHECKPOINT ONNX_PACKAGE --save-reference "
+    "ref.json`, then on the GPU machine `stlm verify ref.json ENGINE_PACKAGE`"
+)
 
 
 @dataclass(frozen=True)
@@ -110,31 +112,43 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``stlm verify --json``)."""
-        return {"passed": self.passed, "package": self.package, "description": self.description,
-                "reference": self.reference, "accuracy_class": self.accuracy_class,
-                "tolerance": self.tolerance.to_dict(), "checks": [vars(c) for c in self.checks],
-                "prompts": [{**vars(p), "reference_tokens": list(p.reference_tokens),
-                             "package_top1": list(p.package_top1)} for p in self.prompts],
-                "saved_reference": self.saved_reference, "notes": list(self.notes)}
+        return {
+            "passed": self.passed,
+            "package": self.package,
+            "description": self.description,
+            "reference": self.reference,
+            "accuracy_class": self.accuracy_class,
+            "tolerance": self.tolerance.to_dict(),
+            "checks": [vars(c) for c in self.checks],
+            "prompts": [
+                {**vars(p), "reference_tokens": list(p.reference_tokens), "package_top1": list(p.package_top1)}
+                for p in self.prompts
+            ],
+            "saved_reference": self.saved_reference,
+            "notes": list(self.notes),
+        }
 
     def format(self) -> str:
         """The human-readable report."""
         steps = self.prompts[0].steps if self.prompts else 0
-        lines = [f"stlm verify: {self.package} ({self.description}) vs {self.reference}",
-                 f"  {len(self.prompts)} prompts, prefill + {steps - 1} decode steps each, teacher-forced on the "
-                 f"reference's greedy tokens; tolerance class {self.accuracy_class}",
-                 f"  {'output':<18}{'value':>12}{'limit':>14}  result"]
+        lines = [
+            f"stlm verify: {self.package} ({self.description}) vs {self.reference}",
+            f"  {len(self.prompts)} prompts, prefill + {steps - 1} decode steps each, teacher-forced on the "
+            f"reference's greedy tokens; tolerance class {self.accuracy_class}",
+            f"  {'output':<18}{'value':>12}{'limit':>14}  result",
+        ]
         for c in self.checks:
             bound = f"<= {c.limit:.4g}" if c.output == LOGITS else f">= {c.limit:.4g}"
             lines.append(f"  {c.output:<18}{c.value:>12.4g}{bound:>14}  {'ok' if c.passed else 'FAIL'}  {c.detail}")
         for i, p in enumerate(self.prompts):
-            lines.append(f"    prompt {i} ({p.prompt_tokens} tokens): logits max|diff| {p.max_abs_diff:.4g} at step "
-                         f"{p.worst_step} (scale {p.scale:.3g}), top-1 {p.top1_agree}/{p.steps}, "
-                         f"greedy {p.greedy_agree}/{p.steps}")
+            lines.append(
+                f"    prompt {i} ({p.prompt_tokens} tokens): logits max|diff| {p.max_abs_diff:.4g} at step "
+                f"{p.worst_step} (scale {p.scale:.3g}), top-1 {p.top1_agree}/{p.steps}, "
+                f"greedy {p.greedy_agree}/{p.steps}"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         failed = [c.output for c in self.checks if not c.passed]
-        lines.append("PASS" if not failed else
-                     f"FAIL: {', '.join(failed)} beyond the {self.accuracy_class} tolerance")
+        lines.append("PASS" if not failed else f"FAIL: {', '.join(failed)} beyond the {self.accuracy_class} tolerance")
         return "\n".join(lines)
 
 
@@ -153,8 +167,10 @@ def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[in
     try:
         model = StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"transformers cannot load {folder} ({type(exc).__name__}: {str(exc)[:300]})",
-                              fix="pass a StableLM checkpoint folder with config.json and *.safetensors") from None
+        raise CheckpointError(
+            f"transformers cannot load {folder} ({type(exc).__name__}: {str(exc)[:300]})",
+            fix="pass a StableLM checkpoint folder with config.json and *.safetensors",
+        ) from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
@@ -172,8 +188,9 @@ def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[in
             logits.append(np.stack(rows).astype(np.float32))
     del model
     gc.collect()
-    return Reference(f"transformers fp32 ({checkpoint})", "fp32", tuple(tuple(p) for p in prompts),
-                     tuple(tokens), tuple(logits))
+    return Reference(
+        f"transformers fp32 ({checkpoint})", "fp32", tuple(tuple(p) for p in prompts), tuple(tokens), tuple(logits)
+    )
 
 
 def read_reference(path: Path) -> Reference:
@@ -181,8 +198,10 @@ def read_reference(path: Path) -> Reference:
     runners, extra = read_run_results(path)
     meta = extra.get(REFERENCE_KEY)
     if not isinstance(meta, dict) or meta.get("format") != REFERENCE_FORMAT or not runners:
-        raise InvalidArgumentError(f"{path} is RunResults JSON but not an stlm verify reference (no "
-                                   f"{REFERENCE_KEY!r} record)", fix=TWO_STEP_FIX)
+        raise InvalidArgumentError(
+            f"{path} is RunResults JSON but not an stlm verify reference (no {REFERENCE_KEY!r} record)",
+            fix=TWO_STEP_FIX,
+        )
     name, iterations = runners[0]
     try:
         logits = tuple(np.asarray(it[LOGITS], dtype=np.float32) for it in iterations)
@@ -191,20 +210,35 @@ def read_reference(path: Path) -> Reference:
         klass = str(meta["accuracy_class"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"{path} has a malformed stlm verify record ({exc!r})", fix=TWO_STEP_FIX) from None
-    if not (len(prompts) == len(tokens) == len(logits)) or any(len(t) != len(x) for t, x in zip(tokens, logits)):
+    if not (len(prompts) == len(tokens) == len(logits)) or any(
+        len(t) != len(x) for t, x in zip(tokens, logits, strict=True)
+    ):
         raise InvalidArgumentError(f"{path}: prompts, tokens and logits disagree in number", fix=TWO_STEP_FIX)
     return Reference(f"reference {path} (runner {name}, {meta.get('source', '?')})", klass, prompts, tokens, logits)
 
 
-def save_reference(path: Path, reference: Reference, package_logits: Sequence[np.ndarray], *, runner: str,
-                   package_class: str, source: str) -> Path:
+def save_reference(
+    path: Path,
+    reference: Reference,
+    package_logits: Sequence[np.ndarray],
+    *,
+    runner: str,
+    package_class: str,
+    source: str,
+) -> Path:
     """Save ``package_logits`` (an ONNX package's, on ``reference``'s tokens) as a reference file."""
-    meta = {"format": REFERENCE_FORMAT, "version": 1, "accuracy_class": package_class, "source": source,
-            "verified_against": reference.source, "prompts": [list(p) for p in reference.prompts],
-            "tokens": [list(t) for t in reference.tokens], "outputs": {LOGITS: "(steps, vocab) float32 per prompt"}}
+    meta = {
+        "format": REFERENCE_FORMAT,
+        "version": 1,
+        "accuracy_class": package_class,
+        "source": source,
+        "verified_against": reference.source,
+        "prompts": [list(p) for p in reference.prompts],
+        "tokens": [list(t) for t in reference.tokens],
+        "outputs": {LOGITS: "(steps, vocab) float32 per prompt"},
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return write_run_results(Path(path), [(runner, [{LOGITS: x} for x in package_logits])],
-                             extra={REFERENCE_KEY: meta})
+    return write_run_results(Path(path), [(runner, [{LOGITS: x} for x in package_logits])], extra={REFERENCE_KEY: meta})
 
 
 def package_logits(backend: Any, prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
@@ -216,22 +250,36 @@ def package_logits(backend: Any, prompt: Sequence[int], tokens: Sequence[int]) -
     return np.stack(rows)
 
 
-def compare(reference: Reference, got: Sequence[np.ndarray], tolerance: Tolerance) -> tuple[
-        tuple[PromptResult, ...], tuple[Check, ...]]:
+def compare(
+    reference: Reference, got: Sequence[np.ndarray], tolerance: Tolerance
+) -> tuple[tuple[PromptResult, ...], tuple[Check, ...]]:
     """Per-prompt results and the three checks (logits, top-1, greedy) of ``got`` against ``reference``."""
     results = []
-    for ids, tokens, want, have in zip(reference.prompts, reference.tokens, reference.logits, got):
+    for ids, tokens, want, have in zip(reference.prompts, reference.tokens, reference.logits, got, strict=True):
         if have.shape != want.shape:
-            raise PackageError(f"the package's logits have shape {have.shape}, the reference's {want.shape}",
-                               fix="compare a package with the checkpoint (or reference) it was exported from")
+            raise PackageError(
+                f"the package's logits have shape {have.shape}, the reference's {want.shape}",
+                fix="compare a package with the checkpoint (or reference) it was exported from",
+            )
         diff = np.abs(have.astype(np.float64) - want).max(axis=1)
         worst = int(np.argmax(np.nan_to_num(diff, nan=np.inf)))
         top1 = have.argmax(axis=1)
         agree = top1 == want.argmax(axis=1)
         follows = top1 == np.asarray(tokens)
         greedy = int(np.argmin(follows)) if not follows.all() else len(tokens)
-        results.append(PromptResult(len(ids), float(diff[worst]), worst, float(np.abs(want).max()), int(agree.sum()),
-                                    len(tokens), greedy, tuple(tokens), tuple(int(t) for t in top1)))
+        results.append(
+            PromptResult(
+                len(ids),
+                float(diff[worst]),
+                worst,
+                float(np.abs(want).max()),
+                int(agree.sum()),
+                len(tokens),
+                greedy,
+                tuple(tokens),
+                tuple(int(t) for t in top1),
+            )
+        )
     scale = max(r.scale for r in results)
     worst = max(range(len(results)), key=lambda i: np.nan_to_num(results[i].max_abs_diff, nan=np.inf))
     max_diff = results[worst].max_abs_diff
@@ -239,13 +287,28 @@ def compare(reference: Reference, got: Sequence[np.ndarray], tolerance: Toleranc
     top1 = sum(r.top1_agree for r in results) / sum(r.steps for r in results)
     greedy = float(np.mean([r.greedy_agree / r.steps for r in results]))
     checks = (
-        Check(LOGITS, max_diff, limit, bool(max_diff <= limit),
-              f"max |package - reference| (prompt {worst}, step {results[worst].worst_step}); limit "
-              f"{tolerance.logits_atol:g} + {tolerance.logits_rtol:g} x max|reference| {scale:.3g}"),
-        Check("top-1 agreement", top1, tolerance.min_top1, top1 >= tolerance.min_top1,
-              f"{sum(r.top1_agree for r in results)}/{sum(r.steps for r in results)} steps"),
-        Check("greedy agreement", greedy, tolerance.min_greedy, greedy >= tolerance.min_greedy,
-              "mean fraction of greedy tokens before the first divergence"),
+        Check(
+            LOGITS,
+            max_diff,
+            limit,
+            bool(max_diff <= limit),
+            f"max |package - reference| (prompt {worst}, step {results[worst].worst_step}); limit "
+            f"{tolerance.logits_atol:g} + {tolerance.logits_rtol:g} x max|reference| {scale:.3g}",
+        ),
+        Check(
+            "top-1 agreement",
+            top1,
+            tolerance.min_top1,
+            top1 >= tolerance.min_top1,
+            f"{sum(r.top1_agree for r in results)}/{sum(r.steps for r in results)} steps",
+        ),
+        Check(
+            "greedy agreement",
+            greedy,
+            tolerance.min_greedy,
+            greedy >= tolerance.min_greedy,
+            "mean fraction of greedy tokens before the first divergence",
+        ),
     )
     return tuple(results), checks
 
@@ -255,14 +318,26 @@ def _describe(manifest: Manifest) -> str:
     if manifest.kind == "tensorrt":
         return f"TensorRT engine, {manifest.dtype}"
     bits = (v.get("quantization") or {}).get("bits")
-    parts = [manifest.dtype] + ([f"int{bits} weights"] if bits else []) + [
-        f"compute {v.get('compute_dtype', manifest.dtype)}", f"KV {manifest.contract.kv_dtype}",
-        f"{v.get('kv_cache', 'concat')} KV cache"]
+    parts = (
+        [manifest.dtype]
+        + ([f"int{bits} weights"] if bits else [])
+        + [
+            f"compute {v.get('compute_dtype', manifest.dtype)}",
+            f"KV {manifest.contract.kv_dtype}",
+            f"{v.get('kv_cache', 'concat')} KV cache",
+        ]
+    )
     return ", ".join(parts)
 
 
-def verify_package(reference: str | Path | Reference, package: str | Path, *, prompts: int = DEFAULT_PROMPTS,
-                   steps: int = DEFAULT_STEPS, save_reference_to: Path | None = None) -> VerifyReport:
+def verify_package(
+    reference: str | Path | Reference,
+    package: str | Path,
+    *,
+    prompts: int = DEFAULT_PROMPTS,
+    steps: int = DEFAULT_STEPS,
+    save_reference_to: Path | None = None,
+) -> VerifyReport:
     """Compare ``package`` with ``reference``: a checkpoint (run in transformers, fp32), a reference
     JSON file from ``save_reference_to``, or a :class:`Reference` already computed (to check several
     packages of one checkpoint; ``prompts``/``steps`` then come from it). Writes ``save_reference_to``
@@ -280,7 +355,9 @@ def verify_package(reference: str | Path | Reference, package: str | Path, *, pr
     if manifest.kind == "onnx" and manifest.variant.get("rotary") == "plugin":
         raise BackendUnavailableError(
             f"{package} is a --target tensorrt ONNX graph (stlm::partial_rotary plugin nodes): it runs only as a "
-            "TensorRT engine", fix=f"build it with `stlm build-engine {package} -o ENGINE`; to check it, {TWO_STEP_FIX}")
+            "TensorRT engine",
+            fix=f"build it with `stlm build-engine {package} -o ENGINE`; to check it, {TWO_STEP_FIX}",
+        )
     package_class = accuracy_class(manifest.dtype, manifest.variant.get("quantization"))
     from_file = not isinstance(reference, Reference) and Path(reference).is_file()
     if isinstance(reference, Reference):
@@ -288,19 +365,24 @@ def verify_package(reference: str | Path | Reference, package: str | Path, *, pr
     elif from_file:
         ref = read_reference(Path(reference))
     elif manifest.kind == "tensorrt":
-        raise InvalidArgumentError(f"{package} is a TensorRT engine package: it is compared with a reference saved "
-                                   "from its ONNX package, not with a checkpoint", fix=TWO_STEP_FIX)
+        raise InvalidArgumentError(
+            f"{package} is a TensorRT engine package: it is compared with a reference saved "
+            "from its ONNX package, not with a checkpoint",
+            fix=TWO_STEP_FIX,
+        )
     else:
         tokenizer = Tokenizer.from_file(package / manifest.tokenizer)
         ids = [tokenizer.encode(p) or [manifest.generation.bos_token_id] for p in PROMPTS[:prompts]]
         from stlm.export.checkpoint import resolve_checkpoint
 
         if load_model_config(resolve_checkpoint(reference)) != manifest.model:
-            raise PackageError(f"{package} was exported from another model than {reference} (their configs differ)",
-                               fix="pass the checkpoint the package was exported from")
+            raise PackageError(
+                f"{package} was exported from another model than {reference} (their configs differ)",
+                fix="pass the checkpoint the package was exported from",
+            )
         ref = transformers_reference(reference, ids, steps)  # first, and freed: never beside the package in RAM
     generator = Generator.load(package)
-    got = [package_logits(generator.backend, p, t) for p, t in zip(ref.prompts, ref.tokens)]
+    got = [package_logits(generator.backend, p, t) for p, t in zip(ref.prompts, ref.tokens, strict=True)]
     klass = looser(package_class, ref.accuracy_class)
     results, checks = compare(ref, got, TOLERANCES[klass])
     notes: list[str] = []
@@ -309,9 +391,18 @@ def verify_package(reference: str | Path | Reference, package: str | Path, *, pr
     saved = None
     if save_reference_to is not None:
         if all(c.passed for c in checks):
-            saved = str(save_reference(save_reference_to, ref, got, runner=f"stlm-{manifest.kind}-{package_class}",
-                                       package_class=package_class, source=f"{package} ({_describe(manifest)})"))
+            saved = str(
+                save_reference(
+                    save_reference_to,
+                    ref,
+                    got,
+                    runner=f"stlm-{manifest.kind}-{package_class}",
+                    package_class=package_class,
+                    source=f"{package} ({_describe(manifest)})",
+                )
+            )
         else:
             notes.append(f"reference not written to {save_reference_to}: the package is beyond tolerance")
-    return VerifyReport(str(package), _describe(manifest), ref.source, klass, TOLERANCES[klass], checks, results,
-                        saved, tuple(notes))
+    return VerifyReport(
+        str(package), _describe(manifest), ref.source, klass, TOLERANCES[klass], checks, results, saved, tuple(notes)
+    )

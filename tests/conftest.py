@@ -34,8 +34,13 @@ def build_checkpoint(folder: Path, *, seed: int = 0, dtype: str = "float32", **o
     from transformers import StableLmConfig, StableLmForCausalLM
 
     settings: dict[str, object] = dict(
-        vocab_size=50304, max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        vocab_size=50304,
+        max_position_embeddings=4096,
+        layer_norm_eps=1e-5,
+        use_qkv_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     )
     settings.update(SHAPES["hd16"])
@@ -70,8 +75,12 @@ def packages(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
     base = tmp_path_factory.mktemp("packages")
     found = {name: export_onnx(ck, base / name, kv_cache="concat") for name, ck in checkpoints.items()}
-    found.update({f"{name}-inplace": export_onnx(ck, base / f"{name}-inplace", kv_cache="inplace")
-                  for name, ck in checkpoints.items()})
+    found.update(
+        {
+            f"{name}-inplace": export_onnx(ck, base / f"{name}-inplace", kv_cache="inplace")
+            for name, ck in checkpoints.items()
+        }
+    )
     return found
 
 

@@ -83,8 +83,9 @@ class FakeCudart(types.ModuleType):
     def cudaMemcpyAsync(self, dst: int, src: int, count: int, kind: MemcpyKind, stream: int) -> tuple[CudaError]:
         return self.cudaMemcpy2DAsync(dst, count, src, count, count, 1, kind, stream)
 
-    def cudaMemcpy2DAsync(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
-                          kind: MemcpyKind, stream: int) -> tuple[CudaError]:
+    def cudaMemcpy2DAsync(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: MemcpyKind, stream: int
+    ) -> tuple[CudaError]:
         assert dpitch >= width and spitch >= width, (dpitch, spitch, width)
         for i in range(height):
             if kind != MemcpyKind.cudaMemcpyDeviceToHost:
@@ -133,7 +134,7 @@ def fake_tensorrt(cudart: FakeCudart, manifest: Manifest, onnx_package: Path) ->
 
         def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
             lo, _, hi = profiles[self.profile][name]
-            if not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            if not all(a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)):
                 return False
             self.shapes[name] = tuple(shape)
             return True
@@ -146,7 +147,7 @@ def fake_tensorrt(cudart: FakeCudart, manifest: Manifest, onnx_package: Path) ->
             assert set(self.shapes) == set(inputs) and set(self.addresses) == set(inputs) | set(outputs)
             feeds = {n: cudart.view(self.addresses[n], self.shapes[n], dtypes[n]).copy() for n in inputs}
             results = session.run(outputs, feeds)
-            for name, value in zip(outputs, results):
+            for name, value in zip(outputs, results, strict=True):
                 if name.startswith("present."):  # written while the past is read: must not overlap it
                     past_name = name.replace("present", "past_key_values")
                     past, present = self.addresses[past_name], self.addresses[name]
@@ -193,13 +194,13 @@ def drive(backends: list[Any], batch: int, capacity: int, steps: int, seed: int 
                 continue
             n = int(rng.integers(2, 7)) if step == 0 or lengths[r] == 0 else 1
             if lengths[r] + n > capacity:
-                for b, c in zip(backends, caches):
+                for b, c in zip(backends, caches, strict=True):
                     b.release(c, r)
                 lengths[r], n = 0, int(rng.integers(2, 5))
             feed.append(rng.integers(0, 50000, size=n).tolist())
             lengths[r] += n
         fed = [r for r in range(batch) if feed[r]]
-        outs = [b.forward(c, feed) for b, c in zip(backends, caches)]
+        outs = [b.forward(c, feed) for b, c in zip(backends, caches, strict=True)]
         for out in outs[1:]:
             np.testing.assert_allclose(out[fed], outs[0][fed], rtol=2e-2, atol=2e-2)
         for c in caches:

@@ -97,14 +97,17 @@ def test_generate_folder_without_manifest(tmp_path: Path) -> None:
     assert_user_error(["generate", str(tmp_path), "--prompt", "hi"], "stlm.json")
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--max-new-tokens", "0"], ["max_new_tokens", "0"]),
-    (["--max-new-tokens", "-3"], ["-3"]),
-    (["--temperature", "-0.5"], ["temperature", "-0.5"]),
-    (["--top-p", "0"], ["top_p", "0"]),
-    (["--top-p", "1.5"], ["1.5"]),
-    (["--max-new-tokens", "5000"], ["5000", "context"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--max-new-tokens", "0"], ["max_new_tokens", "0"]),
+        (["--max-new-tokens", "-3"], ["-3"]),
+        (["--temperature", "-0.5"], ["temperature", "-0.5"]),
+        (["--top-p", "0"], ["top_p", "0"]),
+        (["--top-p", "1.5"], ["1.5"]),
+        (["--max-new-tokens", "5000"], ["5000", "context"]),
+    ],
+)
 def test_generate_bad_sampling(package: Path, args: list[str], needles: list[str]) -> None:
     assert_user_error(["generate", str(package), "--prompt", "hello", *args], *needles)
 
@@ -115,8 +118,12 @@ def test_generate_prompt_longer_than_context(package: Path) -> None:
 
 
 def test_cli_prints_no_traceback_in_a_real_process(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "stlm", "export", str(tmp_path / "missing"), "-o",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stlm", "export", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
@@ -132,7 +139,8 @@ def test_errors_are_stlm_errors(package: Path) -> None:
 
 def test_export_hub_id_offline_names_the_id_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = assert_user_error(["export", "stlm-tests/no-such-model", "-o", str(tmp_path / "pkg")],
-                            "stlm-tests/no-such-model", "local folder")
+    out = assert_user_error(
+        ["export", "stlm-tests/no-such-model", "-o", str(tmp_path / "pkg")], "stlm-tests/no-such-model", "local folder"
+    )
     assert "hf download" in out
     assert not (tmp_path / "pkg").exists()

@@ -23,18 +23,26 @@ def hf_model(checkpoint: Path) -> torch.nn.Module:
     return StableLmForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def hf_step(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-            past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+def hf_step(
+    model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray] | None
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """transformers forward with a flat past list; returns logits and the flat present list."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     if past:
-        cache = DynamicCache(ddp_cache_data=[(torch.from_numpy(past[i]), torch.from_numpy(past[i + 1]))
-                                             for i in range(0, len(past), 2)], config=model.config)
+        cache = DynamicCache(
+            ddp_cache_data=[(torch.from_numpy(past[i]), torch.from_numpy(past[i + 1])) for i in range(0, len(past), 2)],
+            config=model.config,
+        )
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(pos), cache=cache, use_cache=True)
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(pos),
+            cache=cache,
+            use_cache=True,
+        )
     presents = []
     for layer in out.cache.layers:
         presents += [layer.keys.numpy(), layer.values.numpy()]
@@ -48,8 +56,9 @@ def ort_session(package: Path) -> tuple[ort.InferenceSession, list[str], list[st
 
 
 @pytest.mark.parametrize("shape", ["hd16", "hd64"])
-def test_prefill_and_decode_match_transformers(shape: str, checkpoints: dict[str, Path],
-                                                packages: dict[str, Path]) -> None:
+def test_prefill_and_decode_match_transformers(
+    shape: str, checkpoints: dict[str, Path], packages: dict[str, Path]
+) -> None:
     model = hf_model(checkpoints[shape])
     session, in_names, out_names = ort_session(packages[shape])
     cfg = model.config
@@ -64,11 +73,11 @@ def test_prefill_and_decode_match_transformers(shape: str, checkpoints: dict[str
     ref_past = None
     valid = mask.astype(bool)
     for step in range(9):  # prefill, then 8 decode steps feeding present → past
-        outs = session.run(out_names, dict(zip(in_names, [ids, mask, pos, *past])))
+        outs = session.run(out_names, dict(zip(in_names, [ids, mask, pos, *past], strict=True)))
         ref_logits, ref_present = hf_step(model, ids, mask, pos, ref_past)
-        rows = valid[:, -ids.shape[1]:]
+        rows = valid[:, -ids.shape[1] :]
         assert np.abs(outs[0] - ref_logits)[rows].max() <= ATOL, f"step {step}: logits differ"
-        for got, want in zip(outs[1:], ref_present):
+        for got, want in zip(outs[1:], ref_present, strict=True):
             keep = mask.astype(bool)  # padded positions hold garbage in both: compare real ones
             assert got.shape == want.shape
             assert np.abs(got - want).transpose(0, 2, 1, 3)[keep].max() <= ATOL, f"step {step}: KV differs"
@@ -85,18 +94,26 @@ def hf_greedy(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> li
     ids = torch.zeros((len(prompts), longest), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, longest - len(p):] = torch.tensor(p)
-        mask[b, longest - len(p):] = 1
+        ids[b, longest - len(p) :] = torch.tensor(p)
+        mask[b, longest - len(p) :] = 1
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     return [row[longest:].tolist() for row in out]
 
 
 @pytest.mark.parametrize("variant", ["", "-inplace"])
 @pytest.mark.parametrize("shape", ["hd16", "hd64"])
-def test_greedy_tokens_match_transformers_generate(shape: str, variant: str, checkpoints: dict[str, Path],
-                                                   packages: dict[str, Path]) -> None:
+def test_greedy_tokens_match_transformers_generate(
+    shape: str, variant: str, checkpoints: dict[str, Path], packages: dict[str, Path]
+) -> None:
     gen = Generator.load(packages[shape + variant])
     prompts = ["The quick brown fox jumps over the lazy dog, and then", "Hi"]
     ids = [gen.tokenizer.encode(p) for p in prompts]
@@ -116,8 +133,9 @@ def test_greedy_tokens_match_transformers_generate(shape: str, variant: str, che
 
 
 @pytest.mark.parametrize("shape", ["hd16", "hd64"])
-def test_inplace_cache_matches_transformers_step_by_step(shape: str, checkpoints: dict[str, Path],
-                                                        packages: dict[str, Path]) -> None:
+def test_inplace_cache_matches_transformers_step_by_step(
+    shape: str, checkpoints: dict[str, Path], packages: dict[str, Path]
+) -> None:
     """The in-place variant: rows of different lengths, prefill in uneven chunks (every position's
     logits checked), then decode steps with one row idle; buffers are never reallocated."""
     from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend

@@ -25,9 +25,12 @@ def gen(request: pytest.FixtureRequest, packages: dict[str, Path]) -> Generator:
     return Generator.load(packages[request.param])
 
 
-PROMPTS = ["Hi", "The quick brown fox jumps over the lazy dog.",
-           "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-           " ".join(["tokens"] * 40)]
+PROMPTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    " ".join(["tokens"] * 40),
+]
 
 
 def test_prompt_lengths_span_1_to_40(gen: Generator) -> None:
@@ -59,8 +62,7 @@ def test_top_k_1_is_greedy(gen: Generator) -> None:
 
 def test_repetition_penalty_changes_greedy_choices(gen: Generator) -> None:
     plain = gen.complete([PROMPTS[3]], SamplingParams(max_new_tokens=16, temperature=0))[0]
-    penalised = gen.complete([PROMPTS[3]], SamplingParams(max_new_tokens=16, temperature=0,
-                                                          repetition_penalty=50.0))[0]
+    penalised = gen.complete([PROMPTS[3]], SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=50.0))[0]
     prompt_ids = set(gen.encode_prompt(PROMPTS[3]))
     # a huge penalty makes every already-seen id (prompt or generated) lose to any unseen one
     assert len(set(penalised.token_ids)) == len(penalised.token_ids)
@@ -76,7 +78,7 @@ def test_stop_string_spanning_tokens_ends_generation(gen: Generator) -> None:
     joined = "".join(pieces)
     assert joined == full.text
     cut = len(pieces[0]) + len(pieces[1])
-    stop = joined[cut - 2: cut + 2] if len(pieces[1]) >= 2 and len(pieces[2]) >= 2 else joined[3:7]
+    stop = joined[cut - 2 : cut + 2] if len(pieces[1]) >= 2 and len(pieces[2]) >= 2 else joined[3:7]
     start = joined.index(stop)
     result = gen.complete([PROMPTS[1]], SamplingParams(max_new_tokens=24, temperature=0, stop=(stop,)))[0]
     assert result.finish_reason == "stop"
@@ -145,17 +147,20 @@ def test_cancel_mid_stream_and_memory_is_freed(gen: Generator) -> None:
     assert all(ref() is None for ref in watched.backend.caches)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(top_k=-1), "top_k"),
-    (dict(min_p=1.5), "min_p"),
-    (dict(min_p=-0.1), "min_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(repetition_penalty=-1.0), "repetition_penalty"),
-    (dict(stop=("ok", "")), "stop"),
-    (dict(max_new_tokens=4096), "context"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(nonsense=1), "nonsense"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(top_k=-1), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+        (dict(stop=("ok", "")), "stop"),
+        (dict(max_new_tokens=4096), "context"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(nonsense=1), "nonsense"),
+    ],
+)
 def test_bad_input_is_a_clear_error(gen: Generator, kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(StlmError, match=needle):
         gen.generate("hello", **kwargs)

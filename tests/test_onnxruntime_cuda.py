@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fake_gpu import drive
 
 from stlm.errors import BackendUnavailableError
 from stlm.manifest import read_manifest
-
-from fake_gpu import drive
 
 
 @pytest.mark.parametrize("variant", ["hd16", "hd16-inplace"])

@@ -46,8 +46,9 @@ def reference(checkpoint: Path, package: Path) -> Reference:
 
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("dtype", LOW)
-def test_low_precision_package_generates_and_matches_transformers(dtype: str, kv: str, reference: Reference,
-                                                                 low_packages: dict[tuple[str, str], Path]) -> None:
+def test_low_precision_package_generates_and_matches_transformers(
+    dtype: str, kv: str, reference: Reference, low_packages: dict[tuple[str, str], Path]
+) -> None:
     report = verify_package(reference, low_packages[dtype, kv])
     assert report.accuracy_class == dtype
     assert report.passed, report.format()
@@ -55,20 +56,24 @@ def test_low_precision_package_generates_and_matches_transformers(dtype: str, kv
     gen = Generator.load(low_packages[dtype, kv])
     got = list(gen.complete([PROMPTS[0]], temperature=0, max_new_tokens=DEFAULT_STEPS)[0].token_ids)
     want = list(reference.tokens[0])
-    shared = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    shared = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), min(len(got), len(want)))
     assert shared == min(report.prompts[0].greedy_agree, len(got))
 
 
 @pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("dtype", LOW)
-def test_weights_are_stored_low_and_cast_to_fp32(dtype: str, kv: str, package: Path,
-                                                 low_packages: dict[tuple[str, str], Path]) -> None:
+def test_weights_are_stored_low_and_cast_to_fp32(
+    dtype: str, kv: str, package: Path, low_packages: dict[tuple[str, str], Path]
+) -> None:
     pkg = low_packages[dtype, kv]
     manifest = read_manifest(pkg)
     kv_dtype = "float32" if (dtype, kv) == ("bf16", "inplace") else NUMPY_NAME[dtype]  # type: ignore[index]
     assert manifest.dtype == dtype
     assert {k: manifest.variant[k] for k in ("weight_dtype", "compute_dtype", "kv_dtype")} == {
-        "weight_dtype": dtype, "compute_dtype": "fp32", "kv_dtype": kv_dtype}
+        "weight_dtype": dtype,
+        "compute_dtype": "fp32",
+        "kv_dtype": kv_dtype,
+    }
     assert manifest.contract.kv_dtype == kv_dtype and "fp32" in manifest.variant["precision_note"]
     model = onnx.load(str(pkg / "model.onnx"))
     low = {t.name for t in model.graph.initializer if t.data_type == ONNX_TYPE[dtype]}  # type: ignore[index]
@@ -95,8 +100,12 @@ def test_tensorrt_target_stays_a_true_low_precision_graph(dtype: str, checkpoint
 
 
 def test_precision_plan() -> None:
-    plan = {(d, t, kv): plan_precision(d, target=t, kv_cache=kv)  # type: ignore[arg-type]
-            for d in ("fp32", "fp16", "bf16") for t in ("onnxruntime", "tensorrt") for kv in KV}
+    plan = {
+        (d, t, kv): plan_precision(d, target=t, kv_cache=kv)  # type: ignore[arg-type]
+        for d in ("fp32", "fp16", "bf16")
+        for t in ("onnxruntime", "tensorrt")
+        for kv in KV
+    }
     for (d, t, kv), p in plan.items():
         assert p.weights == d
         assert p.compute == (d if t == "tensorrt" else "fp32")
@@ -105,13 +114,16 @@ def test_precision_plan() -> None:
     assert "GroupQueryAttention" in plan["bf16", "onnxruntime", "inplace"].note
 
 
-def _one_node_session(op: str, elem: int, inputs: list[int | None], outputs: int, domain: str = "",
-                      **attrs: object) -> None:
+def _one_node_session(
+    op: str, elem: int, inputs: list[int | None], outputs: int, domain: str = "", **attrs: object
+) -> None:
     names = [f"i{k}" if t is not None else "" for k, t in enumerate(inputs)]
     graph = helper.make_graph(
-        [helper.make_node(op, names, [f"o{k}" for k in range(outputs)], domain=domain, **attrs)], "probe",
-        [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, inputs) if t is not None],
-        [helper.make_tensor_value_info(f"o{k}", elem, None) for k in range(outputs)])
+        [helper.make_node(op, names, [f"o{k}" for k in range(outputs)], domain=domain, **attrs)],
+        "probe",
+        [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, inputs, strict=True) if t is not None],
+        [helper.make_tensor_value_info(f"o{k}", elem, None) for k in range(outputs)],
+    )
     imports = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = 10
@@ -126,25 +138,33 @@ def test_cpu_kernel_facts_the_design_rests_on() -> None:
     gains the kernels, this fails: revisit stlm.export.precision."""
     bf, fp16, i32 = TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.INT32
     assert "MatMul" in CPU_KERNEL_GAPS["bf16"] and "GroupQueryAttention" in CPU_KERNEL_GAPS["bf16"]
-    with pytest.raises(Exception, match="NOT_IMPLEMENTED.*MatMul"):
+    with pytest.raises(Exception, match=r"NOT_IMPLEMENTED.*MatMul"):
         _one_node_session("MatMul", bf, [bf, bf], 1)
     gqa = dict(domain="com.microsoft", num_heads=4, kv_num_heads=4, do_rotary=1)
-    with pytest.raises(Exception, match="NOT_IMPLEMENTED.*GroupQueryAttention"):
+    with pytest.raises(Exception, match=r"NOT_IMPLEMENTED.*GroupQueryAttention"):
         _one_node_session("GroupQueryAttention", bf, [bf, None, None, bf, bf, i32, i32, bf, bf], 3, **gqa)
     _one_node_session("GroupQueryAttention", fp16, [fp16, None, None, fp16, fp16, i32, i32, fp16, fp16], 3, **gqa)
     _one_node_session("LayerNormalization", bf, [bf, bf, bf], 1, axis=-1)
 
 
-def test_a_bf16_compute_graph_on_cpu_is_a_clear_error(checkpoint: Path,
-                                                      low_packages: dict[tuple[str, str], Path]) -> None:
+def test_a_bf16_compute_graph_on_cpu_is_a_clear_error(
+    checkpoint: Path, low_packages: dict[tuple[str, str], Path]
+) -> None:
     """A graph that computes in bf16 (what --dtype bf16 wrote before, and still writes for TensorRT)
     cannot run on ONNX Runtime's CPU provider: BackendUnavailableError naming the op and the fix."""
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "bf16-compute"
         shutil.copytree(low_packages["bf16", "concat"], pkg)
         manifest = read_manifest(pkg)
-        graph = build_decoder(load_model_config(checkpoint), SafetensorsCheckpoint(checkpoint), manifest.contract,
-                              "bf16", opset=18, data_path=None, kv_cache="concat")
+        graph = build_decoder(
+            load_model_config(checkpoint),
+            SafetensorsCheckpoint(checkpoint),
+            manifest.contract,
+            "bf16",
+            opset=18,
+            data_path=None,
+            kv_cache="concat",
+        )
         assert {t.data_type for t in graph.graph.initializer if t.name == "lm_head.weight"} == {TensorProto.BFLOAT16}
         onnx.save(graph, str(pkg / "model.onnx"))
         with pytest.raises(BackendUnavailableError, match="MatMul") as info:

@@ -32,13 +32,32 @@ def test_onnxruntime_reads_our_packing(bits: int) -> None:
     n, k = 40, 96
     w = rng.normal(0, 0.05, (n, k)).astype(np.float32)
     q = quantize_blockwise(w, bits)
-    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales, "scales"),
-             numpy_helper.from_array(q.zero_points, "zp")]
-    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=q.block_size, accuracy_level=0)
-    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    inits = [
+        numpy_helper.from_array(q.packed, "B"),
+        numpy_helper.from_array(q.scales, "scales"),
+        numpy_helper.from_array(q.zero_points, "zp"),
+    ]
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "scales", "zp"],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=q.block_size,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     x = rng.normal(0, 1, (3, k)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ dequantize(q).T, atol=1e-4)
@@ -59,8 +78,9 @@ def quantized(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 @pytest.mark.parametrize("quant, min_agreement, min_cosine", [("int8", 0.9, 0.999), ("int4", 0.75, 0.99)])
-def test_quantized_tiny_model_tracks_fp32(quant: str, min_agreement: float, min_cosine: float,
-                                          quantized: dict[str, Path], packages: dict[str, Path]) -> None:
+def test_quantized_tiny_model_tracks_fp32(
+    quant: str, min_agreement: float, min_cosine: float, quantized: dict[str, Path], packages: dict[str, Path]
+) -> None:
     """Top-1 agreement over 64 positions (teacher-forced on the fp32 greedy tokens) and logit cosine."""
     reference = packages["hd16-inplace"]
     prompt = np.random.default_rng(2).integers(0, 50000, 8).tolist()
@@ -72,8 +92,8 @@ def test_quantized_tiny_model_tracks_fp32(quant: str, min_agreement: float, min_
         logits = ref_backend.forward(cache, [[tokens[-1]]])[0]
     want = _teacher_forced_logits(reference, prompt, tokens)
     got = _teacher_forced_logits(quantized[quant], prompt, tokens)
-    agreement = np.mean([g.argmax() == w.argmax() for g, w in zip(got, want)])
-    cosine = np.mean([g @ w / np.linalg.norm(g) / np.linalg.norm(w) for g, w in zip(got, want)])
+    agreement = np.mean([g.argmax() == w.argmax() for g, w in zip(got, want, strict=True)])
+    cosine = np.mean([g @ w / np.linalg.norm(g) / np.linalg.norm(w) for g, w in zip(got, want, strict=True)])
     assert agreement >= min_agreement and cosine >= min_cosine, (agreement, cosine)
     manifest = read_manifest(quantized[quant])
     assert manifest.variant["quantization"]["bits"] == {"int8": 8, "int4": 4}[quant]
@@ -94,11 +114,20 @@ def test_bench_json_fields(package: Path) -> None:
 
     from stlm.cli import cli
 
-    result = CliRunner().invoke(cli, ["-q", "bench", str(package), "--prompt-len", "8", "--gen-len", "4",
-                                      "--runs", "1", "--warmup", "0", "--json"])
+    result = CliRunner().invoke(
+        cli,
+        ["-q", "bench", str(package), "--prompt-len", "8", "--gen-len", "4", "--runs", "1", "--warmup", "0", "--json"],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "token_ms_p50", "token_ms_p90", "token_ms_p99",
-                "peak_rss_mb"):
+    for key in (
+        "ttft_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "token_ms_p50",
+        "token_ms_p90",
+        "token_ms_p99",
+        "peak_rss_mb",
+    ):
         assert data[key] > 0, key
     assert data["backend"] == "onnxruntime" and data["batch"] == 1 and data["variant"]["kv_cache"] == "concat"

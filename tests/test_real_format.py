@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import neox_tokenizer
+
 from stlm.cli import cli
 from stlm.config import load_model_config
 from stlm.export.onnx_export import export_onnx
@@ -18,14 +18,23 @@ from stlm.export.published_checkpoint import Shape, make_published_checkpoint
 from stlm.export.weights import SafetensorsCheckpoint
 
 # Not the defaults (theta 10000, factor 0.25, eps 1e-5): a reader that ignored the 4.38 keys would differ.
-SHAPE = Shape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=172, rope_theta=5000.0,
-              partial_rotary_factor=0.5, layer_norm_eps=1e-6)
+SHAPE = Shape(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    intermediate_size=172,
+    rope_theta=5000.0,
+    partial_rotary_factor=0.5,
+    layer_norm_eps=1e-6,
+)
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_published_checkpoint(tmp_path_factory.mktemp("published") / "ckpt", neox_tokenizer(), shape=SHAPE,
-                                     seed=3, max_shard_bytes=4_000_000)
+    return make_published_checkpoint(
+        tmp_path_factory.mktemp("published") / "ckpt", neox_tokenizer(), shape=SHAPE, seed=3, max_shard_bytes=4_000_000
+    )
 
 
 def test_layout_is_the_published_one(published: Path) -> None:

@@ -34,7 +34,11 @@ def logits_of(probs: list[float]) -> np.ndarray:
 
 
 def reference_dist(
-    logits: np.ndarray, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    logits: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     min_p: float = 0.0,
 ) -> np.ndarray:
     """The final sampling distribution by the definitions: float64, full stable ranking."""
@@ -78,18 +82,44 @@ def test_defaults_and_conversions() -> None:
 
 
 BAD_PARAMS = [
-    ("max_new_tokens", 0), ("max_new_tokens", -5), ("max_new_tokens", 2.0),
-    ("max_new_tokens", True), ("max_new_tokens", "64"),
-    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf),
-    ("temperature", "0.7"), ("temperature", True),
-    ("top_k", -1), ("top_k", 2.5), ("top_k", 50.0), ("top_k", True), ("top_k", None),
-    ("top_p", 0.0), ("top_p", -0.5), ("top_p", 1.01), ("top_p", math.nan), ("top_p", "0.9"),
-    ("min_p", -0.1), ("min_p", 1.5), ("min_p", math.nan),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.1), ("repetition_penalty", math.nan),
+    ("max_new_tokens", 0),
+    ("max_new_tokens", -5),
+    ("max_new_tokens", 2.0),
+    ("max_new_tokens", True),
+    ("max_new_tokens", "64"),
+    ("temperature", -0.1),
+    ("temperature", math.nan),
+    ("temperature", math.inf),
+    ("temperature", "0.7"),
+    ("temperature", True),
+    ("top_k", -1),
+    ("top_k", 2.5),
+    ("top_k", 50.0),
+    ("top_k", True),
+    ("top_k", None),
+    ("top_p", 0.0),
+    ("top_p", -0.5),
+    ("top_p", 1.01),
+    ("top_p", math.nan),
+    ("top_p", "0.9"),
+    ("min_p", -0.1),
+    ("min_p", 1.5),
+    ("min_p", math.nan),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.1),
+    ("repetition_penalty", math.nan),
     ("repetition_penalty", math.inf),
-    ("seed", -1), ("seed", 1.5), ("seed", "42"), ("seed", True),
-    ("stop", ("",)), ("stop", ["ok", ""]), ("stop", (1,)), ("stop", None), ("stop", 5),
-    ("logprobs", "yes"), ("logprobs", 1),
+    ("seed", -1),
+    ("seed", 1.5),
+    ("seed", "42"),
+    ("seed", True),
+    ("stop", ("",)),
+    ("stop", ["ok", ""]),
+    ("stop", (1,)),
+    ("stop", None),
+    ("stop", 5),
+    ("logprobs", "yes"),
+    ("logprobs", 1),
 ]
 
 
@@ -235,8 +265,11 @@ def test_top_k_one_equals_greedy() -> None:
 
 def test_fixed_seed_reproduces() -> None:
     x = (np.random.default_rng(2).standard_normal(50304) * 2).astype(np.float32)
-    for params in (SamplingParams(temperature=0.8, top_k=50, top_p=0.95),
-                   SamplingParams(temperature=1.0), SamplingParams(top_p=0.9, min_p=0.02)):
+    for params in (
+        SamplingParams(temperature=0.8, top_k=50, top_p=0.95),
+        SamplingParams(temperature=1.0),
+        SamplingParams(top_p=0.9, min_p=0.02),
+    ):
         runs = []
         for _ in range(2):
             rng = make_rng(1234)
@@ -249,11 +282,13 @@ def test_sample_token_is_pure() -> None:
     x = (np.random.default_rng(4).standard_normal(1000)).astype(np.float32)
     before = x.copy()
     prev = np.array([1, 2, 3])
-    for params in (SamplingParams(temperature=0, repetition_penalty=1.5),
-                   SamplingParams(temperature=0.7, top_k=10, top_p=0.9, min_p=0.1,
-                                  repetition_penalty=1.5),
-                   SamplingParams(temperature=0.7), SamplingParams(top_p=0.5),
-                   SamplingParams(min_p=0.2)):
+    for params in (
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+        SamplingParams(temperature=0.7, top_k=10, top_p=0.9, min_p=0.1, repetition_penalty=1.5),
+        SamplingParams(temperature=0.7),
+        SamplingParams(top_p=0.5),
+        SamplingParams(min_p=0.2),
+    ):
         sample_token(x, params, make_rng(0), prev)
         np.testing.assert_array_equal(x, before)
 
@@ -299,8 +334,13 @@ def test_masked_tokens_are_never_sampled() -> None:
     allowed = [5, 700, 50303]
     x[allowed] = [0.0, 1.0, 0.5]
     rng = make_rng(0)
-    for params in (SamplingParams(), SamplingParams(top_p=0.99), SamplingParams(min_p=0.01),
-                   SamplingParams(top_k=10), SamplingParams(temperature=0)):
+    for params in (
+        SamplingParams(),
+        SamplingParams(top_p=0.99),
+        SamplingParams(min_p=0.01),
+        SamplingParams(top_k=10),
+        SamplingParams(temperature=0),
+    ):
         for _ in range(200):
             assert sample_token(x, params, rng)[0] in allowed
 
@@ -325,8 +365,7 @@ def test_bad_logits_and_ids_are_rejected() -> None:
     with pytest.raises(InvalidArgumentError, match=r"\(2, 3\)"):
         sample_token(np.zeros((2, 3), dtype=np.float32), params, make_rng(0))
     with pytest.raises(InvalidArgumentError, match="7"):
-        sample_token(np.zeros(4, dtype=np.float32), SamplingParams(repetition_penalty=1.1),
-                     make_rng(0), np.array([7]))
+        sample_token(np.zeros(4, dtype=np.float32), SamplingParams(repetition_penalty=1.1), make_rng(0), np.array([7]))
 
 
 def test_other_float_dtypes_are_accepted() -> None:

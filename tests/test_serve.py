@@ -30,8 +30,13 @@ from stlm.serve.metrics import parse_metrics
 from stlm.serve.scheduler import Job
 
 KEY = "test-key"
-PROMPTS = ["Hello world", "The capital of France is", "Once upon a time, in a land far away, there lived a "
-           "small model that dreamt of being large and wrote many stories about it.", ""]
+PROMPTS = [
+    "Hello world",
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a "
+    "small model that dreamt of being large and wrote many stories about it.",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,9 @@ def inplace_package(packages: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def server(inplace_package: Path) -> Iterator[BackgroundServer]:
-    service = load_service(ServeConfig(inplace_package, port=0, api_key=KEY, max_batch=4, max_queue=16, max_context=256,
-                                       prefill_chunk=16))
+    service = load_service(
+        ServeConfig(inplace_package, port=0, api_key=KEY, max_batch=4, max_queue=16, max_context=256, prefill_chunk=16)
+    )
     with BackgroundServer(service) as srv:
         yield srv
 
@@ -91,17 +97,22 @@ def greedy(client: openai.OpenAI, prompt: str, n: int = 24, **kw: Any) -> Any:
 
 def test_models_health_and_completion(server: BackgroundServer, client: openai.OpenAI, generator: Generator) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert http(f"{server.url}/health", key=None) == (200, {"status": "ok", "model": MODEL, "slots_in_use": 0,
-                                                            "queue_depth": 0})
+    assert http(f"{server.url}/health", key=None) == (
+        200,
+        {"status": "ok", "model": MODEL, "slots_in_use": 0, "queue_depth": 0},
+    )
     result = greedy(client, PROMPTS[1], 12)
     choice = result.choices[0]
     assert result.object == "text_completion" and choice.finish_reason == "length"
     assert choice.text == generator.generate(PROMPTS[1], max_new_tokens=12, temperature=0)
     prompt_tokens = len(generator.tokenizer.encode(PROMPTS[1]))
     assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
-        prompt_tokens, 12, prompt_tokens + 12)
+        prompt_tokens,
+        12,
+        prompt_tokens + 12,
+    )
     # a list of prompts: one choice each, in order; the empty prompt starts from BOS
-    several = client.completions.create(model=MODEL, prompt=PROMPTS[:2] + [""], max_tokens=5, temperature=0)
+    several = client.completions.create(model=MODEL, prompt=[*PROMPTS[:2], ""], max_tokens=5, temperature=0)
     assert [c.index for c in several.choices] == [0, 1, 2]
     assert several.choices[1].text == choice.text[: len(several.choices[1].text)]
     assert [c.finish_reason for c in several.choices] == ["length"] * 3 and several.usage.completion_tokens == 15
@@ -125,7 +136,7 @@ def test_stream_equals_non_stream(client: openai.OpenAI) -> None:
 
 def test_stop_strings(client: openai.OpenAI) -> None:
     full = greedy(client, PROMPTS[0], 30).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     expected = full[: full.index(stop)]
     result = greedy(client, PROMPTS[0], 30, stop=[stop, "never-appears"])
     assert (result.choices[0].text, result.choices[0].finish_reason) == (expected, "stop")
@@ -146,31 +157,37 @@ def test_api_key(server: BackgroundServer) -> None:
     assert http(f"{server.url}/health", key=None)[0] == 200
 
 
-@pytest.mark.parametrize(("body", "param", "code"), [
-    (b"{not json", None, "invalid_json"),
-    (b"[1, 2]", None, "invalid_json"),
-    (b'{"max_tokens": 4}', "prompt", "missing_field"),
-    (b'{"prompt": 42}', "prompt", "invalid_type"),
-    (b'{"prompt": [1, 2, 3]}', "prompt", "invalid_type"),
-    (b'{"prompt": "hi", "max_tokens": "5"}', "max_tokens", "invalid_type"),
-    (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens", "invalid_value"),
-    (b'{"prompt": "hi", "temperature": -1}', "temperature", "invalid_value"),
-    (b'{"prompt": "hi", "temperature": "hot"}', "temperature", "invalid_type"),
-    (b'{"prompt": "hi", "top_p": 1.5}', "top_p", "invalid_value"),
-    (b'{"prompt": "hi", "top_p": 0}', "top_p", "invalid_value"),
-    (b'{"prompt": "hi", "stream": "yes"}', "stream", "invalid_type"),
-    (b'{"prompt": "hi", "stop": [""]}', "stop", "invalid_type"),
-    (b'{"prompt": "hi", "n": 2}', "n", "unsupported_value"),
-    (b'{"prompt": "hi", "max_tokenz": 3}', "max_tokenz", "unknown_field"),
-    (b'{"prompt": "hi", "max_tokens": 300}', "max_tokens", "context_length_exceeded"),
-    (json.dumps({"prompt": "word " * 300}).encode(), "prompt", "context_length_exceeded"),
-])
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (b"{not json", None, "invalid_json"),
+        (b"[1, 2]", None, "invalid_json"),
+        (b'{"max_tokens": 4}', "prompt", "missing_field"),
+        (b'{"prompt": 42}', "prompt", "invalid_type"),
+        (b'{"prompt": [1, 2, 3]}', "prompt", "invalid_type"),
+        (b'{"prompt": "hi", "max_tokens": "5"}', "max_tokens", "invalid_type"),
+        (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens", "invalid_value"),
+        (b'{"prompt": "hi", "temperature": -1}', "temperature", "invalid_value"),
+        (b'{"prompt": "hi", "temperature": "hot"}', "temperature", "invalid_type"),
+        (b'{"prompt": "hi", "top_p": 1.5}', "top_p", "invalid_value"),
+        (b'{"prompt": "hi", "top_p": 0}', "top_p", "invalid_value"),
+        (b'{"prompt": "hi", "stream": "yes"}', "stream", "invalid_type"),
+        (b'{"prompt": "hi", "stop": [""]}', "stop", "invalid_type"),
+        (b'{"prompt": "hi", "n": 2}', "n", "unsupported_value"),
+        (b'{"prompt": "hi", "max_tokenz": 3}', "max_tokenz", "unknown_field"),
+        (b'{"prompt": "hi", "max_tokens": 300}', "max_tokens", "context_length_exceeded"),
+        (json.dumps({"prompt": "word " * 300}).encode(), "prompt", "context_length_exceeded"),
+    ],
+)
 def test_bad_requests_get_400(server: BackgroundServer, body: bytes, param: str | None, code: str) -> None:
     status, answer = http(f"{server.url}/v1/completions", body=body)
     assert status == 400, answer
     assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
     assert (answer["error"]["type"], answer["error"]["param"], answer["error"]["code"]) == (
-        "invalid_request_error", param, code)
+        "invalid_request_error",
+        param,
+        code,
+    )
 
 
 def test_bad_request_through_client(client: openai.OpenAI) -> None:
@@ -222,33 +239,44 @@ def test_queue_limit_counts_sequences_left_waiting(generator: Generator) -> None
 
 def test_disconnect_frees_the_slot(server: BackgroundServer, client: openai.OpenAI) -> None:
     before = metrics(server)
-    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=240, temperature=1.0, seed=3,
-                                       stream=True)
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=240, temperature=1.0, seed=3, stream=True
+    )
     chunks = iter(stream)
     for _ in range(3):
         next(chunks)
     stream.close()
     wait_for(lambda: metrics(server)["stlm_slots_in_use"] == 0)
     after = metrics(server)
-    assert after['stlm_sequences_total{reason="cancelled"}'] == before.get('stlm_sequences_total{reason="cancelled"}',
-                                                                         0) + 1
+    assert (
+        after['stlm_sequences_total{reason="cancelled"}']
+        == before.get('stlm_sequences_total{reason="cancelled"}', 0) + 1
+    )
     assert after["stlm_generated_tokens_total"] - before["stlm_generated_tokens_total"] < 240
     wait_for(lambda: metrics(server).get('stlm_requests_total{status="499"}', 0) >= 1)
     assert greedy(client, PROMPTS[1], 4).choices[0].finish_reason == "length"
     # a non-streamed request whose client hangs up is cancelled too
     body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 1.0}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
-                     + b"\r\n\r\n" + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         wait_for(lambda: metrics(server)["stlm_slots_in_use"] == 1)
     wait_for(lambda: metrics(server)["stlm_slots_in_use"] == 0)
-    assert metrics(server)['stlm_sequences_total{reason="cancelled"}'] == after[
-        'stlm_sequences_total{reason="cancelled"}'] + 1
+    assert (
+        metrics(server)['stlm_sequences_total{reason="cancelled"}']
+        == after['stlm_sequences_total{reason="cancelled"}'] + 1
+    )
 
 
-def test_greedy_same_alone_and_in_a_batch(server: BackgroundServer, client: openai.OpenAI,
-                                          generator: Generator) -> None:
+def test_greedy_same_alone_and_in_a_batch(
+    server: BackgroundServer, client: openai.OpenAI, generator: Generator
+) -> None:
     alone = [greedy(client, p, 32).choices[0].text for p in PROMPTS]
     # the runtime's own generator (whole prompt in one piece) agrees with the chunked server
     assert alone == [generator.generate(p, SamplingParams(max_new_tokens=32, temperature=0)) for p in PROMPTS]
@@ -257,8 +285,18 @@ def test_greedy_same_alone_and_in_a_batch(server: BackgroundServer, client: open
     def run(i: int) -> str:
         time.sleep(0.01 * i)  # staggered: later requests join a batch that is already decoding
         if i >= len(PROMPTS):  # sampled neighbours with their own seeds and lengths
-            return client.completions.create(model=MODEL, prompt=PROMPTS[i % 4], max_tokens=20 + 9 * i,
-                                             temperature=0.9, seed=i, extra_body={"top_k": 40}).choices[0].text
+            return (
+                client.completions.create(
+                    model=MODEL,
+                    prompt=PROMPTS[i % 4],
+                    max_tokens=20 + 9 * i,
+                    temperature=0.9,
+                    seed=i,
+                    extra_body={"top_k": 40},
+                )
+                .choices[0]
+                .text
+            )
         return greedy(client, PROMPTS[i], 32).choices[0].text
 
     for _ in range(2):
@@ -271,8 +309,9 @@ def test_greedy_same_alone_and_in_a_batch(server: BackgroundServer, client: open
     assert steps - single > 10, "the requests never shared a step"
 
 
-def test_a_failing_request_does_not_affect_others(server: BackgroundServer, client: openai.OpenAI,
-                                                  generator: Generator) -> None:
+def test_a_failing_request_does_not_affect_others(
+    server: BackgroundServer, client: openai.OpenAI, generator: Generator
+) -> None:
     doomed = generator.encode_prompt("this request is doomed")
     expected = greedy(client, PROMPTS[2], 32).choices[0].text
 
@@ -303,22 +342,33 @@ def test_a_failing_request_does_not_affect_others(server: BackgroundServer, clie
 def test_metrics_exposition(server: BackgroundServer) -> None:
     status, text = http(f"{server.url}/metrics")
     assert status == 200
-    for name in ("stlm_requests_total", "stlm_generated_tokens_total", "stlm_queue_depth", "stlm_running_batch_size",
-                 "stlm_slots_in_use", "stlm_slots_total", "stlm_request_latency_seconds",
-                 "stlm_time_to_first_token_seconds"):
+    for name in (
+        "stlm_requests_total",
+        "stlm_generated_tokens_total",
+        "stlm_queue_depth",
+        "stlm_running_batch_size",
+        "stlm_slots_in_use",
+        "stlm_slots_total",
+        "stlm_request_latency_seconds",
+        "stlm_time_to_first_token_seconds",
+    ):
         assert f"# TYPE {name} " in text
     samples = parse_metrics(text)
     assert samples["stlm_slots_total"] == 4 and samples['stlm_requests_total{status="200"}'] >= 1
     assert samples["stlm_request_latency_seconds_count"] == sum(
-        v for k, v in samples.items() if k.startswith("stlm_requests_total"))
+        v for k, v in samples.items() if k.startswith("stlm_requests_total")
+    )
 
 
 def test_server_imports_neither_torch_nor_transformers(inplace_package: Path) -> None:
-    script = ("import sys; from pathlib import Path; from stlm.serve import ServeConfig, create_app, load_service; "
-              "create_app(load_service(ServeConfig(Path(sys.argv[1])))); "
-              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
-    proc = subprocess.run([sys.executable, "-c", script, str(inplace_package)], capture_output=True, text=True,
-                          timeout=120)
+    script = (
+        "import sys; from pathlib import Path; from stlm.serve import ServeConfig, create_app, load_service; "
+        "create_app(load_service(ServeConfig(Path(sys.argv[1])))); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(inplace_package)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
@@ -338,11 +388,27 @@ def _free_port() -> int:
 
 def test_cli_serve_drains_on_sigterm(inplace_package: Path) -> None:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stlm", "serve", str(inplace_package), "--port", str(port),
-                             "--max-batch", "2", "--max-context", "300"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stlm",
+            "serve",
+            str(inplace_package),
+            "--port",
+            str(port),
+            "--max-batch",
+            "2",
+            "--max-context",
+            "300",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             assert proc.poll() is None, proc.communicate()[0]
             try:
@@ -352,8 +418,15 @@ def test_cli_serve_drains_on_sigterm(inplace_package: Path) -> None:
 
         wait_for(up, timeout=60)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=250, temperature=1.0, seed=1,
-                                           stream=True, stream_options={"include_usage": True})
+        stream = client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[0],
+            max_tokens=250,
+            temperature=1.0,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = iter(stream)
         received = [next(chunks)]
         proc.send_signal(signal.SIGTERM)

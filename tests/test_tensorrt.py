@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from fake_gpu import FakeCudart, drive, fake_tensorrt
 
 from stlm.cli import cli
 from stlm.config import ModelConfig, model_config_from_hf
@@ -24,25 +25,43 @@ from stlm.export.engine_manifest import REBUILD, check_engine_compat, version_ke
 from stlm.export.profiles import DECODE, PREFILL, Profile, engine_profiles, profile_shapes, select_profile
 from stlm.manifest import read_manifest, write_manifest
 
-from fake_gpu import FakeCudart, drive, fake_tensorrt
-
-HF_BASE: dict[str, Any] = dict(model_type="stablelm", architectures=["StableLmForCausalLM"], vocab_size=50304,
-                               max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.25)
+HF_BASE: dict[str, Any] = dict(
+    model_type="stablelm",
+    architectures=["StableLmForCausalLM"],
+    vocab_size=50304,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    partial_rotary_factor=0.25,
+)
 CONFIGS = {
-    "tiny": model_config_from_hf({**HF_BASE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                  "intermediate_size": 172}),
-    "stablelm-3b-4e1t": model_config_from_hf({**HF_BASE, "hidden_size": 2560, "num_hidden_layers": 32,
-                                              "num_attention_heads": 32, "num_key_value_heads": 32,
-                                              "intermediate_size": 6912}),
+    "tiny": model_config_from_hf(
+        {**HF_BASE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 172}
+    ),
+    "stablelm-3b-4e1t": model_config_from_hf(
+        {
+            **HF_BASE,
+            "hidden_size": 2560,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "intermediate_size": 6912,
+        }
+    ),
 }
 
 
 # -- optimization profiles ---------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("sizes", [dict(max_batch=1, max_seq_len=2), dict(max_batch=4, max_seq_len=None),
-                                   dict(max_batch=8, max_seq_len=2048, opt_batch=2, opt_seq_len=1000),
-                                   dict(max_batch=2, max_seq_len=64, prefill_chunk=64)])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(max_batch=1, max_seq_len=2),
+        dict(max_batch=4, max_seq_len=None),
+        dict(max_batch=8, max_seq_len=2048, opt_batch=2, opt_seq_len=1000),
+        dict(max_batch=2, max_seq_len=64, prefill_chunk=64),
+    ],
+)
 def test_profiles_cover_every_input_consistently(name: str, dtype: str, sizes: dict[str, Any]) -> None:
     cfg: ModelConfig = CONFIGS[name]
     contract = decoder_contract(cfg, dtype)  # type: ignore[arg-type]
@@ -54,7 +73,7 @@ def test_profiles_cover_every_input_consistently(name: str, dtype: str, sizes: d
         assert set(shapes) == {s.name for s in contract.inputs}
         for name_, (lo, opt, hi) in shapes.items():
             assert len(lo) == len(opt) == len(hi) == len(next(s for s in contract.inputs if s.name == name_).axes)
-            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (name_, lo, opt, hi)
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), (name_, lo, opt, hi)
         for k in range(3):  # kMIN, kOPT, kMAX must each satisfy the graph's shape constraints
             ids, mask, pos = shapes[INPUT_IDS][k], shapes[ATTENTION_MASK][k], shapes[POSITION_IDS][k]
             assert pos == ids
@@ -75,18 +94,21 @@ def test_profiles_cover_every_input_consistently(name: str, dtype: str, sizes: d
     assert prefill[past_name(0, "key")][2][2] == max_seq - chunk
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(max_batch=0), "--max-batch 0"),
-    (dict(max_batch=True), "--max-batch"),
-    (dict(max_batch="4"), "'4'"),
-    (dict(max_seq_len=5000), "--max-seq-len 5000"),
-    (dict(max_seq_len=1), "--max-seq-len 1"),
-    (dict(opt_batch=5), "--opt-batch 5"),
-    (dict(opt_seq_len=300, max_seq_len=256), "--opt-seq-len 300"),
-    (dict(opt_seq_len=0), "--opt-seq-len 0"),
-    (dict(prefill_chunk=1), "--prefill-chunk 1"),
-    (dict(prefill_chunk=2048, max_seq_len=1024), "--prefill-chunk 2048"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(max_batch=0), "--max-batch 0"),
+        (dict(max_batch=True), "--max-batch"),
+        (dict(max_batch="4"), "'4'"),
+        (dict(max_seq_len=5000), "--max-seq-len 5000"),
+        (dict(max_seq_len=1), "--max-seq-len 1"),
+        (dict(opt_batch=5), "--opt-batch 5"),
+        (dict(opt_seq_len=300, max_seq_len=256), "--opt-seq-len 300"),
+        (dict(opt_seq_len=0), "--opt-seq-len 0"),
+        (dict(prefill_chunk=1), "--prefill-chunk 1"),
+        (dict(prefill_chunk=2048, max_seq_len=1024), "--prefill-chunk 2048"),
+    ],
+)
 def test_profile_arguments_are_validated(kwargs: dict[str, Any], needle: str) -> None:
     args: dict[str, Any] = dict(max_batch=4, max_seq_len=None, context_length=4096)
     args.update(kwargs)
@@ -112,9 +134,17 @@ def test_runtime_picks_the_profile_for_each_step() -> None:
 # -- engine compatibility ----------------------------------------------------------------------
 def _extra(**overrides: Any) -> dict[str, Any]:
     profiles = engine_profiles(max_batch=2, max_seq_len=64, context_length=4096)
-    record = engine_extra(trt_version="11.2.1.2", gpu_name="NVIDIA A100-SXM4-80GB", compute_capability=(8, 0),
-                          precision="fp16", kv_dtype="float16", profiles=profiles, hardware_compat="none",
-                          builder_optimization_level=3, source_package="/data/stablelm-onnx")
+    record = engine_extra(
+        trt_version="11.2.1.2",
+        gpu_name="NVIDIA A100-SXM4-80GB",
+        compute_capability=(8, 0),
+        precision="fp16",
+        kv_dtype="float16",
+        profiles=profiles,
+        hardware_compat="none",
+        builder_optimization_level=3,
+        source_package="/data/stablelm-onnx",
+    )
     record.update(overrides)
     return json.loads(json.dumps(record))  # as read back from stlm.json
 
@@ -141,8 +171,9 @@ def test_engine_compat(overrides: dict[str, Any], version: str, cc: tuple[int, i
         check_engine_compat(extra, trt_version=version, compute_capability=cc, gpu_name="NVIDIA H100")
         return
     with pytest.raises(EngineCompatibilityError) as err:
-        check_engine_compat(extra, trt_version=version, compute_capability=cc, gpu_name="NVIDIA H100",
-                            engine_dir="/data/engine")
+        check_engine_compat(
+            extra, trt_version=version, compute_capability=cc, gpu_name="NVIDIA H100", engine_dir="/data/engine"
+        )
     message = str(err.value)
     for needle in needles:
         assert needle in message, (needle, message)
@@ -156,8 +187,9 @@ def test_engine_compat_message_without_paths_shows_the_generic_command() -> None
     assert REBUILD in str(err.value)
 
 
-@pytest.mark.parametrize("broken", [{"tensorrt_version": None}, {"compute_capability": "eight"},
-                                    {"hardware_compat": "turing_plus"}])
+@pytest.mark.parametrize(
+    "broken", [{"tensorrt_version": None}, {"compute_capability": "eight"}, {"hardware_compat": "turing_plus"}]
+)
 def test_engine_compat_broken_record_is_a_package_error(broken: dict[str, Any]) -> None:
     extra = {k: v for k, v in _extra().items() if k not in broken or broken[k] is not None}
     extra.update({k: v for k, v in broken.items() if v is not None})
@@ -192,8 +224,18 @@ def run_cli(*args: str) -> tuple[int, str]:
 @needs_no_tensorrt
 def test_build_engine_without_tensorrt_exits_2(package: Path, tmp_path: Path) -> None:
     out = tmp_path / "engine"
-    code, output = run_cli("build-engine", str(package), "-o", str(out), "--max-batch", "2", "--max-seq-len", "64",
-                           "--timing-cache", str(tmp_path / "t.cache"))
+    code, output = run_cli(
+        "build-engine",
+        str(package),
+        "-o",
+        str(out),
+        "--max-batch",
+        "2",
+        "--max-seq-len",
+        "64",
+        "--timing-cache",
+        str(tmp_path / "t.cache"),
+    )
     assert code == 2, output
     assert "Traceback" not in output
     assert "error: TensorRT is not installed" in output
@@ -201,13 +243,16 @@ def test_build_engine_without_tensorrt_exits_2(package: Path, tmp_path: Path) ->
     assert not out.exists() and not (tmp_path / "t.cache").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--max-seq-len", "99999"], "--max-seq-len 99999"),
-    (["--opt-batch", "9"], "--opt-batch 9"),
-    (["--builder-optimization-level", "7"], "--builder-optimization-level 7"),
-    (["--workspace-gib", "0"], "--workspace-gib 0"),
-    (["--hardware-compat", "turing"], "turing"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--max-seq-len", "99999"], "--max-seq-len 99999"),
+        (["--opt-batch", "9"], "--opt-batch 9"),
+        (["--builder-optimization-level", "7"], "--builder-optimization-level 7"),
+        (["--workspace-gib", "0"], "--workspace-gib 0"),
+        (["--hardware-compat", "turing"], "turing"),
+    ],
+)
 def test_build_engine_bad_arguments_exit_2(package: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     code, output = run_cli("build-engine", str(package), "-o", str(tmp_path / "engine"), *args)
     assert code == 2, output
@@ -229,26 +274,52 @@ def test_build_engine_refuses_non_empty_output(package: Path, tmp_path: Path) ->
 
 @needs_no_tensorrt
 def test_build_engine_subprocess_has_no_traceback(package: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "stlm", "build-engine", str(package), "-o", str(tmp_path / "e")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stlm", "build-engine", str(package), "-o", str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "error: TensorRT is not installed" in proc.stderr and "fix:" in proc.stderr
     assert proc.stdout == ""
 
 
-def make_engine_folder(package: Path, out: Path, *, engine: bytes = b"not an engine", max_batch: int = 2,
-                       max_seq_len: int = 64, prefill_chunk: int | None = None) -> Path:
+def make_engine_folder(
+    package: Path,
+    out: Path,
+    *,
+    engine: bytes = b"not an engine",
+    max_batch: int = 2,
+    max_seq_len: int = 64,
+    prefill_chunk: int | None = None,
+) -> Path:
     """An engine-kind package made by hand from an ONNX package (its model.engine is no real engine)."""
     manifest = read_manifest(package)
-    profiles = engine_profiles(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                               context_length=manifest.generation.context_length)
+    profiles = engine_profiles(
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        prefill_chunk=prefill_chunk,
+        context_length=manifest.generation.context_length,
+    )
     manifest = dataclasses.replace(
-        manifest, kind="tensorrt", graph=ENGINE_NAME,
+        manifest,
+        kind="tensorrt",
+        graph=ENGINE_NAME,
         generation=dataclasses.replace(manifest.generation, context_length=max_seq_len),
-        extra=engine_extra(trt_version="11.2.1", gpu_name="NVIDIA A100", compute_capability=(8, 0),
-                           precision=manifest.dtype, kv_dtype=manifest.contract.kv_dtype, profiles=profiles,
-                           hardware_compat="none", builder_optimization_level=3, source_package=str(package)))
+        extra=engine_extra(
+            trt_version="11.2.1",
+            gpu_name="NVIDIA A100",
+            compute_capability=(8, 0),
+            precision=manifest.dtype,
+            kv_dtype=manifest.contract.kv_dtype,
+            profiles=profiles,
+            hardware_compat="none",
+            builder_optimization_level=3,
+            source_package=str(package),
+        ),
+    )
     out.mkdir()
     (out / ENGINE_NAME).write_bytes(engine)
     shutil.copyfile(package / manifest.tokenizer, out / manifest.tokenizer)
@@ -271,8 +342,10 @@ def test_generate_engine_package_without_tensorrt_exits_2(package: Path, tmp_pat
 
 
 def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
-    code = ("import sys, stlm.runtime.tensorrt_backend, stlm.runtime.onnxruntime_cuda, stlm.export.engine; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'tensorrt')))")
+    code = (
+        "import sys, stlm.runtime.tensorrt_backend, stlm.runtime.onnxruntime_cuda, stlm.export.engine; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'tensorrt')))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -297,7 +370,7 @@ def test_tensorrt_backend_matches_onnxruntime_on_fake_gpu(fake_gpu: tuple[Path, 
     from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from stlm.runtime.tensorrt_backend import TensorRTBackend
 
-    engine, cudart = fake_gpu
+    engine, _cudart = fake_gpu
     trt_backend = TensorRTBackend(engine, read_manifest(engine))
     ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
     assert read_manifest(package).variant["kv_cache"] == "concat"
@@ -362,8 +435,15 @@ def engine_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     base = tmp_path_factory.mktemp("tensorrt")
     onnx_dir = export_onnx(checkpoint, base / "onnx", rotary="plugin", kv_cache="concat")
-    return build_engine(onnx_dir, base / "engine", max_batch=3, max_seq_len=64, opt_seq_len=16, prefill_chunk=8,
-                        timing_cache=base / "timing.cache")
+    return build_engine(
+        onnx_dir,
+        base / "engine",
+        max_batch=3,
+        max_seq_len=64,
+        opt_seq_len=16,
+        prefill_chunk=8,
+        timing_cache=base / "timing.cache",
+    )
 
 
 @pytest.mark.gpu

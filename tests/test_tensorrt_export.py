@@ -50,8 +50,9 @@ def test_plugin_graph_gives_the_plain_graphs_logits(trt_package: Path, package: 
     from stlm.plugins.partial_rotary.ort_op import ort_session_options_with_plugin_op, to_ort_extensions_model
 
     model = to_ort_extensions_model(onnx.load(str(trt_package / "model.onnx")))
-    plugin = ort.InferenceSession(model.SerializeToString(), ort_session_options_with_plugin_op(),
-                                  providers=["CPUExecutionProvider"])
+    plugin = ort.InferenceSession(
+        model.SerializeToString(), ort_session_options_with_plugin_op(), providers=["CPUExecutionProvider"]
+    )
     plain = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
     manifest = read_manifest(package)
     cfg = manifest.model
@@ -59,13 +60,16 @@ def test_plugin_graph_gives_the_plain_graphs_logits(trt_package: Path, package: 
     batch, seq = 2, 9
     mask = np.ones((batch, seq), np.int64)
     mask[0, :3] = 0
-    feeds = {"input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)), "attention_mask": mask,
-             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    feeds = {
+        "input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)),
+        "attention_mask": mask,
+        "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+    }
     for spec in manifest.contract.inputs[3:]:
         feeds[spec.name] = np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     want = plain.run(None, feeds)
     got = plugin.run(None, feeds)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert np.abs(g - w).max() <= 1e-4
 
 
@@ -82,7 +86,7 @@ def test_native_rotary_graph_gives_the_plain_graphs_logits(checkpoint: Path, pac
     feeds = _feeds(package)
     got = ort.InferenceSession(str(native / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     want = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert np.abs(g - w).max() <= 1e-4
 
 
@@ -100,8 +104,11 @@ def _feeds(package: Path) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(4)
     mask = np.ones((2, 7), np.int64)
     mask[1, :2] = 0
-    feeds = {"input_ids": rng.integers(0, cfg.vocab_size, (2, 7)), "attention_mask": mask,
-             "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
+    feeds = {
+        "input_ids": rng.integers(0, cfg.vocab_size, (2, 7)),
+        "attention_mask": mask,
+        "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+    }
     for spec in manifest.contract.inputs[3:]:
         feeds[spec.name] = np.zeros((2, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     return feeds

@@ -57,7 +57,7 @@ def test_encode_matches_transformers(tok: Tokenizer, hf, text: str) -> None:  # 
 
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_decode_matches_transformers(tok: Tokenizer, hf, text: str) -> None:  # type: ignore[no-untyped-def]
-    ids = tok.encode(text) + [0, 1]  # trailing specials: <|endoftext|>, <|padding|>
+    ids = [*tok.encode(text), 0, 1]  # trailing specials: <|endoftext|>, <|padding|>
     for skip in (True, False):
         assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
     assert tok.decode(np.array(ids, dtype=np.int64)) == hf.decode(ids, skip_special_tokens=True)
@@ -118,6 +118,6 @@ def test_missing_file_is_a_package_error(tmp_path: Path) -> None:
 def test_corrupt_file_is_a_package_error(tmp_path: Path) -> None:
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
-    with pytest.raises(PackageError, match="tokenizer.json") as info:
+    with pytest.raises(PackageError, match=r"tokenizer\.json") as info:
         Tokenizer.from_file(bad)
     assert info.value.fix

@@ -5,6 +5,7 @@ it cannot check with exit 2."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -21,8 +22,13 @@ from stlm.manifest import read_manifest, write_manifest
 from stlm.polygraphy_json import decode_array, encode_array, read_run_results, write_run_results
 from stlm.tolerance import ACCURACY_CLASSES, TOLERANCES, accuracy_class, looser
 
-CASES = {"fp32": {}, "fp16": {"dtype": "fp16"}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"},
-         "int4": {"quantize": "int4"}}
+CASES = {
+    "fp32": {},
+    "fp16": {"dtype": "fp16"},
+    "bf16": {"dtype": "bf16"},
+    "int8": {"quantize": "int8"},
+    "int4": {"quantize": "int4"},
+}
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -77,9 +83,9 @@ def test_verify_fails_on_a_perturbed_weight(checkpoint: Path, perturbed: Path, t
     assert checks["logits"]["passed"] is False and checks["logits"]["value"] > checks["logits"]["limit"]
 
 
-def test_saved_reference_is_polygraphy_run_results_and_verifies(checkpoint: Path, package: Path, perturbed: Path,
-                                                                dtype_packages: dict[str, Path],
-                                                                tmp_path: Path) -> None:
+def test_saved_reference_is_polygraphy_run_results_and_verifies(
+    checkpoint: Path, package: Path, perturbed: Path, dtype_packages: dict[str, Path], tmp_path: Path
+) -> None:
     ref = tmp_path / "ref.json"
     code, output = run_cli("verify", str(checkpoint), str(package), "--prompts", "2", "--save-reference", str(ref))
     assert code == 0, output
@@ -110,8 +116,7 @@ def _engine_folder(package: Path, out: Path) -> Path:
     return out
 
 
-def test_engine_packages_need_a_saved_reference_and_tensorrt(checkpoint: Path, package: Path,
-                                                           tmp_path: Path) -> None:
+def test_engine_packages_need_a_saved_reference_and_tensorrt(checkpoint: Path, package: Path, tmp_path: Path) -> None:
     engine = _engine_folder(package, tmp_path / "engine")
     code, output = run_cli("verify", str(checkpoint), str(engine))
     assert code == 2 and "--save-reference" in output and "Traceback" not in output
@@ -137,7 +142,7 @@ def test_verify_refuses_what_it_cannot_check(checkpoint: Path, package: Path, tm
 def test_tolerance_table_is_ordered_and_complete() -> None:
     rows = [TOLERANCES[c] for c in ACCURACY_CLASSES]
     assert set(TOLERANCES.to_dict()) == set(ACCURACY_CLASSES)
-    for tighter, looser_row in zip(rows, rows[1:]):
+    for tighter, looser_row in itertools.pairwise(rows):
         assert tighter.logits_rtol <= looser_row.logits_rtol
         assert tighter.min_top1 >= looser_row.min_top1 and tighter.min_greedy >= looser_row.min_greedy
     assert TOLERANCES["fp32"].min_top1 == 1.0 and TOLERANCES["int4"].logits_limit(10.0) > 1.0
@@ -151,6 +156,6 @@ def test_run_results_round_trip(tmp_path: Path) -> None:
     write_run_results(tmp_path / "r.json", [("runner-a", arrays)], extra={"note": {"x": 1}})
     runners, extra = read_run_results(tmp_path / "r.json")
     assert extra == {"note": {"x": 1}} and runners[0][0] == "runner-a"
-    for got, want in zip(runners[0][1], arrays):
+    for got, want in zip(runners[0][1], arrays, strict=True):
         np.testing.assert_array_equal(got["logits"], want["logits"])
     assert decode_array(encode_array(np.int64(7))) == 7

@@ -48,8 +48,14 @@ def rebuild_command(extra: Mapping[str, Any], engine_dir: str | None = None) -> 
     return command
 
 
-def check_engine_compat(manifest_extra: Mapping[str, Any], *, trt_version: str, compute_capability: tuple[int, int],
-                        gpu_name: str | None = None, engine_dir: str | None = None) -> None:
+def check_engine_compat(
+    manifest_extra: Mapping[str, Any],
+    *,
+    trt_version: str,
+    compute_capability: tuple[int, int],
+    gpu_name: str | None = None,
+    engine_dir: str | None = None,
+) -> None:
     """Raise :class:`EngineCompatibilityError` unless the engine described by ``manifest_extra``
     runs with TensorRT ``trt_version`` on a GPU of ``compute_capability``.
 
@@ -62,12 +68,16 @@ def check_engine_compat(manifest_extra: Mapping[str, Any], *, trt_version: str, 
         built_cc = tuple(int(x) for x in manifest_extra[COMPUTE_CAPABILITY])
         level = str(manifest_extra.get(HARDWARE_COMPAT, "none"))
     except (KeyError, TypeError, ValueError) as exc:
-        raise PackageError(f"{where} has no valid build record ({exc!r} missing or malformed in its stlm.json)",
-                           fix=f"rebuild it: {rebuild_command(manifest_extra, engine_dir)}") from None
+        raise PackageError(
+            f"{where} has no valid build record ({exc!r} missing or malformed in its stlm.json)",
+            fix=f"rebuild it: {rebuild_command(manifest_extra, engine_dir)}",
+        ) from None
     if level not in HARDWARE_COMPAT_LEVELS:
-        raise PackageError(f"{where} records the unknown hardware compatibility level {level!r} "
-                           f"(expected one of {', '.join(HARDWARE_COMPAT_LEVELS)})",
-                           fix=f"rebuild it: {rebuild_command(manifest_extra, engine_dir)}")
+        raise PackageError(
+            f"{where} records the unknown hardware compatibility level {level!r} "
+            f"(expected one of {', '.join(HARDWARE_COMPAT_LEVELS)})",
+            fix=f"rebuild it: {rebuild_command(manifest_extra, engine_dir)}",
+        )
     rebuild = rebuild_command(manifest_extra, engine_dir) + " --overwrite"
     built_gpu = manifest_extra.get(GPU_NAME)
     built_on = f"compute capability {format_capability(built_cc)}" + (f" ({built_gpu})" if built_gpu else "")
@@ -76,17 +86,20 @@ def check_engine_compat(manifest_extra: Mapping[str, Any], *, trt_version: str, 
         raise EngineCompatibilityError(
             f"{where} was built with TensorRT {built_version}, but this machine has TensorRT {trt_version}; "
             "a TensorRT engine only loads in the TensorRT version that built it",
-            fix=f"rebuild the engine with this TensorRT: {rebuild} (or install TensorRT {built_version})")
+            fix=f"rebuild the engine with this TensorRT: {rebuild} (or install TensorRT {built_version})",
+        )
     if level == "ampere_plus":
         if tuple(compute_capability) < AMPERE:
             raise EngineCompatibilityError(
                 f"{where} was built with hardware compatibility 'ampere_plus' (GPUs of compute capability "
                 f"{format_capability(AMPERE)} or newer) on {built_on}; this GPU has {here}",
-                fix=f"run it on an Ampere-or-newer GPU, or rebuild it on this GPU: {rebuild}")
+                fix=f"run it on an Ampere-or-newer GPU, or rebuild it on this GPU: {rebuild}",
+            )
         return
     if tuple(compute_capability) != built_cc:
         raise EngineCompatibilityError(
             f"{where} was built for {built_on}, but this GPU has {here}; an engine built without hardware "
             "compatibility runs only on GPUs of the compute capability it was built on",
             fix=f"rebuild it on this GPU: {rebuild}, or build with --hardware-compat ampere_plus "
-                "to run one engine on any Ampere-or-newer GPU")
+            "to run one engine on any Ampere-or-newer GPU",
+        )

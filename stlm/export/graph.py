@@ -35,9 +35,9 @@ from stlm.contract import (
     present_name,
 )
 from stlm.dtypes import DType
+from stlm.export.onnx_builder import NP_DTYPE, ONNX_ELEM, GraphBuilder, InitializerStore
 from stlm.export.precision import Precision
 from stlm.export.quantize import QUANT_BITS, quantize_blockwise
-from stlm.export.onnx_builder import NP_DTYPE, ONNX_ELEM, GraphBuilder, InitializerStore
 from stlm.export.rotary import gqa_rotary_layout, rope_tables, rotary_caches, rotary_plain
 from stlm.export.weights import SafetensorsCheckpoint
 
@@ -50,6 +50,7 @@ ACCURACY_LEVEL = 4
 # With --quantize int4 the LM head stays at 8 bits: it decides every token, and int8 keeps it close.
 LM_HEAD_BITS = 8
 Progress = Callable[[str, int, int], None]
+
 
 def estimate_weight_bytes(cfg: ModelConfig, dtype: DType) -> int:
     """Bytes of all weights of ``cfg`` in ``dtype`` (to choose inline vs external data)."""
@@ -70,10 +71,19 @@ def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bits: int | 
     if bits is None:
         return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(weight.T)))
     q = quantize_blockwise(weight, bits)
-    return g.op("MatMulNBits", x, g.store.add(f"{name}.q{bits}", q.packed),
-                g.weight(f"{name}.scales", q.scales),
-                g.store.add(f"{name}.zero_points", q.zero_points), domain="com.microsoft",
-                K=q.k, N=q.n, bits=bits, block_size=q.block_size, accuracy_level=ACCURACY_LEVEL)
+    return g.op(
+        "MatMulNBits",
+        x,
+        g.store.add(f"{name}.q{bits}", q.packed),
+        g.weight(f"{name}.scales", q.scales),
+        g.store.add(f"{name}.zero_points", q.zero_points),
+        domain="com.microsoft",
+        K=q.k,
+        N=q.n,
+        bits=bits,
+        block_size=q.block_size,
+        accuracy_level=ACCURACY_LEVEL,
+    )
 
 
 def _layer_norm(g: GraphBuilder, x: str, ckpt: SafetensorsCheckpoint, prefix: str, cfg: ModelConfig) -> str:
@@ -94,13 +104,21 @@ def _repeat_kv(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
     shape = g.op("Shape", x)
     b_kv = g.op("Slice", shape, g.const([0]), g.const([2]), g.const([0]))
     t_d = g.op("Slice", shape, g.const([2]), g.const([4]), g.const([0]))
-    expanded = g.op("Expand", g.op("Unsqueeze", x, g.const([2])),
-                    g.op("Concat", b_kv, g.const([rep]), t_d, axis=0))
+    expanded = g.op("Expand", g.op("Unsqueeze", x, g.const([2])), g.op("Concat", b_kv, g.const([rep]), t_d, axis=0))
     return g.op("Reshape", expanded, g.const([0, cfg.num_heads, -1, cfg.head_dim]))
 
 
-def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
-               rope: tuple[str, str], allowed: str, rotary: Rotary, bits: int | None) -> str:
+def _attention(
+    g: GraphBuilder,
+    h: str,
+    i: int,
+    ckpt: SafetensorsCheckpoint,
+    cfg: ModelConfig,
+    rope: tuple[str, str],
+    allowed: str,
+    rotary: Rotary,
+    bits: int | None,
+) -> str:
     p = f"model.layers.{i}.self_attn"
     dtype = g.compute
     qkv = _linear(g, h, f"{p}.qkv_proj.weight", _weights_nk(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"]), bits)
@@ -111,14 +129,26 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
     q, k, v = g.op("Split", qkv, g.const([cfg.hidden_size, kv_width, kv_width]), axis=2, outputs=3)
     q, k, v = _heads(g, q, cfg.num_heads, cfg), _heads(g, k, cfg.num_kv_heads, cfg), _heads(g, v, cfg.num_kv_heads, cfg)
     if rotary == "native":  # ONNX RotaryEmbedding-23: (batch, heads, seq, head_dim), partial via rotary_embedding_dim
-        q, k = (g.op("RotaryEmbedding", x, *rope, POSITION_IDS, interleaved=0, rotary_embedding_dim=cfg.rotary_dim)
-                for x in (q, k))
+        q, k = (
+            g.op("RotaryEmbedding", x, *rope, POSITION_IDS, interleaved=0, rotary_embedding_dim=cfg.rotary_dim)
+            for x in (q, k)
+        )
     elif rotary == "plugin":
         from stlm.plugins.partial_rotary.spec import make_onnx_node
 
         q_r, k_r = f"/layers.{i}/rotary/q_out", f"/layers.{i}/rotary/k_out"
-        g.nodes.append(make_onnx_node(q, k, POSITION_IDS, q_r, k_r, rotary_dim=cfg.rotary_dim,
-                                      theta=cfg.rope_theta, name=f"/layers.{i}/partial_rotary"))
+        g.nodes.append(
+            make_onnx_node(
+                q,
+                k,
+                POSITION_IDS,
+                q_r,
+                k_r,
+                rotary_dim=cfg.rotary_dim,
+                theta=cfg.rope_theta,
+                name=f"/layers.{i}/partial_rotary",
+            )
+        )
         q, k = q_r, k_r
     else:
         q, k = rotary_plain(g, q, *rope, cfg), rotary_plain(g, k, *rope, cfg)
@@ -127,7 +157,7 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
     v_all = g.op("Concat", past_name(i, "value"), g.cast(v, g.weights), axis=2, out_names=[present_name(i, "value")])
     k_all, v_all = _repeat_kv(g, g.cast(k_all, dtype), cfg), _repeat_kv(g, g.cast(v_all, dtype), cfg)
     scores = g.op("MatMul", q, g.op("Transpose", k_all, perm=[0, 1, 3, 2]))
-    scores = g.op("Mul", scores, g.const(cfg.head_dim ** -0.5, dtype))
+    scores = g.op("Mul", scores, g.const(cfg.head_dim**-0.5, dtype))
     scores = g.op("Where", allowed, scores, g.const(float(ml_dtypes.finfo(dtype).min), dtype))
     probs = g.op("Softmax", scores, axis=-1)
     ctx = g.op("MatMul", probs, v_all)
@@ -135,8 +165,17 @@ def _attention(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg
     return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
 
 
-def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig,
-                       kv: np.dtype, caches: tuple[str, str], perm: np.ndarray, bits: int | None) -> str:
+def _attention_inplace(
+    g: GraphBuilder,
+    h: str,
+    i: int,
+    ckpt: SafetensorsCheckpoint,
+    cfg: ModelConfig,
+    kv: np.dtype,
+    caches: tuple[str, str],
+    perm: np.ndarray,
+    bits: int | None,
+) -> str:
     """Attention through ONNX Runtime's GroupQueryAttention: KV (in dtype ``kv``, which the op also
     computes in) written in place, rotary fused."""
     p = f"model.layers.{i}.self_attn"
@@ -145,21 +184,51 @@ def _attention_inplace(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpo
         w = ckpt.read(name, np.float32)
         return w.reshape(heads, cfg.head_dim, -1)[:, perm].reshape(w.shape)
 
-    weights = [permuted(f"{p}.q_proj.weight", cfg.num_heads), permuted(f"{p}.k_proj.weight", cfg.num_kv_heads),
-               ckpt.read(f"{p}.v_proj.weight", np.float32)]
+    weights = [
+        permuted(f"{p}.q_proj.weight", cfg.num_heads),
+        permuted(f"{p}.k_proj.weight", cfg.num_kv_heads),
+        ckpt.read(f"{p}.v_proj.weight", np.float32),
+    ]
     qkv = _linear(g, h, f"{p}.qkv_proj.weight", np.concatenate(weights), bits)
     if cfg.use_qkv_bias:
-        biases = [permuted(f"{p}.q_proj.bias", cfg.num_heads), permuted(f"{p}.k_proj.bias", cfg.num_kv_heads),
-                  ckpt.read(f"{p}.v_proj.bias", np.float32)]
+        biases = [
+            permuted(f"{p}.q_proj.bias", cfg.num_heads),
+            permuted(f"{p}.k_proj.bias", cfg.num_kv_heads),
+            ckpt.read(f"{p}.v_proj.bias", np.float32),
+        ]
         qkv = g.op("Add", qkv, g.weight(f"{p}.qkv_proj.bias", np.concatenate(biases)))
     if kv != g.compute:
         qkv = g.op("Cast", qkv, to=ONNX_ELEM[kv.name])
-    inputs = [qkv, "", "", past_name(i, "key"), past_name(i, "value"), SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
-              *caches, "", "", "", "", "", "", "", QUERY_SEQLENS]
-    ctx, _, _ = g.op("GroupQueryAttention", *inputs, domain="com.microsoft", name=f"/layers.{i}/attention",
-               out_names=[f"/layers.{i}/attention/out", present_name(i, "key"), present_name(i, "value")],
-               num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-               scale=cfg.head_dim ** -0.5)
+    inputs = [
+        qkv,
+        "",
+        "",
+        past_name(i, "key"),
+        past_name(i, "value"),
+        SEQLENS_K,
+        TOTAL_SEQUENCE_LENGTH,
+        *caches,
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        QUERY_SEQLENS,
+    ]
+    ctx, _, _ = g.op(
+        "GroupQueryAttention",
+        *inputs,
+        domain="com.microsoft",
+        name=f"/layers.{i}/attention",
+        out_names=[f"/layers.{i}/attention/out", present_name(i, "key"), present_name(i, "value")],
+        num_heads=cfg.num_heads,
+        kv_num_heads=cfg.num_kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,
+        scale=cfg.head_dim**-0.5,
+    )
     if kv != g.compute:
         ctx = g.op("Cast", ctx, to=ONNX_ELEM[g.compute.name])
     return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
@@ -174,8 +243,9 @@ def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
 
 def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, bits: int | None) -> str:
     p = f"model.layers.{i}.mlp"
-    gate_up = _linear(g, h, f"{p}.gate_up_proj.weight",
-                      _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), bits)
+    gate_up = _linear(
+        g, h, f"{p}.gate_up_proj.weight", _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), bits
+    )
     gate, up = g.op("Split", gate_up, g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), bits)
@@ -193,10 +263,20 @@ def _causal_padding_mask(g: GraphBuilder) -> str:
     return g.op("And", causal, keep)
 
 
-def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contract, dtype: DType, *,
-                  opset: int, data_path: Path | None, rotary: Rotary = "plain", kv_cache: str = "concat",
-                  quantize: str | None = None, precision: Precision | None = None,
-                  progress: Progress | None = None) -> onnx.ModelProto:
+def build_decoder(
+    cfg: ModelConfig,
+    ckpt: SafetensorsCheckpoint,
+    contract: Contract,
+    dtype: DType,
+    *,
+    opset: int,
+    data_path: Path | None,
+    rotary: Rotary = "plain",
+    kv_cache: str = "concat",
+    quantize: str | None = None,
+    precision: Precision | None = None,
+    progress: Progress | None = None,
+) -> onnx.ModelProto:
     """Build the decoder graph for ``cfg`` with ``ckpt``'s weights in ``dtype``.
 
     ``precision``: the weight / compute / KV dtypes (:func:`stlm.export.precision.plan_precision`);
@@ -241,10 +321,12 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
         if inplace:
             x = _last_valid(g, x, cfg)
         x = _layer_norm(g, x, ckpt, "model.norm", cfg)
-        head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt \
-            else "lm_head.weight"
-        logits = _linear(g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]),
-                         None if bits is None else max(bits, LM_HEAD_BITS))
+        head_name = (
+            "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
+        )
+        logits = _linear(
+            g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]), None if bits is None else max(bits, LM_HEAD_BITS)
+        )
         if plan.compute != "fp32":
             g.op("Cast", logits, to=TensorProto.FLOAT, out_names=[LOGITS])
         else:
@@ -255,10 +337,13 @@ def build_decoder(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, contract: Contr
     def value_info(spec: Any) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(spec.name, ONNX_ELEM[spec.dtype], list(spec.axes))
 
-    graph = helper.make_graph(g.nodes, "stlm_stablelm_decoder",
-                              [value_info(s) for s in contract.inputs],
-                              [value_info(s) for s in contract.outputs],
-                              initializer=store.tensors)
+    graph = helper.make_graph(
+        g.nodes,
+        "stlm_stablelm_decoder",
+        [value_info(s) for s in contract.inputs],
+        [value_info(s) for s in contract.outputs],
+        initializer=store.tensors,
+    )
     imports = [helper.make_opsetid("", opset)]
     if inplace or bits:
         imports.append(helper.make_opsetid("com.microsoft", 1))

@@ -13,11 +13,19 @@ from onnx import TensorProto, helper
 
 from stlm.dtypes import DType
 
-NP_DTYPE: dict[DType, np.dtype] = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16),
-                                   "bf16": np.dtype(ml_dtypes.bfloat16)}
-ONNX_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-              "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
-              "uint8": TensorProto.UINT8}
+NP_DTYPE: dict[DType, np.dtype] = {
+    "fp32": np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+}
+ONNX_ELEM = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "uint8": TensorProto.UINT8,
+}
 
 
 class InitializerStore:
@@ -40,8 +48,11 @@ class InitializerStore:
             self._file.write(array.tobytes())
             tensor = TensorProto(name=name, data_type=elem, dims=array.shape)
             tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", self.data_path.name), ("offset", str(offset)),  # type: ignore[union-attr]
-                               ("length", str(array.nbytes))):
+            for key, value in (
+                ("location", self.data_path.name),
+                ("offset", str(offset)),  # type: ignore[union-attr]
+                ("length", str(array.nbytes)),
+            ):
                 tensor.external_data.add(key=key, value=value)
         self.nbytes += array.nbytes
         self.tensors.append(tensor)
@@ -57,7 +68,9 @@ class InitializerStore:
 class GraphBuilder:
     """Emits ONNX nodes with unique names; ``weights``/``compute``: dtypes of stored weights, activations."""
 
-    def __init__(self, store: InitializerStore, weights: np.dtype | None = None, compute: np.dtype | None = None) -> None:
+    def __init__(
+        self, store: InitializerStore, weights: np.dtype | None = None, compute: np.dtype | None = None
+    ) -> None:
         self.store = store
         self.weights = np.dtype(weights or np.float32)
         self.compute = np.dtype(compute or self.weights)
@@ -69,8 +82,16 @@ class GraphBuilder:
         self._count += 1
         return f"/{hint}_{self._count}"
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
-           domain: str = "", out_names: Sequence[str] | None = None, **attrs: Any) -> Any:
+    def op(
+        self,
+        op_type: str,
+        *inputs: str,
+        outputs: int = 1,
+        name: str | None = None,
+        domain: str = "",
+        out_names: Sequence[str] | None = None,
+        **attrs: Any,
+    ) -> Any:
         """Append a node; returns its output name (or a list when ``outputs`` > 1)."""
         node_name = name or self._fresh(op_type)
         outs = list(out_names) if out_names else [f"{node_name}/out{i}" for i in range(outputs)]

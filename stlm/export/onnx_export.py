@@ -50,11 +50,19 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int = 18,
-                target: str | None = None, rotary: Rotary | None = None, kv_cache: str | None = None,
-                quantize: str | None = None,
-                overwrite: bool = False,
-                progress: Progress | None = None) -> Path:
+def export_onnx(
+    model: str | Path,
+    out: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = 18,
+    target: str | None = None,
+    rotary: Rotary | None = None,
+    kv_cache: str | None = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
     """Export checkpoint ``model`` (folder or hub id) to the package folder ``out``; return ``out``.
 
     The folder is written under a temporary name and renamed when complete, so a failed export
@@ -65,14 +73,18 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
     """
     target = target or ("tensorrt" if rotary in TENSORRT_ROTARIES else "onnxruntime")
     if target not in ("onnxruntime", "tensorrt"):
-        raise InvalidArgumentError(f"unknown target {target!r}; expected onnxruntime or tensorrt",
-                                   fix="pass --target onnxruntime or --target tensorrt")
+        raise InvalidArgumentError(
+            f"unknown target {target!r}; expected onnxruntime or tensorrt",
+            fix="pass --target onnxruntime or --target tensorrt",
+        )
     tensorrt = target == "tensorrt"
     if rotary is None:
         rotary = "plugin" if tensorrt else "plain"
     if tensorrt != (rotary in TENSORRT_ROTARIES):
-        raise InvalidArgumentError(f"rotary {rotary!r} does not go with target {target!r}",
-                                   fix="--rotary plugin|native applies to --target tensorrt only")
+        raise InvalidArgumentError(
+            f"rotary {rotary!r} does not go with target {target!r}",
+            fix="--rotary plugin|native applies to --target tensorrt only",
+        )
     kv_cache = kv_cache or ("concat" if tensorrt else "inplace")
     if rotary == "native" and opset < NATIVE_ROTARY_OPSET:
         log.info("ONNX RotaryEmbedding needs opset %d: exporting at opset %d", NATIVE_ROTARY_OPSET, NATIVE_ROTARY_OPSET)
@@ -95,26 +107,44 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
         )
     ckpt = SafetensorsCheckpoint(checkpoint)
     if kv_cache not in KV_CACHE_KINDS:
-        raise InvalidArgumentError(f"unknown KV cache kind {kv_cache!r}; expected one of {', '.join(KV_CACHE_KINDS)}",
-                                   fix="pass --kv-cache inplace (ONNX Runtime, fastest) or concat (portable)")
+        raise InvalidArgumentError(
+            f"unknown KV cache kind {kv_cache!r}; expected one of {', '.join(KV_CACHE_KINDS)}",
+            fix="pass --kv-cache inplace (ONNX Runtime, fastest) or concat (portable)",
+        )
     if kv_cache == "inplace" and tensorrt:
-        raise InvalidArgumentError("the TensorRT target needs --kv-cache concat (got inplace)",
-                                   fix="pass --kv-cache concat with --target tensorrt")
+        raise InvalidArgumentError(
+            "the TensorRT target needs --kv-cache concat (got inplace)",
+            fix="pass --kv-cache concat with --target tensorrt",
+        )
     if quantize is not None and quantize not in QUANT_BITS:
-        raise InvalidArgumentError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_BITS)}",
-                                   fix="pass --quantize int8 or --quantize int4, or omit it")
+        raise InvalidArgumentError(
+            f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_BITS)}",
+            fix="pass --quantize int8 or --quantize int4, or omit it",
+        )
     if quantize is not None and tensorrt:
-        raise InvalidArgumentError(f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT "
-                                   "target does not take", fix="omit --quantize with --target tensorrt")
+        raise InvalidArgumentError(
+            f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT target does not take",
+            fix="omit --quantize with --target tensorrt",
+        )
     precision = plan_precision(kind, target="tensorrt" if tensorrt else "onnxruntime", kv_cache=kv_cache)
     contract = decoder_contract(cfg, precision.kv, kv_cache)
     external = estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD
 
     start = time.perf_counter()
     with staged_folder(out) as tmp:
-        graph = build_decoder(cfg, ckpt, contract, kind, opset=opset, rotary=rotary, kv_cache=kv_cache,
-                              quantize=quantize, precision=precision, progress=progress,
-                              data_path=tmp / DATA_NAME if external else None)
+        graph = build_decoder(
+            cfg,
+            ckpt,
+            contract,
+            kind,
+            opset=opset,
+            rotary=rotary,
+            kv_cache=kv_cache,
+            quantize=quantize,
+            precision=precision,
+            progress=progress,
+            data_path=tmp / DATA_NAME if external else None,
+        )
         (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
         del graph
         onnx.checker.check_model(str(tmp / GRAPH_NAME))
@@ -134,13 +164,29 @@ def export_onnx(model: str | Path, out: Path, *, dtype: str = "fp32", opset: int
                 pad_token_id=cfg.eos_token_id,
                 context_length=cfg.max_position_embeddings,
             ),
-            versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-                      "opset": opset, "exporter": "stlm.export.graph"},
-            variant={"target": "tensorrt" if tensorrt else "onnxruntime", "rotary": rotary,
-                     "kv_cache": kv_cache, "quantization": None if quantize is None else {
-                         "method": "MatMulNBits", "bits": QUANT_BITS[quantize], "block_size": BLOCK_SIZE,
-                         "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS), "accuracy_level": ACCURACY_LEVEL}, "external_data": external,
-                     **precision.to_variant()},
+            versions={
+                "stlm": stlm.__version__,
+                "onnx": onnx.__version__,
+                "numpy": np.__version__,
+                "opset": opset,
+                "exporter": "stlm.export.graph",
+            },
+            variant={
+                "target": "tensorrt" if tensorrt else "onnxruntime",
+                "rotary": rotary,
+                "kv_cache": kv_cache,
+                "quantization": None
+                if quantize is None
+                else {
+                    "method": "MatMulNBits",
+                    "bits": QUANT_BITS[quantize],
+                    "block_size": BLOCK_SIZE,
+                    "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS),
+                    "accuracy_level": ACCURACY_LEVEL,
+                },
+                "external_data": external,
+                **precision.to_variant(),
+            },
             extra={"source": str(model)},
         )
         write_manifest(tmp, manifest)

@@ -34,10 +34,38 @@ from stlm.dtypes import NUMPY_NAME, DType
 #       function body; Cos/Sin are not defined for bf16 by ONNX at all.
 CPU_KERNEL_GAPS: Final[dict[DType, tuple[str, ...]]] = {
     "fp32": (),
-    "fp16": ("MatMul", "Gemm", "Add", "Sub", "Mul", "Neg", "Sigmoid", "Softmax", "Where", "Cos", "Sin",
-             "MultiHeadAttention"),
-    "bf16": ("MatMul", "Gemm", "Add", "Sub", "Mul", "Neg", "Sigmoid", "Softmax", "Where", "Expand", "Cos", "Sin",
-             "GroupQueryAttention", "MatMulNBits", "RotaryEmbedding", "MultiHeadAttention"),
+    "fp16": (
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Sub",
+        "Mul",
+        "Neg",
+        "Sigmoid",
+        "Softmax",
+        "Where",
+        "Cos",
+        "Sin",
+        "MultiHeadAttention",
+    ),
+    "bf16": (
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Sub",
+        "Mul",
+        "Neg",
+        "Sigmoid",
+        "Softmax",
+        "Where",
+        "Expand",
+        "Cos",
+        "Sin",
+        "GroupQueryAttention",
+        "MatMulNBits",
+        "RotaryEmbedding",
+        "MultiHeadAttention",
+    ),
 }
 TARGETS: Final = ("onnxruntime", "tensorrt")
 
@@ -58,8 +86,12 @@ class Precision:
 
     def to_variant(self) -> dict[str, Any]:
         """Manifest ``variant`` entries."""
-        return {"weight_dtype": self.weights, "compute_dtype": self.compute, "kv_dtype": NUMPY_NAME[self.kv],
-                "precision_note": self.note}
+        return {
+            "weight_dtype": self.weights,
+            "compute_dtype": self.compute,
+            "kv_dtype": NUMPY_NAME[self.kv],
+            "precision_note": self.note,
+        }
 
 
 def plan_precision(dtype: DType, *, target: str, kv_cache: str) -> Precision:
@@ -67,17 +99,29 @@ def plan_precision(dtype: DType, *, target: str, kv_cache: str) -> Precision:
     if dtype == "fp32":
         return Precision("fp32", "fp32", "fp32")
     if target == "tensorrt":
-        return Precision(dtype, dtype, dtype, f"true {dtype} compute graph: TensorRT's strongly typed network takes "
-                                              "its precision from the ONNX dtypes")
+        return Precision(
+            dtype,
+            dtype,
+            dtype,
+            f"true {dtype} compute graph: TensorRT's strongly typed network takes its precision from the ONNX dtypes",
+        )
     gaps = ", ".join(CPU_KERNEL_GAPS[dtype][:8])
-    note = (f"weights stored in {dtype} (half the disk of fp32) with a Cast to fp32 after each initializer, "
-            f"computed in fp32: ONNX Runtime's CPU provider has no {dtype} kernel for {gaps}, ...; the casts are "
-            "folded when the session is created, so a session holds fp32 weights (same RAM as fp32)")
+    note = (
+        f"weights stored in {dtype} (half the disk of fp32) with a Cast to fp32 after each initializer, "
+        f"computed in fp32: ONNX Runtime's CPU provider has no {dtype} kernel for {gaps}, ...; the casts are "
+        "folded when the session is created, so a session holds fp32 weights (same RAM as fp32)"
+    )
     if kv_cache == "inplace" and dtype == "bf16":
-        return Precision(dtype, "fp32", "fp32", note + "; KV cache in fp32: GroupQueryAttention, which updates the "
-                                                       "cache in place, has no bf16 CPU kernel")
+        return Precision(
+            dtype,
+            "fp32",
+            "fp32",
+            note + "; KV cache in fp32: GroupQueryAttention, which updates the cache in place, has no bf16 CPU kernel",
+        )
     if kv_cache == "inplace":
-        return Precision(dtype, "fp32", dtype, note + f"; KV cache and GroupQueryAttention in {dtype} "
-                                                      "(its CPU kernel takes fp16)")
-    return Precision(dtype, "fp32", dtype, note + f"; KV cache in {dtype} at the graph boundary (cast to fp32 "
-                                                  "inside the graph)")
+        return Precision(
+            dtype, "fp32", dtype, note + f"; KV cache and GroupQueryAttention in {dtype} (its CPU kernel takes fp16)"
+        )
+    return Precision(
+        dtype, "fp32", dtype, note + f"; KV cache in {dtype} at the graph boundary (cast to fp32 inside the graph)"
+    )

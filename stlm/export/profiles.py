@@ -71,21 +71,31 @@ class Profile:
             axes = {str(axis): (int(r[0]), int(r[1]), int(r[2])) for axis, r in data["axes"].items()}
             return cls(str(data["name"]), axes)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise PackageError(f"invalid optimization profile record {dict(data)!r} ({exc})",
-                               fix="rebuild the engine with `stlm build-engine`") from None
+            raise PackageError(
+                f"invalid optimization profile record {dict(data)!r} ({exc})",
+                fix="rebuild the engine with `stlm build-engine`",
+            ) from None
 
 
 def _positive_int(value: object, flag: str, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"{flag} must be an integer, got {value!r}", fix=f"pass {flag} N with N ≥ {minimum}")
     if value < minimum:
-        raise InvalidArgumentError(f"{flag} {value} is too small; expected at least {minimum}",
-                                   fix=f"pass {flag} N with N ≥ {minimum}")
+        raise InvalidArgumentError(
+            f"{flag} {value} is too small; expected at least {minimum}", fix=f"pass {flag} N with N ≥ {minimum}"
+        )
     return value
 
 
-def resolve_sizes(*, max_batch: int, max_seq_len: int | None, context_length: int, opt_batch: int | None = None,
-                  opt_seq_len: int | None = None, prefill_chunk: int | None = None) -> tuple[int, int, int, int, int]:
+def resolve_sizes(
+    *,
+    max_batch: int,
+    max_seq_len: int | None,
+    context_length: int,
+    opt_batch: int | None = None,
+    opt_seq_len: int | None = None,
+    prefill_chunk: int | None = None,
+) -> tuple[int, int, int, int, int]:
     """Validate the build sizes and fill defaults.
 
     Returns ``(max_batch, max_seq_len, opt_batch, opt_seq_len, prefill_chunk)``. ``max_seq_len``
@@ -100,29 +110,53 @@ def resolve_sizes(*, max_batch: int, max_seq_len: int | None, context_length: in
     if max_seq_len > context_length:
         raise InvalidArgumentError(
             f"--max-seq-len {max_seq_len} exceeds the model's context length of {context_length} tokens",
-            fix=f"pass --max-seq-len ≤ {context_length}")
+            fix=f"pass --max-seq-len ≤ {context_length}",
+        )
     opt_batch = 1 if opt_batch is None else _positive_int(opt_batch, "--opt-batch")
     if opt_batch > max_batch:
-        raise InvalidArgumentError(f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}",
-                                   fix=f"pass --opt-batch between 1 and {max_batch}")
-    opt_seq_len = min(DEFAULT_OPT_SEQ_LEN, max_seq_len) if opt_seq_len is None else _positive_int(
-        opt_seq_len, "--opt-seq-len")
+        raise InvalidArgumentError(
+            f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}",
+            fix=f"pass --opt-batch between 1 and {max_batch}",
+        )
+    opt_seq_len = (
+        min(DEFAULT_OPT_SEQ_LEN, max_seq_len) if opt_seq_len is None else _positive_int(opt_seq_len, "--opt-seq-len")
+    )
     if opt_seq_len > max_seq_len:
-        raise InvalidArgumentError(f"--opt-seq-len {opt_seq_len} is larger than --max-seq-len {max_seq_len}",
-                                   fix=f"pass --opt-seq-len between 1 and {max_seq_len}")
-    chunk = min(DEFAULT_PREFILL_CHUNK, max_seq_len) if prefill_chunk is None else _positive_int(
-        prefill_chunk, "--prefill-chunk", minimum=2)
+        raise InvalidArgumentError(
+            f"--opt-seq-len {opt_seq_len} is larger than --max-seq-len {max_seq_len}",
+            fix=f"pass --opt-seq-len between 1 and {max_seq_len}",
+        )
+    chunk = (
+        min(DEFAULT_PREFILL_CHUNK, max_seq_len)
+        if prefill_chunk is None
+        else _positive_int(prefill_chunk, "--prefill-chunk", minimum=2)
+    )
     if chunk > max_seq_len:
-        raise InvalidArgumentError(f"--prefill-chunk {chunk} is larger than --max-seq-len {max_seq_len}",
-                                   fix=f"pass --prefill-chunk between 2 and {max_seq_len}")
+        raise InvalidArgumentError(
+            f"--prefill-chunk {chunk} is larger than --max-seq-len {max_seq_len}",
+            fix=f"pass --prefill-chunk between 2 and {max_seq_len}",
+        )
     return max_batch, max_seq_len, opt_batch, opt_seq_len, chunk
 
 
-def engine_profiles(*, max_batch: int, max_seq_len: int | None, context_length: int, opt_batch: int | None = None,
-                    opt_seq_len: int | None = None, prefill_chunk: int | None = None) -> tuple[Profile, Profile]:
+def engine_profiles(
+    *,
+    max_batch: int,
+    max_seq_len: int | None,
+    context_length: int,
+    opt_batch: int | None = None,
+    opt_seq_len: int | None = None,
+    prefill_chunk: int | None = None,
+) -> tuple[Profile, Profile]:
     """The ``(decode, prefill)`` profiles for these sizes (see the module docstring)."""
-    mb, s, ob, os_, c = resolve_sizes(max_batch=max_batch, max_seq_len=max_seq_len, context_length=context_length,
-                                      opt_batch=opt_batch, opt_seq_len=opt_seq_len, prefill_chunk=prefill_chunk)
+    mb, s, ob, os_, c = resolve_sizes(
+        max_batch=max_batch,
+        max_seq_len=max_seq_len,
+        context_length=context_length,
+        opt_batch=opt_batch,
+        opt_seq_len=opt_seq_len,
+        prefill_chunk=prefill_chunk,
+    )
     batch = (1, ob, mb)
     oc = min(os_, c)
     decode = Profile(DECODE, {BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, os_ - 1, s - 1), TOTAL: (1, os_, s)})
@@ -144,14 +178,16 @@ def profile_shapes(contract: Contract, profile: Profile) -> dict[str, ShapeRange
             elif axis in profile.axes:
                 dims.append(profile.axes[axis])
             else:
-                raise PackageError(f"input {spec.name!r} has the symbolic axis {axis!r}, which no profile covers "
-                                   f"(known: {', '.join(AXES)})",
-                                   fix="export the package again with this version of stlm")
+                raise PackageError(
+                    f"input {spec.name!r} has the symbolic axis {axis!r}, which no profile covers "
+                    f"(known: {', '.join(AXES)})",
+                    fix="export the package again with this version of stlm",
+                )
         shapes[spec.name] = tuple(tuple(d[k] for d in dims) for k in range(3))  # type: ignore[assignment]
     return shapes
 
 
 def select_profile(profiles: Sequence[Profile], *, batch: int, sequence: int, past: int) -> int | None:
     """Index of the profile to run a step on (decode for one token, prefill for a prompt), or None."""
-    order = sorted(range(len(profiles)), key=lambda i: (profiles[i].name != (DECODE if sequence == 1 else PREFILL)))
+    order = sorted(range(len(profiles)), key=lambda i: profiles[i].name != (DECODE if sequence == 1 else PREFILL))
     return next((i for i in order if profiles[i].contains(batch=batch, sequence=sequence, past=past)), None)

@@ -52,15 +52,32 @@ STABLELM_3B_4E1T: Final = Shape()
 def published_config(shape: Shape) -> dict[str, Any]:
     """config.json as the published repository has it (transformers 4.38 style)."""
     return {
-        "architectures": ["StableLmForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0,
-        "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": shape.hidden_size, "initializer_range": INIT_STD,
-        "intermediate_size": shape.intermediate_size, "layer_norm_eps": shape.layer_norm_eps,
-        "max_position_embeddings": shape.max_position_embeddings, "model_type": "stablelm",
-        "num_attention_heads": shape.num_heads, "num_hidden_layers": shape.num_layers,
-        "num_key_value_heads": shape.num_kv_heads, "partial_rotary_factor": shape.partial_rotary_factor,
-        "qk_layernorm": False, "rope_scaling": None, "rope_theta": shape.rope_theta, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "transformers_version": "4.38.0", "use_cache": True,
-        "use_parallel_residual": False, "use_qkv_bias": False, "vocab_size": shape.vocab_size,
+        "architectures": ["StableLmForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_dropout": 0.0,
+        "hidden_size": shape.hidden_size,
+        "initializer_range": INIT_STD,
+        "intermediate_size": shape.intermediate_size,
+        "layer_norm_eps": shape.layer_norm_eps,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "model_type": "stablelm",
+        "num_attention_heads": shape.num_heads,
+        "num_hidden_layers": shape.num_layers,
+        "num_key_value_heads": shape.num_kv_heads,
+        "partial_rotary_factor": shape.partial_rotary_factor,
+        "qk_layernorm": False,
+        "rope_scaling": None,
+        "rope_theta": shape.rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.38.0",
+        "use_cache": True,
+        "use_parallel_residual": False,
+        "use_qkv_bias": False,
+        "vocab_size": shape.vocab_size,
     }
 
 
@@ -118,18 +135,31 @@ def write_tokenizer_files(folder: Path, tokenizer_json: Path) -> None:
     """tokenizer.json (copied) + tokenizer_config.json + special_tokens_map.json as published."""
     shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
     special = {"bos_token": SPECIAL_TOKEN, "eos_token": SPECIAL_TOKEN, "unk_token": SPECIAL_TOKEN}
-    config = {"add_prefix_space": False, **special, "clean_up_tokenization_spaces": True,
-              "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "GPTNeoXTokenizer"}
+    config = {
+        "add_prefix_space": False,
+        **special,
+        "clean_up_tokenization_spaces": True,
+        "model_max_length": 1000000000000000019884624838656,
+        "tokenizer_class": "GPTNeoXTokenizer",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
-def make_published_checkpoint(out: Path, tokenizer_json: Path, *, shape: Shape = STABLELM_3B_4E1T, seed: int = 0,
-                              max_shard_bytes: int = 5_000_000_000) -> Path:
+def make_published_checkpoint(
+    out: Path,
+    tokenizer_json: Path,
+    *,
+    shape: Shape = STABLELM_3B_4E1T,
+    seed: int = 0,
+    max_shard_bytes: int = 5_000_000_000,
+) -> Path:
     """Write a random checkpoint of ``shape`` in the published format to ``out``; return ``out``."""
     if not Path(tokenizer_json).is_file():
-        raise InvalidArgumentError(f"tokenizer file {str(tokenizer_json)!r} does not exist",
-                                   fix="pass the path of a tokenizer.json (e.g. GPT-NeoX-20B's)")
+        raise InvalidArgumentError(
+            f"tokenizer file {str(tokenizer_json)!r} does not exist",
+            fix="pass the path of a tokenizer.json (e.g. GPT-NeoX-20B's)",
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]

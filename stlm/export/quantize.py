@@ -34,7 +34,7 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return values.astype(np.uint8)
     if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), values.dtype)], axis=-1)
     v = values.astype(np.uint8)
     return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
 
@@ -42,7 +42,7 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
 def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     if bits == 8:
         return packed[..., :count]
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
     out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
     return out[..., :count]
 
@@ -65,7 +65,10 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int = BLOCK_SI
         packed=_pack(q, bits),
         scales=scale.astype(np.float32).reshape(-1),
         zero_points=_pack(zero, bits),
-        n=n, k=k, bits=bits, block_size=block_size,
+        n=n,
+        k=k,
+        bits=bits,
+        block_size=block_size,
     )
 
 

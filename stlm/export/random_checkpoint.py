@@ -54,24 +54,32 @@ def _train_tokenizer(path: Path, vocab_size: int = 2000) -> None:
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
     tok.save(str(path))
 
 
-def make_random_checkpoint(out: Path, *, preset: str = "small", seed: int = 0,
-                           tokenizer: Path | None = None, dtype: str = "float32") -> Path:
+def make_random_checkpoint(
+    out: Path, *, preset: str = "small", seed: int = 0, tokenizer: Path | None = None, dtype: str = "float32"
+) -> Path:
     """Write a random-weight StableLM checkpoint of ``preset`` scale to ``out`` and return it.
 
     ``dtype`` is the safetensors storage type ('float32' or 'bfloat16', as published).
     """
     if preset not in PRESETS:
-        raise InvalidArgumentError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}",
-                                   fix="pass --preset " + "|".join(PRESETS))
+        raise InvalidArgumentError(
+            f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}", fix="pass --preset " + "|".join(PRESETS)
+        )
     if tokenizer is not None and not Path(tokenizer).is_file():
-        raise InvalidArgumentError(f"tokenizer file {str(tokenizer)!r} does not exist",
-                                   fix="pass the path of a tokenizer.json, or omit it to train a small one")
+        raise InvalidArgumentError(
+            f"tokenizer file {str(tokenizer)!r} does not exist",
+            fix="pass the path of a tokenizer.json, or omit it to train a small one",
+        )
     import torch
     from tokenizers import Tokenizer
     from transformers import StableLmConfig, StableLmForCausalLM
@@ -88,18 +96,26 @@ def make_random_checkpoint(out: Path, *, preset: str = "small", seed: int = 0,
     vocab = -(-Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size() // 64) * 64
     p = PRESETS[preset]
     config = StableLmConfig(
-        vocab_size=vocab, hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
-        num_attention_heads=p.num_heads, num_key_value_heads=p.num_heads,
-        intermediate_size=p.intermediate_size, max_position_embeddings=p.max_position_embeddings,
+        vocab_size=vocab,
+        hidden_size=p.hidden_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_heads,
+        intermediate_size=p.intermediate_size,
+        max_position_embeddings=p.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        layer_norm_eps=1e-5, use_qkv_bias=False, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0,
+        layer_norm_eps=1e-5,
+        use_qkv_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     config.architectures = ["StableLmForCausalLM"]
     torch.manual_seed(seed)
     model = StableLmForCausalLM(config).to(getattr(torch, dtype)).eval()
     hf_logging.disable_progress_bar()
     model.save_pretrained(out)
-    log.info("wrote random %s checkpoint (%d parameters) to %s", preset,
-             sum(t.numel() for t in model.parameters()), out)
+    log.info(
+        "wrote random %s checkpoint (%d parameters) to %s", preset, sum(t.numel() for t in model.parameters()), out
+    )
     return out

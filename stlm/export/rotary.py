@@ -69,9 +69,13 @@ def rope_tables(g: GraphBuilder, cfg: ModelConfig, dtype: DType, rotary: str) ->
     if rotary == "native":
         return rotary_caches(g, cfg, NP_DTYPE[dtype], cfg.rotary_dim // 2)
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
-    freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
-                 g.const(inv_freq.astype(np.float32), np.float32))
+    freqs = g.op(
+        "Mul",
+        g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
+        g.const(inv_freq.astype(np.float32), np.float32),
+    )
     emb = g.op("Concat", freqs, freqs, axis=2)
-    cos, sin = (g.op("Unsqueeze", g.op("Cast", g.op(fn, emb), to=ONNX_TYPE[dtype]), g.const([1]))
-                for fn in ("Cos", "Sin"))
+    cos, sin = (
+        g.op("Unsqueeze", g.op("Cast", g.op(fn, emb), to=ONNX_TYPE[dtype]), g.const([1])) for fn in ("Cos", "Sin")
+    )
     return cos, sin

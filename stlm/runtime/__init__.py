@@ -12,8 +12,8 @@ Never imports torch or transformers. Typical use::
 
 from stlm.errors import StlmError
 from stlm.runtime.generator import Generator
-from stlm.runtime.sequence import Completion
 from stlm.runtime.sampling import SamplingParams
+from stlm.runtime.sequence import Completion
 from stlm.runtime.tokenizer import Tokenizer
 
 __all__ = ["Completion", "Generator", "SamplingParams", "StlmError", "Tokenizer"]

@@ -51,19 +51,36 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_benchmark(package: str | Path, *, batch: int = 1, prompt_len: int = 128, gen_len: int = 64,
-                  runs: int = 3, warmup: int = 1, threads: int | None = None, seed: int = 0) -> BenchResult:
+def run_benchmark(
+    package: str | Path,
+    *,
+    batch: int = 1,
+    prompt_len: int = 128,
+    gen_len: int = 64,
+    runs: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+) -> BenchResult:
     """Benchmark ``package``: ``warmup`` unmeasured runs, then ``runs`` measured ones."""
-    for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 2),
-                             ("runs", runs, 1), ("warmup", warmup, 0)):
+    for name, value, low in (
+        ("batch", batch, 1),
+        ("prompt_len", prompt_len, 1),
+        ("gen_len", gen_len, 2),
+        ("runs", runs, 1),
+        ("warmup", warmup, 0),
+    ):
         if not isinstance(value, int) or value < low:
-            raise InvalidArgumentError(f"{name} must be an int ≥ {low}, got {value!r}",
-                                       fix=f"pass --{name.replace('_', '-')} {max(low, 1)} or more")
+            raise InvalidArgumentError(
+                f"{name} must be an int ≥ {low}, got {value!r}",
+                fix=f"pass --{name.replace('_', '-')} {max(low, 1)} or more",
+            )
     manifest = read_manifest(Path(package))
     if prompt_len + gen_len > manifest.generation.context_length:
         raise InvalidArgumentError(
             f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the context of {manifest.generation.context_length}",
-            fix="lower --prompt-len or --gen-len")
+            fix="lower --prompt-len or --gen-len",
+        )
     from stlm.runtime.generator import Generator
 
     backend = Generator.load(package, threads=threads).backend
@@ -91,10 +108,21 @@ def run_benchmark(package: str | Path, *, batch: int = 1, prompt_len: int = 128,
             steps.extend(step_times)
     ms = np.array(steps) * 1000.0
     return BenchResult(
-        backend=backend.name, package=str(package), dtype=manifest.dtype, variant=manifest.variant, batch=batch,
-        prompt_len=prompt_len, gen_len=gen_len, runs=runs, threads=threads,
-        ttft_ms=float(np.median(ttfts) * 1000.0), prefill_tok_s=float(np.median(prefills)),
-        decode_tok_s=float(np.median(decodes)), token_ms_p50=float(np.percentile(ms, 50)),
-        token_ms_p90=float(np.percentile(ms, 90)), token_ms_p99=float(np.percentile(ms, 99)),
-        peak_rss_mb=_peak_rss_mb(), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        backend=backend.name,
+        package=str(package),
+        dtype=manifest.dtype,
+        variant=manifest.variant,
+        batch=batch,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        runs=runs,
+        threads=threads,
+        ttft_ms=float(np.median(ttfts) * 1000.0),
+        prefill_tok_s=float(np.median(prefills)),
+        decode_tok_s=float(np.median(decodes)),
+        token_ms_p50=float(np.percentile(ms, 50)),
+        token_ms_p90=float(np.percentile(ms, 90)),
+        token_ms_p99=float(np.percentile(ms, 99)),
+        peak_rss_mb=_peak_rss_mb(),
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
     )

@@ -27,9 +27,10 @@ def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> Samplin
     try:
         return dataclasses.replace(base, **overrides) if overrides else base
     except TypeError as exc:
-        raise InvalidArgumentError(f"unknown sampling option ({exc})",
-                                   fix=f"use the fields of SamplingParams: "
-                                       f"{', '.join(f.name for f in dataclasses.fields(SamplingParams))}") from None
+        raise InvalidArgumentError(
+            f"unknown sampling option ({exc})",
+            fix=f"use the fields of SamplingParams: {', '.join(f.name for f in dataclasses.fields(SamplingParams))}",
+        ) from None
 
 
 class Generator:
@@ -43,8 +44,7 @@ class Generator:
         self.eos_token_id = manifest.generation.eos_token_id
 
     @classmethod
-    def load(cls, folder: str | Path, *, providers: list[str] | None = None,
-             threads: int | None = None) -> Generator:
+    def load(cls, folder: str | Path, *, providers: list[str] | None = None, threads: int | None = None) -> Generator:
         """Load the package in ``folder``; the backend follows the package kind (ONNX or TensorRT)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -64,21 +64,34 @@ class Generator:
         """Generated continuation of ``prompt`` (the prompt itself is not included)."""
         return self.complete([prompt], params, **overrides)[0].text
 
-    def generate_batch(self, prompts: Sequence[str], params: SamplingParams | None = None,
-                       **overrides: Any) -> list[str]:
+    def generate_batch(
+        self, prompts: Sequence[str], params: SamplingParams | None = None, **overrides: Any
+    ) -> list[str]:
         """Continuations of several prompts run as one left-padded batch."""
         return [c.text for c in self.complete(prompts, params, **overrides)]
 
-    def complete(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, cancel: threading.Event | None = None, **overrides: Any) -> list[Completion]:
+    def complete(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
+    ) -> list[Completion]:
         """Full results (text, tokens, finish reason, logprobs) for a batch of prompts."""
         rows = self._rows(prompts, params, overrides)
         for _ in self._steps(rows, cancel):
             pass
         return [r.completion() for r in rows]
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, *,
-               cancel: threading.Event | None = None, **overrides: Any) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        params: SamplingParams | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
+    ) -> Iterator[str]:
         """Yield the continuation of ``prompt`` in pieces as they become final.
 
         Pieces never split a UTF-8 character and are never revised; their concatenation equals
@@ -92,33 +105,45 @@ class Generator:
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of ``prompt``. An empty prompt starts from BOS (unconditional generation)."""
         if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r:.80}",
-                                       fix="pass the prompt as text (str)")
+            raise InvalidArgumentError(
+                f"prompt must be a string, got {type(prompt).__name__}: {prompt!r:.80}",
+                fix="pass the prompt as text (str)",
+            )
         return self.tokenizer.encode(prompt) if prompt else [self.manifest.generation.bos_token_id]
 
     # -- internals --------------------------------------------------------------------------
-    def _rows(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None,
-              overrides: dict[str, Any]) -> list[SequenceState]:
+    def _rows(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        overrides: dict[str, Any],
+    ) -> list[SequenceState]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-            raise InvalidArgumentError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}",
-                                       fix="pass [prompt, ...], or use generate(prompt) for one")
+            raise InvalidArgumentError(
+                f"prompts must be a non-empty list of strings, got {prompts!r:.80}",
+                fix="pass [prompt, ...], or use generate(prompt) for one",
+            )
         per_row = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_row) != len(prompts):
-            raise InvalidArgumentError(f"{len(per_row)} parameter sets for {len(prompts)} prompts",
-                                       fix="pass one SamplingParams per prompt, or a single one")
+            raise InvalidArgumentError(
+                f"{len(per_row)} parameter sets for {len(prompts)} prompts",
+                fix="pass one SamplingParams per prompt, or a single one",
+            )
         rows = []
-        for prompt, p in zip(prompts, per_row):
+        for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
             ids = self.encode_prompt(prompt)
             if len(ids) >= self.context_length:
                 raise InvalidArgumentError(
                     f"the prompt has {len(ids)} tokens; the model's context is {self.context_length} tokens",
-                    fix=f"shorten the prompt to fewer than {self.context_length} tokens")
+                    fix=f"shorten the prompt to fewer than {self.context_length} tokens",
+                )
             if len(ids) + sp.max_new_tokens > self.context_length:
                 raise InvalidArgumentError(
                     f"max_new_tokens {sp.max_new_tokens} after a {len(ids)}-token prompt exceeds the "
                     f"context of {self.context_length} tokens",
-                    fix=f"pass max_new_tokens ≤ {self.context_length - len(ids)}, or shorten the prompt")
+                    fix=f"pass max_new_tokens ≤ {self.context_length - len(ids)}, or shorten the prompt",
+                )
             rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_id))
         return rows
 
@@ -133,8 +158,9 @@ class Generator:
         logits = self.backend.forward(cache, [r.prompt for r in rows])
         while True:
             cancelled = cancel is not None and cancel.is_set()
-            pieces = [("" if r.finished else r.cancel() if cancelled else r.step(logits[b]))
-                      for b, r in enumerate(rows)]
+            pieces = [
+                ("" if r.finished else r.cancel() if cancelled else r.step(logits[b])) for b, r in enumerate(rows)
+            ]
             yield pieces
             feed = [[] if r.finished else [r.last_token] for r in rows]
             if not any(feed):

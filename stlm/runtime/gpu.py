@@ -19,9 +19,11 @@ from stlm.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
-GPU_FIX: Final = ("install the GPU extra on a machine with an NVIDIA GPU and driver: pip install 'stlm[gpu]' "
-                  "(TensorRT 11, onnxruntime-gpu, cuda-python), or use the Dockerfile "
-                  "(docker build -t stlm . && docker run --gpus all ...; see docs/tensorrt.md)")
+GPU_FIX: Final = (
+    "install the GPU extra on a machine with an NVIDIA GPU and driver: pip install 'stlm[gpu]' "
+    "(TensorRT 11, onnxruntime-gpu, cuda-python), or use the Dockerfile "
+    "(docker build -t stlm . && docker run --gpus all ...; see docs/tensorrt.md)"
+)
 ALIGNMENT: Final = 256
 
 _cudart: ModuleType | None = None
@@ -40,7 +42,8 @@ def cudart() -> ModuleType:
                 raise BackendUnavailableError(
                     "cuda-python is not installed (neither cuda.bindings.runtime nor cuda.cudart imports), "
                     "so stlm cannot reach the GPU",
-                    fix=GPU_FIX) from None
+                    fix=GPU_FIX,
+                ) from None
         _cudart = module
     return _cudart
 
@@ -56,14 +59,19 @@ def call(result: Any, what: str) -> Any:
     if err != rt.cudaError_t.cudaSuccess:
         name = _error_name(err)
         if "MemoryAllocation" in name:
-            raise BackendUnavailableError(f"the GPU ran out of memory during {what} ({name})",
-                                          fix="lower the batch size or max_new_tokens, or build the engine "
-                                              "with a smaller --max-batch / --max-seq-len")
+            raise BackendUnavailableError(
+                f"the GPU ran out of memory during {what} ({name})",
+                fix="lower the batch size or max_new_tokens, or build the engine "
+                "with a smaller --max-batch / --max-seq-len",
+            )
         if "NoDevice" in name or "InsufficientDriver" in name:
-            raise BackendUnavailableError(f"no usable CUDA GPU: {what} failed with {name}",
-                                          fix="run on a machine with an NVIDIA GPU and driver (in Docker: --gpus all)")
-        raise BackendUnavailableError(f"CUDA error during {what}: {name}",
-                                      fix="check the GPU with nvidia-smi; rerun with -v for details")
+            raise BackendUnavailableError(
+                f"no usable CUDA GPU: {what} failed with {name}",
+                fix="run on a machine with an NVIDIA GPU and driver (in Docker: --gpus all)",
+            )
+        raise BackendUnavailableError(
+            f"CUDA error during {what}: {name}", fix="check the GPU with nvidia-smi; rerun with -v for details"
+        )
     if not values:
         return None
     return values[0] if len(values) == 1 else values
@@ -84,12 +92,15 @@ def gpu_info(device: int = 0) -> GpuInfo:
     rt = cudart()
     count = call(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
     if not count:
-        raise BackendUnavailableError("no CUDA GPU is visible to this process",
-                                      fix="run on a machine with an NVIDIA GPU and driver; in Docker pass --gpus all; "
-                                          "check CUDA_VISIBLE_DEVICES")
+        raise BackendUnavailableError(
+            "no CUDA GPU is visible to this process",
+            fix="run on a machine with an NVIDIA GPU and driver; in Docker pass --gpus all; check CUDA_VISIBLE_DEVICES",
+        )
     if not 0 <= device < count:
-        raise BackendUnavailableError(f"CUDA device {device} does not exist ({count} visible)",
-                                      fix="pick a device index below the count, or set CUDA_VISIBLE_DEVICES")
+        raise BackendUnavailableError(
+            f"CUDA device {device} does not exist ({count} visible)",
+            fix="pick a device index below the count, or set CUDA_VISIBLE_DEVICES",
+        )
     prop = call(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return GpuInfo(device, name.rstrip("\x00").strip(), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
@@ -109,7 +120,9 @@ class DeviceBuffer:
 
     def __init__(self, nbytes: int, what: str = "a device buffer") -> None:
         self.nbytes = max(int(nbytes), ALIGNMENT)
-        self.ptr: int = int(call(cudart().cudaMalloc(self.nbytes), f"allocating {self.nbytes / 2**20:.1f} MiB for {what}"))
+        self.ptr: int = int(
+            call(cudart().cudaMalloc(self.nbytes), f"allocating {self.nbytes / 2**20:.1f} MiB for {what}")
+        )
         self._finalizer = weakref.finalize(self, _free, self.ptr)
 
     def free(self) -> None:
@@ -129,21 +142,31 @@ class Stream:
     def htod(self, dst: int, array: np.ndarray) -> None:
         """Copy a C-contiguous host array to device address ``dst`` (async; keep ``array`` alive until sync)."""
         rt = cudart()
-        call(rt.cudaMemcpyAsync(dst, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                self.stream), "a host-to-device copy")
+        call(
+            rt.cudaMemcpyAsync(
+                dst, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            ),
+            "a host-to-device copy",
+        )
 
     def dtoh(self, array: np.ndarray, src: int) -> None:
         """Copy device address ``src`` into a C-contiguous host array (async)."""
         rt = cudart()
-        call(rt.cudaMemcpyAsync(array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                                self.stream), "a device-to-host copy")
+        call(
+            rt.cudaMemcpyAsync(
+                array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            ),
+            "a device-to-host copy",
+        )
 
     def dtod(self, dst: int, src: int, nbytes: int) -> None:
         """Copy ``nbytes`` between device addresses (async, stays on the GPU)."""
         if nbytes:
             rt = cudart()
-            call(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
-                 "a device-to-device copy")
+            call(
+                rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
+                "a device-to-device copy",
+            )
 
     def memset(self, dst: int, value: int, nbytes: int) -> None:
         """Fill ``nbytes`` of device memory with the byte ``value`` (async)."""
@@ -154,17 +177,31 @@ class Stream:
         """Copy ``height`` rows of ``width`` bytes between device addresses with the given pitches (async)."""
         if width and height:
             rt = cudart()
-            call(rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
-                                      rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
-                 "a strided device-to-device copy")
+            call(
+                rt.cudaMemcpy2DAsync(
+                    dst, dpitch, src, spitch, width, height, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream
+                ),
+                "a strided device-to-device copy",
+            )
 
     def dtoh_2d(self, array: np.ndarray, src: int, spitch: int) -> None:
         """Copy rows of ``array.shape[0]`` × ``array[0].nbytes`` bytes, ``spitch`` apart on the device,
         into a C-contiguous host array (async)."""
         rt = cudart()
         width = array[0].nbytes
-        call(rt.cudaMemcpy2DAsync(array.ctypes.data, width, src, spitch, width, array.shape[0],
-                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "a strided device-to-host copy")
+        call(
+            rt.cudaMemcpy2DAsync(
+                array.ctypes.data,
+                width,
+                src,
+                spitch,
+                width,
+                array.shape[0],
+                rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                self.stream,
+            ),
+            "a strided device-to-host copy",
+        )
 
     def synchronize(self) -> None:
         """Wait for everything queued on the stream."""

@@ -75,8 +75,9 @@ _ONNX_BFLOAT16 = 16
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
     """A CPU OrtValue of ``array``; bfloat16 (ml_dtypes) goes in by its bits, which numpy feeds cannot."""
     if array.dtype.name == "bfloat16":
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array).view(np.uint16),
-                                                               _ONNX_BFLOAT16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(array).view(np.uint16), _ONNX_BFLOAT16
+        )
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
@@ -97,8 +98,10 @@ def _bfloat16_numpy(value: ort.OrtValue) -> np.ndarray:
 def _ragged(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tuple[np.ndarray, np.ndarray]:
     """Pad per-row token lists into (batch, longest) ids and a 0/1 validity mask."""
     if len(tokens) != batch:
-        raise InvalidArgumentError(f"{len(tokens)} token lists for a cache of {batch} rows",
-                                   fix="pass one (possibly empty) token list per cache row")
+        raise InvalidArgumentError(
+            f"{len(tokens)} token lists for a cache of {batch} rows",
+            fix="pass one (possibly empty) token list per cache row",
+        )
     counts = np.array([len(t) for t in tokens], dtype=np.int64)
     width = max(int(counts.max()), 1)
     ids = np.zeros((batch, width), dtype=np.int64)
@@ -111,8 +114,14 @@ def _ragged(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tupl
     return ids, valid
 
 
-def step_inputs(tokens: Sequence[Sequence[int]], lengths: np.ndarray, *, inplace: bool,
-                mask: np.ndarray | None = None, capacity: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def step_inputs(
+    tokens: Sequence[Sequence[int]],
+    lengths: np.ndarray,
+    *,
+    inplace: bool,
+    mask: np.ndarray | None = None,
+    capacity: int | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The host inputs of one step (pure), and each row's new-token count.
 
     In place: right-padded ids, ``seqlens_k`` (an idle row keeps its length; an empty idle row
@@ -128,12 +137,18 @@ def step_inputs(tokens: Sequence[Sequence[int]], lengths: np.ndarray, *, inplace
     after = lengths + counts
     assert capacity is not None
     if int(after.max()) > capacity:
-        raise InvalidArgumentError(f"a row would hold {int(after.max())} tokens; this cache holds {capacity}",
-                                   fix="create the cache with a larger capacity")
+        raise InvalidArgumentError(
+            f"a row would hold {int(after.max())} tokens; this cache holds {capacity}",
+            fix="create the cache with a larger capacity",
+        )
     seqlens_k = np.maximum(after - 1, 0).astype(np.int32)
     total = np.array(max(int(seqlens_k.max()) + 1, ids.shape[1]), dtype=np.int32)
-    return {INPUT_IDS: ids, SEQLENS_K: seqlens_k, QUERY_SEQLENS: counts.astype(np.int32),
-            TOTAL_SEQUENCE_LENGTH: total}, counts
+    return {
+        INPUT_IDS: ids,
+        SEQLENS_K: seqlens_k,
+        QUERY_SEQLENS: counts.astype(np.int32),
+        TOTAL_SEQUENCE_LENGTH: total,
+    }, counts
 
 
 @dataclass(frozen=True)
@@ -147,15 +162,17 @@ class DecoderSession:
     inplace: bool
 
 
-def open_decoder_session(folder: Path, manifest: Manifest, providers: list[Any],
-                         threads: int | None = None) -> DecoderSession:
+def open_decoder_session(
+    folder: Path, manifest: Manifest, providers: list[Any], threads: int | None = None
+) -> DecoderSession:
     """Load ``folder``'s graph with ``providers``; package and kernel problems become StlmErrors."""
     if manifest.variant.get("rotary") == "plugin":
         raise PackageError(
             f"{folder} is a TensorRT-target package: its rotary runs in the stlm::partial_rotary "
             "TensorRT plugin, which ONNX Runtime does not have",
             fix=f"build an engine from it (`stlm build-engine {folder} -o ENGINE_DIR`) and generate with "
-            "that, or export for ONNX Runtime (without --target tensorrt)")
+            "that, or export for ONNX Runtime (without --target tensorrt)",
+        )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -168,10 +185,14 @@ def open_decoder_session(folder: Path, manifest: Manifest, providers: list[Any],
             raise BackendUnavailableError(
                 f"ONNX Runtime ({', '.join(map(str, providers))}) has no kernel for a node of "
                 f"{path} in the package's {manifest.dtype} ({str(exc).strip()[:300]})",
-                fix=("a --target tensorrt graph computes in its dtype for TensorRT: build an engine from it "
-                     "(stlm build-engine), or " if manifest.variant.get("target") == "tensorrt" else "")
+                fix=(
+                    "a --target tensorrt graph computes in its dtype for TensorRT: build an engine from it "
+                    "(stlm build-engine), or "
+                    if manifest.variant.get("target") == "tensorrt"
+                    else ""
+                )
                 + "export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
-                  "weights and computes in fp32 on CPU",
+                "weights and computes in fp32 on CPU",
             ) from None
         raise PackageError(
             f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
@@ -179,8 +200,9 @@ def open_decoder_session(folder: Path, manifest: Manifest, providers: list[Any],
         ) from None
     missing = {s.name for s in manifest.contract.inputs} - {i.name for i in session.get_inputs()}
     if missing:
-        raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares",
-                           fix="export the package again")
+        raise PackageError(
+            f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares", fix="export the package again"
+        )
     return DecoderSession(
         session=session,
         past=[s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")],
@@ -195,8 +217,9 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, manifest: Manifest, *, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, manifest: Manifest, *, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
         self.manifest = manifest
         opened = open_decoder_session(folder, manifest, providers or ["CPUExecutionProvider"], threads)
         self.session, self._past, self._present = opened.session, opened.past, opened.present
@@ -231,10 +254,11 @@ class OnnxRuntimeBackend:
     def _forward_concat(self, cache: ConcatCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         feeds, counts = step_inputs(tokens, cache.lengths, inplace=False, mask=cache.mask)
         mask = feeds[ATTENTION_MASK]
-        feeds.update(zip(self._past, cache.arrays))
+        feeds.update(zip(self._past, cache.arrays, strict=True))
         if self._kv_dtype.name == "bfloat16":  # numpy feeds/fetches cannot carry bfloat16: go through OrtValues
-            values = self.session.run_with_ort_values([LOGITS, *self._present],
-                                                      {k: _ortvalue(v) for k, v in feeds.items()})
+            values = self.session.run_with_ort_values(
+                [LOGITS, *self._present], {k: _ortvalue(v) for k, v in feeds.items()}
+            )
             logits, presents = values[0].numpy(), [_bfloat16_numpy(v) for v in values[1:]]
         else:
             logits, *presents = self.session.run([LOGITS, *self._present], feeds)
@@ -248,7 +272,7 @@ class OnnxRuntimeBackend:
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         binding.bind_output(LOGITS)
-        for past, present, buffer in zip(self._past, self._present, cache.buffers):
+        for past, present, buffer in zip(self._past, self._present, cache.buffers, strict=True):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
         self.session.run_with_iobinding(binding)

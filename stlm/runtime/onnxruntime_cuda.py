@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from stlm.contract import (ATTENTION_MASK, LOGITS)
+from stlm.contract import ATTENTION_MASK, LOGITS
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
 from stlm.manifest import Manifest
 from stlm.runtime.backend import Backend
@@ -61,13 +61,17 @@ def cuda_provider_available() -> bool:
 class OnnxRuntimeCudaBackend:
     """ONNX Runtime over IOBinding with the KV cache on ``device`` ('cuda' or 'cpu')."""
 
-    def __init__(self, folder: Path, manifest: Manifest, *, device: str = "cuda", device_id: int = 0,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, manifest: Manifest, *, device: str = "cuda", device_id: int = 0, threads: int | None = None
+    ) -> None:
         if device not in ("cuda", "cpu"):
             raise InvalidArgumentError(f"device {device!r} is not 'cuda' or 'cpu'", fix="pass device='cuda'")
         if device == "cuda" and not cuda_provider_available():
-            raise BackendUnavailableError(f"this ONNX Runtime ({ort.__version__}) has no CUDA execution provider "
-                                          f"(available: {', '.join(ort.get_available_providers())})", fix=GPU_FIX)
+            raise BackendUnavailableError(
+                f"this ONNX Runtime ({ort.__version__}) has no CUDA execution provider "
+                f"(available: {', '.join(ort.get_available_providers())})",
+                fix=GPU_FIX,
+            )
         self.manifest, self.device, self.device_id = manifest, device, device_id
         self.name = "onnxruntime-cuda" if device == "cuda" else "onnxruntime-iobinding"
         providers: list[Any] = [(CUDA_PROVIDER, {"device_id": device_id})] if device == "cuda" else []
@@ -75,10 +79,10 @@ class OnnxRuntimeCudaBackend:
         self.session, self._past, self._present = opened.session, opened.past, opened.present
         self._kv_dtype, self.inplace = opened.kv_dtype, opened.inplace
         if device == "cuda" and self.session.get_providers()[0] != CUDA_PROVIDER:
-            raise BackendUnavailableError(f"ONNX Runtime could not start its CUDA provider (session providers: "
-                                          f"{self.session.get_providers()})",
-                                          fix="check the GPU, driver and CUDA libraries with nvidia-smi; in Docker "
-                                              "pass --gpus all")
+            raise BackendUnavailableError(
+                f"ONNX Runtime could not start its CUDA provider (session providers: {self.session.get_providers()})",
+                fix="check the GPU, driver and CUDA libraries with nvidia-smi; in Docker pass --gpus all",
+            )
 
     def new_cache(self, batch: int, capacity: int) -> DeviceCache:
         """An empty cache; the in-place variant allocates its device buffers now, once."""
@@ -88,8 +92,12 @@ class OnnxRuntimeCudaBackend:
             shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
             zeros = np.zeros(shape, self._kv_dtype)  # copied to the device for each tensor
             # On the CPU an OrtValue wraps the numpy memory itself, so each tensor needs its own array.
-            buffers = [ort.OrtValue.ortvalue_from_numpy(zeros if self.device == "cuda" else np.zeros(shape, zeros.dtype),
-                                                        self.device, self.device_id) for _ in self._past]
+            buffers = [
+                ort.OrtValue.ortvalue_from_numpy(
+                    zeros if self.device == "cuda" else np.zeros(shape, zeros.dtype), self.device, self.device_id
+                )
+                for _ in self._past
+            ]
             return DeviceCache(buffers, lengths, capacity=capacity)
         empty = np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), self._kv_dtype)
         return DeviceCache([empty] * len(self._past), lengths, mask=np.zeros((batch, 0), dtype=np.int64))
@@ -97,12 +105,13 @@ class OnnxRuntimeCudaBackend:
     def forward(self, cache: DeviceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Append ``tokens[row]`` to each row; logits after each row's last token, (batch, vocab)."""
         binding = self.session.io_binding()
-        host, counts = step_inputs(tokens, cache.lengths, inplace=self.inplace, mask=cache.mask,
-                                   capacity=cache.capacity)
+        host, counts = step_inputs(
+            tokens, cache.lengths, inplace=self.inplace, mask=cache.mask, capacity=cache.capacity
+        )
         for name, array in host.items():  # `host` keeps the arrays alive until the run ends
             binding.bind_cpu_input(name, array)
         binding.bind_output(LOGITS, "cpu")
-        for past, present, value in zip(self._past, self._present, cache.values):
+        for past, present, value in zip(self._past, self._present, cache.values, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(past, value)
             else:
@@ -125,8 +134,9 @@ class OnnxRuntimeCudaBackend:
             cache.mask[row] = 0
 
 
-def load_onnx_backend(folder: Path, manifest: Manifest, *, providers: list[str] | None = None,
-                      threads: int | None = None) -> Backend:
+def load_onnx_backend(
+    folder: Path, manifest: Manifest, *, providers: list[str] | None = None, threads: int | None = None
+) -> Backend:
     """The ONNX Runtime backend for this machine: the CUDA one when onnxruntime-gpu is installed
     and a GPU answers (unless ``providers`` asks for something else), otherwise the CPU one."""
     from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend

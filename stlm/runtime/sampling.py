@@ -39,8 +39,15 @@ import numpy as np
 from stlm.errors import InvalidArgumentError
 
 __all__ = [
-    "SamplingParams", "apply_repetition_penalty", "apply_temperature", "log_softmax", "make_rng",
-    "min_p_mask", "sample_token", "top_k_mask", "top_p_mask",
+    "SamplingParams",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "log_softmax",
+    "make_rng",
+    "min_p_mask",
+    "sample_token",
+    "top_k_mask",
+    "top_p_mask",
 ]
 
 # Candidates top-p without top-k ranks before falling back to sorting the whole vocabulary.
@@ -60,17 +67,12 @@ _MIN_P_SLACK = 1e-3
 _INF = math.inf
 _RULES: dict[str, tuple[str, str, str, float, float, bool]] = {
     "max_new_tokens": ("an int >= 1", "ask for e.g. max_new_tokens=64", "int", 1, _INF, False),
-    "temperature": ("a finite float >= 0 (0 = greedy)", "use 0 for greedy or e.g. 0.7",
-                    "float", 0, _INF, False),
+    "temperature": ("a finite float >= 0 (0 = greedy)", "use 0 for greedy or e.g. 0.7", "float", 0, _INF, False),
     "top_k": ("an int >= 0 (0 = off)", "use top_k=0 (off) or e.g. 50", "int", 0, _INF, False),
-    "top_p": ("a float in (0, 1] (1 = off)", "use top_p=1.0 (off) or e.g. 0.95",
-              "float", 0, 1, True),
-    "min_p": ("a float in [0, 1] (0 = off)", "use min_p=0.0 (off) or e.g. 0.05",
-              "float", 0, 1, False),
-    "repetition_penalty": ("a finite float > 0 (1 = off)", "use 1.0 (off) or e.g. 1.1",
-                           "float", 0, _INF, True),
-    "seed": ("None or an int >= 0", "pass e.g. seed=0, or None for a random seed",
-             "int", 0, _INF, False),
+    "top_p": ("a float in (0, 1] (1 = off)", "use top_p=1.0 (off) or e.g. 0.95", "float", 0, 1, True),
+    "min_p": ("a float in [0, 1] (0 = off)", "use min_p=0.0 (off) or e.g. 0.05", "float", 0, 1, False),
+    "repetition_penalty": ("a finite float > 0 (1 = off)", "use 1.0 (off) or e.g. 1.1", "float", 0, _INF, True),
+    "seed": ("None or an int >= 0", "pass e.g. seed=0, or None for a random seed", "int", 0, _INF, False),
 }
 
 
@@ -106,15 +108,15 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
-                     "repetition_penalty", "seed"):
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
             value = getattr(self, name)
             if not (name == "seed" and value is None):
                 object.__setattr__(self, name, _checked(name, value))
         object.__setattr__(self, "stop", _check_stop(self.stop))
         if not isinstance(self.logprobs, bool | np.bool_):
-            raise InvalidArgumentError(f"logprobs={self.logprobs!r} is invalid: expected a bool",
-                                       fix="pass logprobs=True or logprobs=False")
+            raise InvalidArgumentError(
+                f"logprobs={self.logprobs!r} is invalid: expected a bool", fix="pass logprobs=True or logprobs=False"
+            )
         object.__setattr__(self, "logprobs", bool(self.logprobs))
 
     @property
@@ -133,8 +135,8 @@ def _check_stop(stop: object) -> tuple[str, ...]:
     for item in stop:
         if not isinstance(item, str) or not item:
             raise InvalidArgumentError(
-                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str ({expected})",
-                fix=fix)
+                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str ({expected})", fix=fix
+            )
     return tuple(stop)
 
 
@@ -146,9 +148,10 @@ def make_rng(seed: int | None) -> np.random.Generator:
 def _check_logits(logits: Any) -> np.ndarray:
     x = np.asarray(logits)
     if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
-        raise InvalidArgumentError(f"logits have shape {x.shape} and dtype {x.dtype}, expected "
-                                   "a non-empty 1-D float array",
-                                   fix="pass one row of logits, shape (vocab,)")
+        raise InvalidArgumentError(
+            f"logits have shape {x.shape} and dtype {x.dtype}, expected a non-empty 1-D float array",
+            fix="pass one row of logits, shape (vocab,)",
+        )
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
@@ -157,7 +160,8 @@ def _finite_max(x: np.ndarray) -> float:
     if not math.isfinite(m):
         raise InvalidArgumentError(
             f"logits have maximum {m} (NaN, +inf, or every entry -inf), expected finite logits",
-            fix="check the model outputs: NaN/inf logits usually mean an overflow in fp16")
+            fix="check the model outputs: NaN/inf logits usually mean an overflow in fp16",
+        )
     return m
 
 
@@ -166,14 +170,16 @@ def _check_previous(previous_ids: Any, vocab: int) -> np.ndarray:
     if ids.size == 0:
         return ids.reshape(0).astype(np.int64)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InvalidArgumentError(f"previous_ids have shape {ids.shape} and dtype {ids.dtype}, "
-                                   "expected a 1-D integer array",
-                                   fix="pass the prompt + generated ids as one 1-D int array")
+        raise InvalidArgumentError(
+            f"previous_ids have shape {ids.shape} and dtype {ids.dtype}, expected a 1-D integer array",
+            fix="pass the prompt + generated ids as one 1-D int array",
+        )
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
-        raise InvalidArgumentError(f"previous_ids contain the id {lo if lo < 0 else hi}, "
-                                   f"expected ids in [0, {vocab})",
-                                   fix="pass token ids of this model's vocabulary")
+        raise InvalidArgumentError(
+            f"previous_ids contain the id {lo if lo < 0 else hi}, expected ids in [0, {vocab})",
+            fix="pass token ids of this model's vocabulary",
+        )
     return ids
 
 
@@ -203,8 +209,10 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     x = _check_logits(logits)
     t = _checked("temperature", temperature)
     if t == 0.0:
-        raise InvalidArgumentError("temperature=0 is invalid here: expected a float > 0",
-                                   fix="greedy decoding (temperature=0) needs no scaling")
+        raise InvalidArgumentError(
+            "temperature=0 is invalid here: expected a float > 0",
+            fix="greedy decoding (temperature=0) needs no scaling",
+        )
     return x if t == 1.0 else x / np.float32(t)
 
 
@@ -367,9 +375,7 @@ def _draw(weights: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
     return i, float(weights[i]) / total
 
 
-def _draw_full(
-    x: np.ndarray, m: float, inv_t: float, rng: np.random.Generator
-) -> tuple[int, float]:
+def _draw_full(x: np.ndarray, m: float, inv_t: float, rng: np.random.Generator) -> tuple[int, float]:
     """Draw from ``softmax(x * inv_t)`` over the whole vocabulary; return (id, logprob).
 
     No float64 copy of the vocabulary: a two-level inverse CDF over the sums of 512-entry

@@ -60,8 +60,7 @@ class SequenceState:
         """Choose the next token from ``logits`` (vocab,) and return the text that became final."""
         assert not self.finished
         penalised = self.params.repetition_penalty != 1.0
-        token, logprob = sample_token(logits, self.params, self.rng,
-                                      self._seen[: self._n_seen] if penalised else None)
+        token, logprob = sample_token(logits, self.params, self.rng, self._seen[: self._n_seen] if penalised else None)
         if token == self.eos_token_id:
             return self._close("eos")
         self.generated.append(token)
@@ -80,8 +79,13 @@ class SequenceState:
     def completion(self) -> Completion:
         """The result of a finished sequence."""
         assert self.finish_reason is not None
-        return Completion("".join(self._text), tuple(self.generated), self.finish_reason, len(self.prompt),
-                          tuple(self.logprobs) if self.params.logprobs else None)
+        return Completion(
+            "".join(self._text),
+            tuple(self.generated),
+            self.finish_reason,
+            len(self.prompt),
+            tuple(self.logprobs) if self.params.logprobs else None,
+        )
 
     def _emit(self, piece: str) -> str:
         shown, stopped = self._stops.feed(piece)

@@ -39,7 +39,7 @@ class StopMatcher:
             if not isinstance(item, str) or not item:
                 raise InvalidArgumentError(
                     f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str "
-                "(expected a list or tuple of non-empty str)",
+                    "(expected a list or tuple of non-empty str)",
                     fix='pass non-empty strings only, e.g. stop=("\\n\\n", "User:")',
                 )
         self._stops = tuple(dict.fromkeys(stop))  # drop duplicates, keep order

@@ -77,8 +77,13 @@ class TensorRTBackend:
         folder = Path(folder)
         trt = import_tensorrt()
         gpu = gpu_info(0)
-        check_engine_compat(manifest.extra, trt_version=trt.__version__, compute_capability=gpu.compute_capability,
-                            gpu_name=gpu.name, engine_dir=str(folder))
+        check_engine_compat(
+            manifest.extra,
+            trt_version=trt.__version__,
+            compute_capability=gpu.compute_capability,
+            gpu_name=gpu.name,
+            engine_dir=str(folder),
+        )
         plugin = manifest.extra.get("plugin") or None
         if plugin is not None:  # an AOT plugin's PTX is in the engine; a JIT one needs its Python impl
             register_rotary_plugin(required=plugin.get("aot") is not True)
@@ -88,15 +93,17 @@ class TensorRTBackend:
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine((folder / manifest.graph).read_bytes())
         if self.engine is None:
-            raise PackageError(f"TensorRT cannot load the engine {folder / manifest.graph}: "
-                               f"{self._logger.recent_errors()}",
-                               fix=f"the file is corrupt or from another build: {self._rebuild} --overwrite")
+            raise PackageError(
+                f"TensorRT cannot load the engine {folder / manifest.graph}: {self._logger.recent_errors()}",
+                fix=f"the file is corrupt or from another build: {self._rebuild} --overwrite",
+            )
         self._check_io(folder)
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise BackendUnavailableError(f"TensorRT could not create an execution context: "
-                                          f"{self._logger.recent_errors()}",
-                                          fix="free GPU memory, or rebuild with smaller --max-batch / --max-seq-len")
+            raise BackendUnavailableError(
+                f"TensorRT could not create an execution context: {self._logger.recent_errors()}",
+                fix="free GPU memory, or rebuild with smaller --max-batch / --max-seq-len",
+            )
         cfg = manifest.model
         self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
         self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
@@ -108,34 +115,49 @@ class TensorRTBackend:
         self._chunk, self._chunk_past = prefill.axes["sequence"][2], prefill.axes["past_sequence"][2]
         self._stream = Stream()
         id_bytes = aligned(self.max_batch * self._chunk * 8)
-        self._inputs = {INPUT_IDS: DeviceBuffer(id_bytes, INPUT_IDS), POSITION_IDS: DeviceBuffer(id_bytes, POSITION_IDS),
-                        ATTENTION_MASK: DeviceBuffer(aligned(self.max_batch * self.max_seq_len * 8), ATTENTION_MASK)}
+        self._inputs = {
+            INPUT_IDS: DeviceBuffer(id_bytes, INPUT_IDS),
+            POSITION_IDS: DeviceBuffer(id_bytes, POSITION_IDS),
+            ATTENTION_MASK: DeviceBuffer(aligned(self.max_batch * self.max_seq_len * 8), ATTENTION_MASK),
+        }
         self._logits = DeviceBuffer(self.max_batch * self._chunk * cfg.vocab_size * 4, "the logits")
         self._active: int | None = None
         self._lock = threading.Lock()
-        log.info("loaded TensorRT engine %s on %s (max batch %d, max length %d, prefill chunk %d)", folder, gpu.name,
-                 self.max_batch, self.max_seq_len, self._chunk)
+        log.info(
+            "loaded TensorRT engine %s on %s (max batch %d, max length %d, prefill chunk %d)",
+            folder,
+            gpu.name,
+            self.max_batch,
+            self.max_seq_len,
+            self._chunk,
+        )
 
     def _check_io(self, folder: Path) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         wanted = {s.name for s in self.manifest.contract.inputs} | {s.name for s in self.manifest.contract.outputs}
         if names != wanted or len(self._profiles) != 2 or self.engine.num_optimization_profiles != 2:
-            raise PackageError(f"the engine in {folder} does not match its manifest (tensors or optimization profiles "
-                               f"differ: missing {sorted(wanted - names)[:3]}, extra {sorted(names - wanted)[:3]})",
-                               fix=f"rebuild it: {self._rebuild} --overwrite")
+            raise PackageError(
+                f"the engine in {folder} does not match its manifest (tensors or optimization profiles "
+                f"differ: missing {sorted(wanted - names)[:3]}, extra {sorted(names - wanted)[:3]})",
+                fix=f"rebuild it: {self._rebuild} --overwrite",
+            )
 
     # -- Backend protocol ---------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> TrtCache:
         """Two device slabs for ``batch`` rows of ``capacity`` tokens (twice that in columns for a
         batch, so that holes are compacted rarely)."""
         if not 1 <= batch <= self.max_batch:
-            raise InvalidArgumentError(f"a batch of {batch} sequences exceeds this engine's maximum of {self.max_batch}",
-                                       fix=f"send at most {self.max_batch} prompts at once, or rebuild with a larger "
-                                           f"--max-batch: {self._rebuild} --max-batch N --overwrite")
+            raise InvalidArgumentError(
+                f"a batch of {batch} sequences exceeds this engine's maximum of {self.max_batch}",
+                fix=f"send at most {self.max_batch} prompts at once, or rebuild with a larger "
+                f"--max-batch: {self._rebuild} --max-batch N --overwrite",
+            )
         if not 1 <= capacity <= self.max_seq_len:
-            raise InvalidArgumentError(f"a row of {capacity} tokens exceeds this engine's maximum of {self.max_seq_len}",
-                                       fix="lower max_new_tokens or shorten the prompt, or rebuild with a larger "
-                                           f"--max-seq-len: {self._rebuild} --max-seq-len N --overwrite")
+            raise InvalidArgumentError(
+                f"a row of {capacity} tokens exceeds this engine's maximum of {self.max_seq_len}",
+                fix="lower max_new_tokens or shorten the prompt, or rebuild with a larger "
+                f"--max-seq-len: {self._rebuild} --max-seq-len N --overwrite",
+            )
         cfg = self.manifest.model
         columns = capacity if batch == 1 else min(2 * capacity, self.max_seq_len)
         stride = aligned(batch * cfg.num_kv_heads * columns * self._col_bytes)
@@ -145,13 +167,17 @@ class TensorRTBackend:
     def forward(self, cache: TrtCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Append ``tokens[row]`` to each row; return the logits after each row's last token (batch, vocab)."""
         if len(tokens) != cache.batch:
-            raise InvalidArgumentError(f"{len(tokens)} token lists for a cache of {cache.batch} rows",
-                                       fix="pass one (possibly empty) token list per cache row")
+            raise InvalidArgumentError(
+                f"{len(tokens)} token lists for a cache of {cache.batch} rows",
+                fix="pass one (possibly empty) token list per cache row",
+            )
         pending = [[int(t) for t in row] for row in tokens]
         counts = np.array([len(p) for p in pending], dtype=np.int64)
         if int((cache.lengths + counts).max()) > cache.capacity:
-            raise InvalidArgumentError(f"a row would hold {int((cache.lengths + counts).max())} tokens; this cache "
-                                       f"holds {cache.capacity}", fix="create the cache with a larger capacity")
+            raise InvalidArgumentError(
+                f"a row would hold {int((cache.lengths + counts).max())} tokens; this cache holds {cache.capacity}",
+                fix="create the cache with a larger capacity",
+            )
         logits = np.zeros((cache.batch, self.manifest.model.vocab_size), dtype=np.float32)
         with self._lock:
             while any(pending):
@@ -178,8 +204,10 @@ class TensorRTBackend:
         width = min(width, cache.columns - cache.width)
         profile = select_profile(self._profiles, batch=cache.batch, sequence=max(width, 1), past=cache.width)
         if width < 1 or profile is None:
-            raise InvalidArgumentError(f"the KV cache is full: {cache.width} of {cache.columns} columns hold tokens",
-                                       fix="release finished rows, or create the cache with a larger capacity")
+            raise InvalidArgumentError(
+                f"the KV cache is full: {cache.width} of {cache.columns} columns hold tokens",
+                fix="release finished rows, or create the cache with a larger capacity",
+            )
         return width, profile
 
     def _compact(self, cache: TrtCache) -> None:
@@ -208,13 +236,18 @@ class TensorRTBackend:
         for i in range(len(self._past)):
             src, dst = cache.base(cache.current, i), cache.base(1 - cache.current, i)
             for r, col, target, n in copies:
-                stream.dtod_2d(dst + r * heads * dst_pitch + target * self._col_bytes, dst_pitch,
-                               src + r * heads * src_pitch + col * self._col_bytes, src_pitch,
-                               n * self._col_bytes, heads)
+                stream.dtod_2d(
+                    dst + r * heads * dst_pitch + target * self._col_bytes,
+                    dst_pitch,
+                    src + r * heads * src_pitch + col * self._col_bytes,
+                    src_pitch,
+                    n * self._col_bytes,
+                    heads,
+                )
         stream.synchronize()
         mask = np.zeros((cache.batch, new_width), dtype=np.int64)
         for r in range(cache.batch):
-            mask[r, new_width - int(counts[r]):] = 1
+            mask[r, new_width - int(counts[r]) :] = 1
         cache.mask, cache.current = mask, 1 - cache.current
         log.debug("compacted a KV cache from %d to %d columns", old_width, new_width)
 
@@ -225,26 +258,30 @@ class TensorRTBackend:
         valid = np.zeros((batch, width), dtype=np.int64)
         for r, row in enumerate(piece):
             if row:
-                ids[r, width - len(row):] = row
-                valid[r, width - len(row):] = 1
+                ids[r, width - len(row) :] = row
+                valid[r, width - len(row) :] = 1
         positions = np.maximum(cache.lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)
         mask = np.ascontiguousarray(np.concatenate([cache.mask, valid], axis=1))
         if self._active != profile:
             if not ctx.set_optimization_profile_async(profile, stream.handle):
-                raise PackageError(f"TensorRT refused optimization profile {profile}: {self._logger.recent_errors()}",
-                                   fix=f"{self._rebuild} --overwrite")
+                raise PackageError(
+                    f"TensorRT refused optimization profile {profile}: {self._logger.recent_errors()}",
+                    fix=f"{self._rebuild} --overwrite",
+                )
             self._active = profile
         for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, positions)):
             stream.htod(self._inputs[name].ptr, array)
             self._bind_input(name, array.shape, self._inputs[name].ptr)
         kv_shape = (batch, cfg.num_kv_heads, past, cfg.head_dim)
-        for i, (past_name, present_name) in enumerate(zip(self._past, self._present)):
+        for i, (past_name, present_name) in enumerate(zip(self._past, self._present, strict=True)):
             self._bind_input(past_name, kv_shape, cache.base(cache.current, i))
             ctx.set_tensor_address(present_name, cache.base(1 - cache.current, i))
         ctx.set_tensor_address(LOGITS, self._logits.ptr)
         if not ctx.execute_async_v3(stream.handle):
-            raise BackendUnavailableError(f"TensorRT failed to run the engine: {self._logger.recent_errors()}",
-                                          fix="rerun with -v for TensorRT's log")
+            raise BackendUnavailableError(
+                f"TensorRT failed to run the engine: {self._logger.recent_errors()}",
+                fix="rerun with -v for TensorRT's log",
+            )
         last = np.empty((batch, cfg.vocab_size), dtype=np.float32)  # only each row's last column comes down
         stream.dtoh_2d(last, self._logits.ptr + (width - 1) * cfg.vocab_size * 4, width * cfg.vocab_size * 4)
         stream.synchronize()  # also keeps the host inputs alive until their copies are done
@@ -253,11 +290,17 @@ class TensorRTBackend:
 
     def _bind_input(self, name: str, shape: tuple[int, ...], ptr: int) -> None:
         if not self.context.set_input_shape(name, shape):
-            raise InvalidArgumentError(f"TensorRT refused the shape {shape} for {name}: {self._logger.recent_errors()}",
-                                       fix=f"stay within the engine's profiles, or {self._rebuild} --overwrite")
+            raise InvalidArgumentError(
+                f"TensorRT refused the shape {shape} for {name}: {self._logger.recent_errors()}",
+                fix=f"stay within the engine's profiles, or {self._rebuild} --overwrite",
+            )
         self.context.set_tensor_address(name, ptr)
 
     def describe(self) -> dict[str, Any]:
         """What this engine accepts (for logs and services)."""
-        return {"max_batch": self.max_batch, "max_seq_len": self.max_seq_len, "prefill_chunk": self._chunk,
-                "profiles": [p.to_dict() for p in self._profiles]}
+        return {
+            "max_batch": self.max_batch,
+            "max_seq_len": self.max_seq_len,
+            "prefill_chunk": self._chunk,
+            "profiles": [p.to_dict() for p in self._profiles],
+        }

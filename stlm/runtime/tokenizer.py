@@ -36,9 +36,7 @@ class Tokenizer:
         self._backend = backend
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._special_ids = frozenset(
-            token_id
-            for token_id, added in backend.get_added_tokens_decoder().items()
-            if added.special
+            token_id for token_id, added in backend.get_added_tokens_decoder().items() if added.special
         )
 
     @classmethod
@@ -111,9 +109,7 @@ class Tokenizer:
                 )
         return [e.ids for e in self._backend.encode_batch(batch, add_special_tokens=False)]
 
-    def decode(
-        self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True
-    ) -> str:
+    def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; equals transformers' ``decode(ids, skip_special_tokens=...)``."""
         if isinstance(ids, np.ndarray):
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):

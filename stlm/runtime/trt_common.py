@@ -28,23 +28,31 @@ def import_tensorrt() -> ModuleType:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"TensorRT is not installed: the Python module 'tensorrt' cannot be imported ({exc})",
-            fix=GPU_FIX) from None
+            f"TensorRT is not installed: the Python module 'tensorrt' cannot be imported ({exc})", fix=GPU_FIX
+        ) from None
     except (OSError, RuntimeError) as exc:  # the wheel is there but its CUDA libraries are not
-        raise BackendUnavailableError(f"TensorRT is installed but cannot load its libraries ({exc})",
-                                      fix=GPU_FIX) from None
+        raise BackendUnavailableError(
+            f"TensorRT is installed but cannot load its libraries ({exc})", fix=GPU_FIX
+        ) from None
     major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
     if major < MIN_TRT_MAJOR:
-        raise BackendUnavailableError(f"stlm needs TensorRT {MIN_TRT_MAJOR} or newer; found {trt.__version__}",
-                                      fix="pip install 'tensorrt>=11' (the gpu extra), or use the Dockerfile")
+        raise BackendUnavailableError(
+            f"stlm needs TensorRT {MIN_TRT_MAJOR} or newer; found {trt.__version__}",
+            fix="pip install 'tensorrt>=11' (the gpu extra), or use the Dockerfile",
+        )
     return trt
 
 
 def make_logger(trt: ModuleType) -> Any:
     """A ``trt.ILogger`` that forwards to :mod:`logging` (INFO/VERBOSE at DEBUG) and keeps the errors."""
     sev = trt.ILogger.Severity
-    levels = {sev.INTERNAL_ERROR: logging.ERROR, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING,
-              sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG - 5}
+    levels = {
+        sev.INTERNAL_ERROR: logging.ERROR,
+        sev.ERROR: logging.ERROR,
+        sev.WARNING: logging.WARNING,
+        sev.INFO: logging.DEBUG,
+        sev.VERBOSE: logging.DEBUG - 5,
+    }
 
     class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -85,7 +93,8 @@ def register_rotary_plugin(*, required: bool) -> bool:
         raise BackendUnavailableError(
             f"the {PLUGIN_ID} TensorRT plugin cannot be loaded ({exc})",
             fix="install stlm with the plugins and gpu extras: pip install 'stlm[gpu,plugins]' (tensorrt, triton), "
-                "or use the Dockerfile") from None
+            "or use the Dockerfile",
+        ) from None
     register_plugin()
     _plugin_registered = True
     return True

@@ -15,5 +15,14 @@ from stlm.serve.app import CompletionService, ServeConfig, create_app, load_serv
 from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
 from stlm.serve.server import BackgroundServer, run_server
 
-__all__ = ["BackgroundServer", "CompletionService", "QueueFullError", "Scheduler", "SchedulerStoppedError",
-           "ServeConfig", "create_app", "load_service", "run_server"]
+__all__ = [
+    "BackgroundServer",
+    "CompletionService",
+    "QueueFullError",
+    "Scheduler",
+    "SchedulerStoppedError",
+    "ServeConfig",
+    "create_app",
+    "load_service",
+    "run_server",
+]

@@ -71,38 +71,59 @@ class CompletionService:
         context = generator.context_length
         self.capacity = config.max_context or min(context, DEFAULT_MAX_CONTEXT)
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or not 2 <= self.capacity <= context:
-            raise InvalidArgumentError(f"--max-context {config.max_context} is invalid: expected 2..{context} "
-                                       "(the model's context)", fix=f"pass --max-context ≤ {context}")
+            raise InvalidArgumentError(
+                f"--max-context {config.max_context} is invalid: expected 2..{context} (the model's context)",
+                fix=f"pass --max-context ≤ {context}",
+            )
         self.metrics = ServerMetrics()
-        self.scheduler = Scheduler(generator.backend, max_batch=config.max_batch, capacity=self.capacity,
-                                   max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
-                                   metrics=self.metrics)
+        self.scheduler = Scheduler(
+            generator.backend,
+            max_batch=config.max_batch,
+            capacity=self.capacity,
+            max_queue=config.max_queue,
+            prefill_chunk=config.prefill_chunk,
+            metrics=self.metrics,
+        )
         s = self.scheduler
-        self.metrics.bind_gauges([
-            Gauge("stlm_queue_depth", "Sequences waiting for a slot.", lambda: s.queue_depth),
-            Gauge("stlm_running_batch_size", "Rows fed by the latest scheduler step.", lambda: s.running_batch),
-            Gauge("stlm_slots_in_use", "Cache slots holding a sequence.", lambda: s.slots_in_use),
-            Gauge("stlm_slots_total", "Cache slots (--max-batch).", lambda: s.max_batch),
-            Gauge("stlm_slot_capacity_tokens", "Tokens one slot holds (--max-context).", lambda: s.capacity),
-        ])
+        self.metrics.bind_gauges(
+            [
+                Gauge("stlm_queue_depth", "Sequences waiting for a slot.", lambda: s.queue_depth),
+                Gauge("stlm_running_batch_size", "Rows fed by the latest scheduler step.", lambda: s.running_batch),
+                Gauge("stlm_slots_in_use", "Cache slots holding a sequence.", lambda: s.slots_in_use),
+                Gauge("stlm_slots_total", "Cache slots (--max-batch).", lambda: s.max_batch),
+                Gauge("stlm_slot_capacity_tokens", "Tokens one slot holds (--max-context).", lambda: s.capacity),
+            ]
+        )
 
     def sequences(self, request: CompletionRequest) -> list[SequenceState]:
         """One decoding state per prompt; 400 if a prompt (plus max_tokens) cannot fit a slot."""
         if request.model is not None and request.model != self.model:
-            raise ApiError(404, f"the model {request.model!r} does not exist; this server serves {self.model!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {request.model!r} does not exist; this server serves {self.model!r}",
+                param="model",
+                code="model_not_found",
+            )
         states = []
         for i, prompt in enumerate(request.prompts):
             ids = self.generator.encode_prompt(prompt)
             where = f"prompt[{i}]" if len(request.prompts) > 1 else "the prompt"
             if len(ids) >= self.capacity:
-                raise ApiError(400, f"{where} has {len(ids)} tokens; this server's context is {self.capacity} "
-                                    f"tokens (fix: shorten it)", param="prompt", code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"{where} has {len(ids)} tokens; this server's context is {self.capacity} tokens (fix: shorten it)",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
             if len(ids) + request.params.max_new_tokens > self.capacity:
-                raise ApiError(400, f"max_tokens={request.params.max_new_tokens} after {where} of {len(ids)} "
-                                    f"tokens exceeds this server's context of {self.capacity} tokens (fix: pass "
-                                    f"max_tokens ≤ {self.capacity - len(ids)})",
-                               param="max_tokens", code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"max_tokens={request.params.max_new_tokens} after {where} of {len(ids)} "
+                    f"tokens exceeds this server's context of {self.capacity} tokens (fix: pass "
+                    f"max_tokens ≤ {self.capacity - len(ids)})",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
             states.append(SequenceState(ids, request.params, self.generator.tokenizer, self.generator.eos_token_id))
         return states
 
@@ -116,9 +137,11 @@ def load_service(config: ServeConfig) -> CompletionService:
     generator = Generator.load(config.package, threads=config.threads)
     manifest = generator.manifest
     if manifest.kind != "tensorrt" and manifest.variant.get("kv_cache", "concat") != "inplace":
-        raise PackageError(f"{config.package} uses the 'concat' KV cache, whose arrays grow with every step: "
-                           "a long-running server needs fixed slots",
-                           fix="export the package with --kv-cache inplace (the ONNX Runtime default)")
+        raise PackageError(
+            f"{config.package} uses the 'concat' KV cache, whose arrays grow with every step: "
+            "a long-running server needs fixed slots",
+            fix="export the package with --kv-cache inplace (the ONNX Runtime default)",
+        )
     return CompletionService(generator, config)
 
 
@@ -130,8 +153,14 @@ def _error_response(exc: ApiError) -> JSONResponse:
 class _CompletionResponse:
     """Streams (SSE) or collects the outputs of a request's jobs; cancels them on disconnect."""
 
-    def __init__(self, service: CompletionService, request: CompletionRequest, jobs: list[Job],
-                 queue: asyncio.Queue[tuple[int, StepOutput]], arrived: float) -> None:
+    def __init__(
+        self,
+        service: CompletionService,
+        request: CompletionRequest,
+        jobs: list[Job],
+        queue: asyncio.Queue[tuple[int, StepOutput]],
+        arrived: float,
+    ) -> None:
         self.service, self.request, self.jobs, self.queue, self.arrived = service, request, jobs, queue, arrived
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -166,8 +195,12 @@ class _CompletionResponse:
             yield index, output
 
     def _failure(self, output: StepOutput) -> ApiError:
-        return ApiError(500, f"the request failed inside the server ({output.error}); other requests are "
-                             "unaffected", type="server_error", code="internal_error")
+        return ApiError(
+            500,
+            f"the request failed inside the server ({output.error}); other requests are unaffected",
+            type="server_error",
+            code="internal_error",
+        )
 
     async def _collect(self, send: Send) -> None:
         finals: dict[int, StepOutput] = {}
@@ -186,21 +219,35 @@ class _CompletionResponse:
         texts = None
         if self.request.logprobs is not None:
             texts = [[self.service.token_text(t) for t in tokens[i]] for i in range(len(self.jobs))]
-        body = protocol.completion_body(self.id, self.created, self.service.model,
-                                        [c for c in completions if c is not None], texts)
+        body = protocol.completion_body(
+            self.id, self.created, self.service.model, [c for c in completions if c is not None], texts
+        )
         await self._send_json(send, body, 200)
 
     async def _send_json(self, send: Send, body: dict[str, Any], status: int) -> None:
         data = json.dumps(body, ensure_ascii=False).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
         self.status = status
 
     async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                                (b"x-accel-buffering", b"no")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
         status, prompt_tokens, completion_tokens = 200, 0, 0
         model = self.service.model
         async for index, output in self._outputs():
@@ -210,8 +257,9 @@ class _CompletionResponse:
                 continue
             choice: dict[str, Any] = {"text": output.text, "index": index, "logprobs": None, "finish_reason": None}
             if self.request.logprobs is not None and output.token_ids:
-                choice["logprobs"] = protocol.logprobs_body([self.service.token_text(t) for t in output.token_ids],
-                                                            list(output.logprobs))
+                choice["logprobs"] = protocol.logprobs_body(
+                    [self.service.token_text(t) for t in output.token_ids], list(output.logprobs)
+                )
             if output.finish_reason is not None:
                 choice["finish_reason"] = protocol.FINISH_REASONS.get(output.finish_reason, output.finish_reason)
                 if output.completion is not None:
@@ -246,8 +294,9 @@ def _routes(service: CompletionService) -> list[Route]:
         except ApiError as exc:
             return _counted(service, _error_response(exc), arrived)
         except QueueFullError as exc:
-            error = ApiError(429, str(exc).replace("\n  fix: ", " (fix: ") + ")", type="rate_limit_error",
-                             code="queue_full")
+            error = ApiError(
+                429, str(exc).replace("\n  fix: ", " (fix: ") + ")", type="rate_limit_error", code="queue_full"
+            )
             return _counted(service, _error_response(error), arrived)
         except SchedulerStoppedError as exc:
             error = ApiError(503, exc.problem, type="server_error", code="shutting_down")
@@ -257,9 +306,20 @@ def _routes(service: CompletionService) -> list[Route]:
         return _CompletionResponse(service, parsed, jobs, queue, arrived)
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": service.model, "object": "model", "created": 0, "owned_by": "stlm",
-            "max_model_len": service.capacity}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": service.model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "stlm",
+                        "max_model_len": service.capacity,
+                    }
+                ],
+            }
+        )
 
     async def health(request: Request) -> Response:
         s = service.scheduler
@@ -267,14 +327,19 @@ def _routes(service: CompletionService) -> list[Route]:
             return JSONResponse({"status": "error", "detail": repr(s.crashed)}, status_code=503)
         if s.stopping:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": service.model, "slots_in_use": s.slots_in_use,
-                             "queue_depth": s.queue_depth})
+        return JSONResponse(
+            {"status": "ok", "model": service.model, "slots_in_use": s.slots_in_use, "queue_depth": s.queue_depth}
+        )
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    return [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
-            Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+    return [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
 
 
 async def _read_body(request: Request) -> bytes:
@@ -283,15 +348,20 @@ async def _read_body(request: Request) -> bytes:
     size = int(declared) if declared.isdigit() else 0
     body = b"" if size > MAX_BODY_BYTES else await request.body()
     if max(size, len(body)) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body has {max(size, len(body))} bytes; the limit is {MAX_BODY_BYTES}",
-                       code="request_too_large")
+        raise ApiError(
+            413,
+            f"the request body has {max(size, len(body))} bytes; the limit is {MAX_BODY_BYTES}",
+            code="request_too_large",
+        )
     return body
 
 
-def _poster(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, StepOutput]],
-            index: int) -> Callable[[StepOutput], None]:
+def _poster(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[int, StepOutput]], index: int
+) -> Callable[[StepOutput], None]:
     def post(output: StepOutput) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (index, output))
+
     return post
 
 
@@ -312,8 +382,12 @@ class _ApiKey:
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                                 type="authentication_error", code="invalid_api_key")
+                error = ApiError(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
                 await _error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -322,14 +396,14 @@ class _ApiKey:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
-    return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                    code=kind))
+    return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(ApiError(500, f"internal error ({type(exc).__name__})", type="server_error",
-                                    code="internal_error"))
+    return _error_response(
+        ApiError(500, f"internal error ({type(exc).__name__})", type="server_error", code="internal_error")
+    )
 
 
 def create_app(service: CompletionService) -> ASGIApp:
@@ -338,12 +412,20 @@ def create_app(service: CompletionService) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service.scheduler.start()
-        log.info("serving %s: %d slots × %d tokens, queue %d", service.model, service.scheduler.max_batch,
-                 service.capacity, service.scheduler.max_queue)
+        log.info(
+            "serving %s: %d slots × %d tokens, queue %d",
+            service.model,
+            service.scheduler.max_batch,
+            service.capacity,
+            service.scheduler.max_queue,
+        )
         yield
         log.info("draining the scheduler")
         await anyio.to_thread.run_sync(service.scheduler.stop)
 
-    app = Starlette(routes=_routes(service), lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app = Starlette(
+        routes=_routes(service),
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
     return _ApiKey(app, service.config.api_key) if service.config.api_key else app

@@ -77,7 +77,7 @@ class Histogram:
 
     def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
         self.name, self.help = name, help_text
-        self.bounds = tuple(sorted(buckets)) + (math.inf,)
+        self.bounds = (*tuple(sorted(buckets)), math.inf)
         self._counts = [0] * len(self.bounds)
         self._sum = 0.0
         self._lock = threading.Lock()
@@ -115,19 +115,24 @@ class ServerMetrics:
     """Every metric ``stlm serve`` exports; gauges are bound later with :meth:`bind_gauges`."""
 
     def __init__(self) -> None:
-        self.requests = Counter("stlm_requests_total", "Completion requests by final HTTP status "
-                                "(499: the client disconnected first).", ["status"])
+        self.requests = Counter(
+            "stlm_requests_total",
+            "Completion requests by final HTTP status (499: the client disconnected first).",
+            ["status"],
+        )
         self.prompt_tokens = Counter("stlm_prompt_tokens_total", "Prompt tokens fed to the model.")
         self.generated_tokens = Counter("stlm_generated_tokens_total", "Tokens generated (sampled).")
         self.sequences = Counter("stlm_sequences_total", "Sequences finished, by finish reason.", ["reason"])
-        self.latency = Histogram("stlm_request_latency_seconds", "Completion request latency, "
-                                 "arrival to last byte.", LATENCY_BUCKETS)
-        self.first_token = Histogram("stlm_time_to_first_token_seconds", "Sequence submission to its "
-                                     "first sampled token.", LATENCY_BUCKETS)
-        self.step = Histogram("stlm_step_seconds", "Duration of one scheduler step (forward + sampling).",
-                              STEP_BUCKETS)
-        self.batch = Histogram("stlm_step_batch_size", "Rows fed per scheduler step.",
-                               (1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.latency = Histogram(
+            "stlm_request_latency_seconds", "Completion request latency, arrival to last byte.", LATENCY_BUCKETS
+        )
+        self.first_token = Histogram(
+            "stlm_time_to_first_token_seconds", "Sequence submission to its first sampled token.", LATENCY_BUCKETS
+        )
+        self.step = Histogram("stlm_step_seconds", "Duration of one scheduler step (forward + sampling).", STEP_BUCKETS)
+        self.batch = Histogram(
+            "stlm_step_batch_size", "Rows fed per scheduler step.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
         self._gauges: list[Gauge] = []
 
     def bind_gauges(self, gauges: Sequence[Gauge]) -> None:
@@ -138,8 +143,16 @@ class ServerMetrics:
         """The whole exposition text."""
         lines: list[str] = []
         metrics: list[Counter | Gauge | Histogram] = [
-            self.requests, self.prompt_tokens, self.generated_tokens, self.sequences,
-            self.latency, self.first_token, self.step, self.batch, *self._gauges]
+            self.requests,
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.sequences,
+            self.latency,
+            self.first_token,
+            self.step,
+            self.batch,
+            *self._gauges,
+        ]
         for metric in metrics:
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

@@ -31,18 +31,45 @@ MAX_LOGPROBS = 5
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 # fields stlm accepts only at their neutral value
 _NEUTRAL: dict[str, tuple[object, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None,),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None,),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
 }
-_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-           "seed", "stop", "stream", "stream_options", "logprobs", "user", *_NEUTRAL}
+_FIELDS = {
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "user",
+    *_NEUTRAL,
+}
 
 
 class ApiError(StlmError):
     """An error answered as an OpenAI-style body ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -84,7 +111,7 @@ def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], expected: s
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise _bad(name, f"{name} must be {expected}, got {type(value).__name__} {json.dumps(value)[:60]}")
     if isinstance(value, float) and not math.isfinite(value):
         raise _bad(name, f"{name} must be finite, got {value}", "invalid_value")
@@ -121,15 +148,18 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}",
-                       code="invalid_json")
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     for name in body:
         if name not in _FIELDS:
             raise _bad(name, f"unknown field {name!r}; accepted: {', '.join(sorted(_FIELDS))}", "unknown_field")
     for name, neutral in _NEUTRAL.items():
         if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in neutral):
-            raise _bad(name, f"{name}={json.dumps(body[name])[:60]} is not supported by this server "
-                             f"(accepted: {', '.join(json.dumps(v) for v in neutral)})", "unsupported_value")
+            raise _bad(
+                name,
+                f"{name}={json.dumps(body[name])[:60]} is not supported by this server "
+                f"(accepted: {', '.join(json.dumps(v) for v in neutral)})",
+                "unsupported_value",
+            )
     model = _typed(body, "model", (str,), "a string")
     prompts = _prompts(body)
     number = (int, float)
@@ -153,13 +183,15 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
         include_usage = bool(_typed(stream_options, "include_usage", (bool,), "a boolean"))
     logprobs = _typed(body, "logprobs", (int,), "an integer from 0 to 5")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise _bad("logprobs", f"logprobs={logprobs} is invalid: expected an integer from 0 to {MAX_LOGPROBS}",
-                   "invalid_value")
+        raise _bad(
+            "logprobs", f"logprobs={logprobs} is invalid: expected an integer from 0 to {MAX_LOGPROBS}", "invalid_value"
+        )
     if options["max_new_tokens"] is None:
         options["max_new_tokens"] = DEFAULT_MAX_TOKENS
     try:
-        params = SamplingParams(**{k: v for k, v in options.items() if v is not None}, stop=_stop(body),
-                                logprobs=logprobs is not None)
+        params = SamplingParams(
+            **{k: v for k, v in options.items() if v is not None}, stop=_stop(body), logprobs=logprobs is not None
+        )
     except StlmError as exc:
         raise api_error_from(exc) from None
     return CompletionRequest(model, prompts, params, stream, include_usage, logprobs)
@@ -176,30 +208,52 @@ def logprobs_body(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     """The ``usage`` object."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(request_id: str, created: int, model: str, completions: list[Completion],
-                    token_texts: list[list[str]] | None) -> dict[str, Any]:
+def completion_body(
+    request_id: str, created: int, model: str, completions: list[Completion], token_texts: list[list[str]] | None
+) -> dict[str, Any]:
     """A non-streamed ``text_completion`` response for finished sequences."""
     choices = []
     for i, c in enumerate(completions):
         logprobs = None
         if token_texts is not None and c.logprobs is not None:
             logprobs = logprobs_body(token_texts[i], list(c.logprobs))
-        choices.append({"text": c.text, "index": i, "logprobs": logprobs,
-                        "finish_reason": FINISH_REASONS.get(c.finish_reason, c.finish_reason)})
+        choices.append(
+            {
+                "text": c.text,
+                "index": i,
+                "logprobs": logprobs,
+                "finish_reason": FINISH_REASONS.get(c.finish_reason, c.finish_reason),
+            }
+        )
     usage = usage_body(sum(c.prompt_tokens for c in completions), sum(len(c.token_ids) for c in completions))
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
 
 
-def chunk_body(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
-               usage: dict[str, int] | None = None) -> dict[str, Any]:
+def chunk_body(
+    request_id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None
+) -> dict[str, Any]:
     """One streamed ``text_completion`` chunk."""
-    body: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                            "choices": choices}
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if usage is not None:
         body["usage"] = usage
     return body

@@ -97,16 +97,26 @@ class Job:
 
 def _positive(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name}={value!r} is invalid: expected an int >= {minimum}",
-                                   fix=f"pass {name} as a whole number >= {minimum}")
+        raise InvalidArgumentError(
+            f"{name}={value!r} is invalid: expected an int >= {minimum}",
+            fix=f"pass {name} as a whole number >= {minimum}",
+        )
     return value
 
 
 class Scheduler:
     """Runs submitted :class:`Job`\\ s with continuous batching over ``max_batch`` cache slots."""
 
-    def __init__(self, backend: Backend, *, max_batch: int, capacity: int, max_queue: int,
-                 prefill_chunk: int = 256, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int,
+        capacity: int,
+        max_queue: int,
+        prefill_chunk: int = 256,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.backend = backend
         self.max_batch = _positive("max_batch", max_batch)
         self.capacity = _positive("capacity", capacity, 2)
@@ -176,24 +186,30 @@ class Scheduler:
         if len(jobs) > self.max_batch + self.max_queue:
             raise InvalidArgumentError(
                 f"a request of {len(jobs)} prompts can never fit {self.max_batch} slots plus a queue of "
-                f"{self.max_queue}", fix="send fewer prompts per request")
+                f"{self.max_queue}",
+                fix="send fewer prompts per request",
+            )
         for job in jobs:
             need = len(job.state.prompt) + job.state.params.max_new_tokens
             if need > self.capacity:
                 raise InvalidArgumentError(
                     f"a {len(job.state.prompt)}-token prompt plus {job.state.params.max_new_tokens} new tokens "
                     f"exceeds the slot capacity of {self.capacity} tokens",
-                    fix="shorten the prompt or ask for fewer tokens")
+                    fix="shorten the prompt or ask for fewer tokens",
+                )
         with self._cond:
             if self._stopping or self.crashed is not None:
-                raise SchedulerStoppedError("the server is shutting down and accepts no new requests",
-                                            fix="retry against another replica or after the restart")
+                raise SchedulerStoppedError(
+                    "the server is shutting down and accepts no new requests",
+                    fix="retry against another replica or after the restart",
+                )
             free = self._slots.count(None)  # waiting jobs take these at the next step
             if len(self._waiting) + len(jobs) - free > self.max_queue:
                 raise QueueFullError(
                     f"the queue is full: {len(self._waiting)} sequences already wait for "
                     f"{self.max_batch - free} busy slots (queue limit {self.max_queue})",
-                    fix="retry later, or start the server with a larger --max-queue / --max-batch")
+                    fix="retry later, or start the server with a larger --max-queue / --max-batch",
+                )
             now = time.monotonic()
             for job in jobs:
                 job.submitted, job._scheduler = now, self
@@ -214,7 +230,7 @@ class Scheduler:
                         return
                     self._admit()
                 self._step()
-        except BaseException as exc:  # noqa: BLE001 - a bug here must fail the jobs, not hang them
+        except BaseException as exc:
             log.exception("the scheduler thread crashed; failing every queued and running sequence")
             self.crashed = exc
             with self._cond:
@@ -228,8 +244,9 @@ class Scheduler:
         if any(job.cancelled for job in self._waiting):
             for job in [job for job in self._waiting if job.cancelled]:
                 self.metrics.sequences.inc(1, "cancelled")
-                self._deliver(job, StepOutput(job.state.cancel(), finish_reason="cancelled",
-                                              completion=job.state.completion()))
+                self._deliver(
+                    job, StepOutput(job.state.cancel(), finish_reason="cancelled", completion=job.state.completion())
+                )
             self._waiting = deque(job for job in self._waiting if not job.cancelled)
         for row in range(self.max_batch):
             if self._slots[row] is None and self._waiting:
@@ -244,7 +261,7 @@ class Scheduler:
             if job is not None and job.cancelled:
                 self._finish(row, job, job.state.cancel())
             elif job is not None and job.fed < len(job.state.prompt):
-                tokens = job.state.prompt[job.fed: job.fed + self.prefill_chunk]
+                tokens = job.state.prompt[job.fed : job.fed + self.prefill_chunk]
                 if job.fed + len(tokens) == len(job.state.prompt):
                     sampling.append(row)
             elif job is not None:
@@ -321,19 +338,20 @@ class Scheduler:
         """Logits of one step; if the batched call fails, each row is retried alone."""
         try:
             return self.backend.forward(self._cache, feed), {}
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if len(rows) == 1:
                 log.exception("forward failed for row %d", rows[0])
                 return None, {rows[0]: exc}
-            log.warning("a batched forward failed (%s: %s); retrying its %d rows one by one",
-                        type(exc).__name__, exc, len(rows))
+            log.warning(
+                "a batched forward failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(rows)
+            )
         logits: np.ndarray | None = None
         failures: dict[int, Exception] = {}
         for row in rows:
             alone = [tokens if r == row else [] for r, tokens in enumerate(feed)]
             try:
                 out = self.backend.forward(self._cache, alone)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("forward failed for row %d", row)
                 failures[row] = exc
                 continue
@@ -347,11 +365,12 @@ class Scheduler:
         self._slots[row] = None
         try:
             self.backend.release(self._cache, row)
-        except Exception:  # noqa: BLE001 - keep serving; the next forward will tell if the cache broke
+        except Exception:
             log.exception("releasing slot %d failed", row)
 
-    def _finish(self, row: int, job: Job, text: str, *, tokens: tuple[int, ...] = (),
-                logprobs: tuple[float, ...] = ()) -> None:
+    def _finish(
+        self, row: int, job: Job, text: str, *, tokens: tuple[int, ...] = (), logprobs: tuple[float, ...] = ()
+    ) -> None:
         self._release(row)
         reason = job.state.finish_reason or "cancelled"
         self.metrics.sequences.inc(1, reason)
@@ -361,8 +380,13 @@ class Scheduler:
         if row is not None:
             self._release(row)
         if not isinstance(exc, StlmError):
-            log.error("sequence %s failed: %s: %s", job.tag or "?", type(exc).__name__, exc,
-                      exc_info=(type(exc), exc, exc.__traceback__))
+            log.error(
+                "sequence %s failed: %s: %s",
+                job.tag or "?",
+                type(exc).__name__,
+                exc,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
         self.metrics.sequences.inc(1, "error")
         self._deliver(job, StepOutput("", finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
 
@@ -371,5 +395,5 @@ class Scheduler:
             job.done = True
         try:
             job.sink(output)
-        except Exception:  # noqa: BLE001 - e.g. the event loop is closed: the client is gone anyway
+        except Exception:
             log.debug("sink of sequence %s failed", job.tag, exc_info=True)

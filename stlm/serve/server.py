@@ -24,15 +24,33 @@ log = logging.getLogger(__name__)
 
 
 def _uvicorn_config(service: CompletionService, *, log_level: str, access_log: bool) -> uvicorn.Config:
-    return uvicorn.Config(create_app(service), host=service.config.host, port=service.config.port,
-                          log_level=log_level, access_log=access_log, lifespan="on",
-                          timeout_graceful_shutdown=None, server_header=False)
+    return uvicorn.Config(
+        create_app(service),
+        host=service.config.host,
+        port=service.config.port,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=None,
+        server_header=False,
+    )
 
 
-def run_server(package: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-               prefill_chunk: int = 256, model_name: str | None = None, threads: int | None = None,
-               log_level: str = "info", access_log: bool = True) -> None:
+def run_server(
+    package: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_context: int | None = None,
+    prefill_chunk: int = 256,
+    model_name: str | None = None,
+    threads: int | None = None,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
     """Serve ``package`` over HTTP until SIGINT/SIGTERM, then drain in-flight requests and return.
 
     Binds ``host`` (loopback by default: pass ``0.0.0.0`` deliberately, with ``api_key``, to expose
@@ -41,9 +59,18 @@ def run_server(package: str | Path, *, host: str = "127.0.0.1", port: int = 8000
     """
     if not 0 <= port <= 65535:
         raise InvalidArgumentError(f"--port {port} is invalid: expected 0..65535", fix="pass e.g. --port 8000")
-    config = ServeConfig(Path(package), host=host, port=port, api_key=api_key, max_batch=max_batch,
-                         max_queue=max_queue, max_context=max_context, prefill_chunk=prefill_chunk,
-                         model_name=model_name, threads=threads)
+    config = ServeConfig(
+        Path(package),
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        prefill_chunk=prefill_chunk,
+        model_name=model_name,
+        threads=threads,
+    )
     service = load_service(config)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
@@ -83,8 +110,14 @@ class BackgroundServer:
     down gracefully (in-flight requests finish) and joins the thread. Port 0 picks a free port.
     """
 
-    def __init__(self, service: CompletionService, *, log_level: str = "warning", access_log: bool = False,
-                 start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        service: CompletionService,
+        *,
+        log_level: str = "warning",
+        access_log: bool = False,
+        start_timeout: float = 60.0,
+    ) -> None:
         self.service = service
         self._server = uvicorn.Server(_uvicorn_config(service, log_level=log_level, access_log=access_log))
         self._thread = threading.Thread(target=self._server.run, name="stlm-serve", daemon=True)

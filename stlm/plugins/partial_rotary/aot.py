@@ -35,7 +35,17 @@ from stlm.plugins.partial_rotary.spec import validate_dtype
 TRITON_POINTER_TYPE: Final[dict[DType, str]] = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 NUM_KERNEL_PARAMS: Final = len(KERNEL_ARG_NAMES)
 MIN_PTX_VERSION: Final[dict[int, int]] = {
-    75: 80, 80: 80, 86: 80, 87: 80, 89: 80, 90: 80, 100: 86, 103: 88, 110: 90, 120: 87, 121: 88
+    75: 80,
+    80: 80,
+    86: 80,
+    87: 80,
+    89: 80,
+    90: 80,
+    100: 86,
+    103: 88,
+    110: 90,
+    120: 87,
+    121: 88,
 }
 """Default PTX ISA per SM arch: the oldest Triton can target that knows the arch (8.0 = CUDA 12.0),
 so that any driver able to drive the GPU can JIT the PTX TensorRT stores in the engine."""

@@ -122,7 +122,7 @@ def _known_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     graph = model.graph
     try:
         graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-    except Exception:  # inference is best effort (e.g. models over 2 GiB): fall back to declared types
+    except Exception:  # noqa: BLE001 - inference is best effort (e.g. models over 2 GiB): fall back to declared types
         pass
     types: dict[str, int] = {}
     for value in [*graph.input, *graph.value_info, *graph.output]:

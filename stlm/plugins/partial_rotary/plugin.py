@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import threading
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from stlm.dtypes import DType
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
@@ -137,7 +137,7 @@ def _torch_view(trt: Any, tensor: Any) -> Any:
     typestr, itemsize, torch_dtype = layouts[tensor.dtype]
 
     class _CudaArray:
-        __cuda_array_interface__ = {
+        __cuda_array_interface__: ClassVar[dict[str, Any]] = {
             "shape": tuple(int(d) for d in tensor.shape),
             "typestr": typestr,
             "data": (int(tensor.data_ptr), False),
@@ -164,7 +164,7 @@ def _static_head_dim(q: Any, k: Any) -> int:
 
 def _define(trt: Any, trtp: Any) -> None:
     """Define the plugin's register / autotune / aot_impl / impl functions with TensorRT."""
-    TensorDesc, Tensor = trtp.TensorDesc, trtp.Tensor  # noqa: N806 - TensorRT's class names
+    TensorDesc, Tensor = trtp.TensorDesc, trtp.Tensor
 
     @trtp.register(PLUGIN_ID)
     def partial_rotary_desc(
