@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from stlm.assets import NEOX_TOKENIZER
+
 ROOT = Path(__file__).resolve().parents[1]
-NEOX = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+NEOX = NEOX_TOKENIZER  # bundled with stlm
 
 
 def hf_worker(checkpoint: str, prompt_len: int, gen_len: int) -> dict[str, float]:

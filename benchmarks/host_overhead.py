@@ -24,6 +24,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 
+from stlm.assets import NEOX_TOKENIZER  # noqa: E402
 from stlm.runtime.detokenize import IncrementalDetokenizer  # noqa: E402
 from stlm.runtime.sampling import SamplingParams, make_rng, sample_token  # noqa: E402
 from stlm.runtime.stops import StopMatcher  # noqa: E402
@@ -32,7 +33,7 @@ from stlm.runtime.tokenizer import Tokenizer  # noqa: E402
 VOCAB = 50304
 PROMPT_LEN = 512
 EOS = 0
-TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+TOKENIZER = NEOX_TOKENIZER  # bundled with stlm
 STOPS = ("\n\nUser:", "###")
 SETTINGS = {
     "greedy": SamplingParams(temperature=0.0, max_new_tokens=1 << 20, stop=STOPS),

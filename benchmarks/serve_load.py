@@ -32,8 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from stlm.assets import NEOX_TOKENIZER
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+TOKENIZER = NEOX_TOKENIZER  # bundled with stlm
 PROMPTS = [
     "Hello world",
     "The capital of France is",

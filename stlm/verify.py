@@ -27,6 +27,7 @@ import numpy as np
 
 from stlm.config import load_model_config
 from stlm.errors import BackendUnavailableError, CheckpointError, InvalidArgumentError, PackageError
+from stlm.extras import require_extra
 from stlm.manifest import Manifest, read_manifest
 from stlm.polygraphy_json import read_run_results, write_run_results
 from stlm.tolerance import TOLERANCES, Tolerance, accuracy_class, looser
@@ -154,6 +155,7 @@ class VerifyReport:
 
 def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[int]], steps: int) -> Reference:
     """Greedy runs of transformers' StableLmForCausalLM in fp32 (safetensors only, no remote code)."""
+    require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
     import torch
     from transformers import StableLmForCausalLM
     from transformers.utils import logging as hf_logging
@@ -373,6 +375,7 @@ def verify_package(
     else:
         tokenizer = Tokenizer.from_file(package / manifest.tokenizer)
         ids = [tokenizer.encode(p) or [manifest.generation.bos_token_id] for p in PROMPTS[:prompts]]
+        require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
         from stlm.export.checkpoint import resolve_checkpoint
 
         if load_model_config(resolve_checkpoint(reference)) != manifest.model:

@@ -11,9 +11,13 @@ Modules: :mod:`~stlm.serve.scheduler` (continuous batching), :mod:`~stlm.serve.p
 (Prometheus text), :mod:`~stlm.serve.server` (uvicorn).
 """
 
-from stlm.serve.app import CompletionService, ServeConfig, create_app, load_service
-from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
-from stlm.serve.server import BackgroundServer, run_server
+from stlm.extras import require_extra
+
+require_extra("serve", feature="the HTTP server (stlm.serve: `stlm serve`)")
+
+from stlm.serve.app import CompletionService, ServeConfig, create_app, load_service  # noqa: E402 - after the extra check
+from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError  # noqa: E402 - after the extra check
+from stlm.serve.server import BackgroundServer, run_server  # noqa: E402 - after the extra check
 
 __all__ = [
     "BackgroundServer",
