@@ -160,13 +160,13 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from stlm.export.onnx_export import export_onnx
-    from stlm.export.random_checkpoint import make_random_checkpoint
+    from stlm.testing import write_random_checkpoint
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = a.checkpoint or a.workdir / f"checkpoint-{a.preset}"
     if not (checkpoint / "config.json").is_file():
         print(f"building a random '{a.preset}' checkpoint in {checkpoint}", file=sys.stderr)
-        make_random_checkpoint(checkpoint, preset=a.preset, tokenizer=NEOX if NEOX.is_file() else None)
+        write_random_checkpoint(checkpoint, shape=a.preset, tokenizer=NEOX if NEOX.is_file() else None)
     packages = {"fp32": export_onnx(checkpoint, a.workdir / "pkg-fp32", overwrite=True)}
     if a.quantize:
         packages[a.quantize] = export_onnx(

@@ -101,18 +101,10 @@ def main() -> None:
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     if a.worker == "checkpoint":
-        from stlm.export.published_checkpoint import (
-            STABLELM_3B_4E1T,
-            Shape,
-            make_published_checkpoint,
-        )
+        from stlm.testing import Shape, write_random_checkpoint
 
-        shape = (
-            Shape(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=688)
-            if a.smoke
-            else STABLELM_3B_4E1T
-        )
-        make_published_checkpoint(a.checkpoint, NEOX, shape=shape)
+        shape = Shape(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=688) if a.smoke else Shape()
+        write_random_checkpoint(a.checkpoint, shape=shape, tokenizer=NEOX, dtype="bf16", config_style="4.38")
         return
     if a.worker == "hf":
         print(json.dumps(hf_worker(str(a.checkpoint), a.prompt_len, a.gen_len)))

@@ -131,10 +131,10 @@ def _free_port() -> int:
 
 def _build_tiny(folder: Path) -> Path:
     from stlm.export.onnx_export import export_onnx
-    from stlm.export.random_checkpoint import make_random_checkpoint
+    from stlm.testing import write_random_checkpoint
 
-    checkpoint = make_random_checkpoint(
-        folder / "checkpoint", preset="tiny", tokenizer=TOKENIZER if TOKENIZER.is_file() else None
+    checkpoint = write_random_checkpoint(
+        folder / "checkpoint", shape="tiny", tokenizer=TOKENIZER if TOKENIZER.is_file() else None
     )
     return export_onnx(checkpoint, folder / "tiny", kv_cache="inplace", overwrite=True)
 

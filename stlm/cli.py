@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from stlm.errors import StlmError
+from stlm.tensorrt.profiles import DEFAULT_MAX_BATCH
 
 
 class _StlmFailure(click.ClickException):
@@ -121,7 +122,7 @@ def export(
 @cli.command("build-engine")
 @click.argument("onnx_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
-@click.option("--max-batch", default=4, show_default=True, type=int, help="Most sequences per call.")
+@click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=int, help="Most sequences per call.")
 @click.option(
     "--max-seq-len",
     default=None,
@@ -331,12 +332,27 @@ def verify(reference: str, package: Path, prompts: int, as_json: bool, save_refe
     help="tokenizer.json to ship (default: a small BPE trained locally).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str) -> None:
-    """Write a random-weight StableLM checkpoint (the embedded default) to OUT."""
-    from stlm.export.random_checkpoint import make_random_checkpoint
+@click.option("--dtype", default="fp32", show_default=True, help="Weight storage: fp32, fp16 or bf16.")
+@click.option(
+    "--config-style",
+    type=click.Choice(["transformers-5", "4.38"]),
+    default="transformers-5",
+    show_default=True,
+    help="4.38: config.json, shards and tokenizer files as stabilityai/stablelm-3b-4e1t is published.",
+)
+def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str, config_style: str) -> None:
+    """Write a random-weight StableLM checkpoint (the embedded default) to OUT (numpy only, no torch)."""
+    from stlm.testing import write_random_checkpoint
 
-    click.echo(str(make_random_checkpoint(out, preset=preset, seed=seed, tokenizer=tokenizer, dtype=dtype)))
+    path = write_random_checkpoint(
+        out,
+        shape=preset,
+        seed=seed,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        config_style=config_style,  # type: ignore[arg-type]
+    )
+    click.echo(str(path))
 
 
 @cli.command()
@@ -384,8 +400,8 @@ def bench(
         click.echo(json.dumps(r.to_dict()))
         return
     click.echo(
-        f"{r.backend} {r.dtype} {r.variant.get('kv_cache')} kv, quantization {r.variant.get('quantization')}"
-        f" | batch {r.batch}, prompt {r.prompt_len}, generate {r.gen_len}, {r.runs} runs"
+        f"{r.backend}: {r.variant.describe()} | batch {r.batch}, prompt {r.prompt_len}, generate {r.gen_len}, "
+        f"{r.runs} runs"
     )
     click.echo(f"time to first token  {r.ttft_ms:9.1f} ms   prefill {r.prefill_tok_s:9.1f} tok/s")
     click.echo(

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from stlm.config import ModelConfig
-from stlm.dtypes import NUMPY_NAME, DType
+from stlm.dtypes import NUMPY_NAME
+from stlm.variant import Variant
 
 # Symbolic axis names.
 BATCH: Final = "batch"
@@ -25,20 +26,24 @@ LOGITS: Final = "logits"
 # In-place (shared past/present buffer) variant only:
 SEQLENS_K: Final = "seqlens_k"  # (batch,) int32: tokens in the cache after this step, minus 1
 TOTAL_SEQUENCE_LENGTH: Final = "total_sequence_length"  # () int32: an upper bound of seqlens_k + 1
-QUERY_SEQLENS: Final = "query_seqlens"  # (batch,) int32: valid (left-aligned) tokens of this chunk
 CAPACITY: Final = "capacity"  # the preallocated KV length
+# Both variants: which positions of this step's chunk return logits.
+LOGITS_INDEX: Final = "logits_index"  # (batch, num_logits) int64
+NUM_LOGITS: Final = "num_logits"
 
-KV_CACHE_KINDS: Final = ("concat", "inplace")
+
+PAST_PREFIX: Final = "past_key_values."
+PRESENT_PREFIX: Final = "present."
 
 
 def past_name(layer: int, kind: str) -> str:
     """Input name of a layer's past ``kind`` ('key' or 'value')."""
-    return f"past_key_values.{layer}.{kind}"
+    return f"{PAST_PREFIX}{layer}.{kind}"
 
 
 def present_name(layer: int, kind: str) -> str:
     """Output name of a layer's present ``kind`` ('key' or 'value')."""
-    return f"present.{layer}.{kind}"
+    return f"{PRESENT_PREFIX}{layer}.{kind}"
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,17 @@ class Contract:
     @property
     def kv_dtype(self) -> str:
         """numpy dtype name of the KV cache tensors."""
-        return next(s.dtype for s in self.inputs if s.name.startswith("past_key_values."))
+        return next(s.dtype for s in self.inputs if s.name.startswith(PAST_PREFIX))
+
+    @property
+    def past(self) -> list[str]:
+        """The past KV inputs, in graph order."""
+        return [s.name for s in self.inputs if s.name.startswith(PAST_PREFIX)]
+
+    @property
+    def present(self) -> list[str]:
+        """The present KV outputs, in graph order (pairs with :attr:`past`)."""
+        return [s.name for s in self.outputs if s.name.startswith(PRESENT_PREFIX)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for the manifest."""
@@ -87,44 +102,36 @@ class Contract:
         )
 
 
-def decoder_contract(cfg: ModelConfig, dtype: DType, kv_cache: str = "concat") -> Contract:
-    """The merged prefill/decode decoder's I/O in ``dtype``; logits are always float32.
+def decoder_contract(cfg: ModelConfig, variant: Variant) -> Contract:
+    """The merged prefill/decode decoder's I/O for ``variant``; logits are always float32.
 
-    ``concat``: past (batch, kv_heads, past, head_dim) in, present = past + new out, with an
-    attention mask and position ids (left padding). ``inplace``: one preallocated
-    (batch, kv_heads, capacity, head_dim) buffer per tensor, bound as both past and present and
-    written in place; each row's length comes from ``seqlens_k``/``query_seqlens`` (right-padded
-    chunks), and logits are returned for the last valid token of each row only.
+    Both KV variants take ``logits_index`` (batch, num_logits): the positions within this step's
+    chunk whose logits are returned, as ``logits`` (batch, num_logits, vocab). ``concat``: past
+    (batch, kv_heads, past, head_dim) in, present = past + new out, with an attention mask and
+    position ids (left padding). ``inplace``: one preallocated (batch, kv_heads, capacity,
+    head_dim) buffer per tensor, bound as both past and present and written in place; each row's
+    length comes from ``seqlens_k`` (right-padded chunks) and ``total_sequence_length``.
     """
-    if kv_cache == "inplace":
-        return _inplace_contract(cfg, NUMPY_NAME[dtype])
-    kv = NUMPY_NAME[dtype]
-    kv_in = (BATCH, cfg.num_kv_heads, PAST, cfg.head_dim)
-    kv_out = (BATCH, cfg.num_kv_heads, TOTAL, cfg.head_dim)
-    inputs = [
-        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
-        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
-        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
-    ]
-    outputs = [TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE, cfg.vocab_size))]
+    kv = NUMPY_NAME[variant.kv_dtype]
+    if variant.inplace:
+        inputs = [
+            TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+            TensorSpec(SEQLENS_K, "int32", (BATCH,)),
+            TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
+        ]
+        kv_in = kv_out = (BATCH, cfg.num_kv_heads, CAPACITY, cfg.head_dim)
+    else:
+        inputs = [
+            TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+            TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+            TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
+        ]
+        kv_in = (BATCH, cfg.num_kv_heads, PAST, cfg.head_dim)
+        kv_out = (BATCH, cfg.num_kv_heads, TOTAL, cfg.head_dim)
+    inputs.append(TensorSpec(LOGITS_INDEX, "int64", (BATCH, NUM_LOGITS)))
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, NUM_LOGITS, cfg.vocab_size))]
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
             inputs.append(TensorSpec(past_name(i, kind), kv, kv_in))
             outputs.append(TensorSpec(present_name(i, kind), kv, kv_out))
-    return Contract(tuple(inputs), tuple(outputs))
-
-
-def _inplace_contract(cfg: ModelConfig, kv: str) -> Contract:
-    buffer = (BATCH, cfg.num_kv_heads, CAPACITY, cfg.head_dim)
-    inputs = [
-        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
-        TensorSpec(SEQLENS_K, "int32", (BATCH,)),
-        TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
-        TensorSpec(QUERY_SEQLENS, "int32", (BATCH,)),
-    ]
-    outputs = [TensorSpec(LOGITS, "float32", (BATCH, 1, cfg.vocab_size))]
-    for i in range(cfg.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(TensorSpec(past_name(i, kind), kv, buffer))
-            outputs.append(TensorSpec(present_name(i, kind), kv, buffer))
     return Contract(tuple(inputs), tuple(outputs))

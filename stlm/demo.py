@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from stlm.export.graph import Progress
+from stlm.progress import Progress
 
 
 def run_demo(
@@ -20,14 +20,14 @@ def run_demo(
     """Create ``workdir/checkpoint`` (if absent), export ``workdir/package``, stream a greedy
     continuation of ``prompt`` from it. Yields text pieces."""
     from stlm.export.onnx_export import export_onnx
-    from stlm.export.random_checkpoint import make_random_checkpoint
     from stlm.runtime import Generator, SamplingParams
+    from stlm.testing import write_random_checkpoint
 
     workdir = Path(workdir)
     checkpoint, package = workdir / "checkpoint", workdir / "package"
     if not (checkpoint / "config.json").is_file():
         log(f"writing a random-weight StableLM checkpoint (preset 'small') to {checkpoint}")
-        make_random_checkpoint(checkpoint, preset="small", tokenizer=tokenizer)
+        write_random_checkpoint(checkpoint, shape="small", tokenizer=tokenizer)
     log(f"exporting {checkpoint} → {package}")
     export_onnx(checkpoint, package, kv_cache="inplace", overwrite=True, progress=progress)
     log(f"generating {max_new_tokens} tokens from {package} (random weights: expect gibberish)")

@@ -1,7 +1,9 @@
 """The package manifest (``stlm.json``): everything the runtime needs to know about a package.
 
 Written by export (ONNX packages) and build-engine (engine packages); read by the runtime,
-which needs nothing but the package folder.
+which needs nothing but the package folder. ``format_version`` 2 records the graph as a typed
+:class:`~stlm.variant.Variant`; packages of version 1 (no ``logits_index`` input) must be exported
+again. The stored I/O contract is checked against the one the variant implies.
 """
 
 from __future__ import annotations
@@ -9,15 +11,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from stlm.config import ModelConfig
-from stlm.contract import Contract
+from stlm.contract import Contract, decoder_contract
+from stlm.dtypes import DType
 from stlm.errors import PackageError
+from stlm.variant import Variant
 
 MANIFEST_NAME: Final = "stlm.json"
 FORMAT: Final = "stlm-package"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+EXPORT_AGAIN: Final = "export the package again with this version of stlm"
+
+PackageKind = Literal["onnx", "tensorrt"]
+PACKAGE_KINDS: Final[tuple[PackageKind, ...]] = ("onnx", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,22 @@ class Generation:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A package's description. ``kind`` is 'onnx' or 'tensorrt'; file names are folder-relative."""
+    """A package's description. File names are folder-relative; ``extra`` is the engine build record."""
 
-    kind: str
+    kind: PackageKind
     graph: str
     tokenizer: str
-    dtype: str
     model: ModelConfig
     contract: Contract
     generation: Generation
     versions: dict[str, Any]
-    variant: dict[str, Any] = field(default_factory=dict)
+    variant: Variant
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> DType:
+        """The package dtype (that of its stored weights)."""
+        return self.variant.weight_dtype
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -53,8 +65,7 @@ class Manifest:
             "kind": self.kind,
             "graph": self.graph,
             "tokenizer": self.tokenizer,
-            "dtype": self.dtype,
-            "variant": self.variant,
+            "variant": self.variant.to_dict(),
             "model": self.model.to_dict(),
             "contract": self.contract.to_dict(),
             "generation": vars(self.generation),
@@ -64,19 +75,25 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            kind=data["kind"],
-            graph=data["graph"],
-            tokenizer=data["tokenizer"],
-            dtype=data["dtype"],
+        """Inverse of :meth:`to_dict`; malformed records raise ``ValueError``/``KeyError``/``TypeError``
+        (:func:`read_manifest` turns them into a :class:`PackageError`) or a :class:`PackageError`."""
+        kind = data["kind"]
+        if kind not in PACKAGE_KINDS:
+            raise ValueError(f"kind is {kind!r}, expected one of {', '.join(PACKAGE_KINDS)}")
+        manifest = cls(
+            kind=kind,
+            graph=str(data["graph"]),
+            tokenizer=str(data["tokenizer"]),
             model=ModelConfig.from_dict(data["model"]),
             contract=Contract.from_dict(data["contract"]),
             generation=Generation(**data["generation"]),
             versions=dict(data.get("versions", {})),
-            variant=dict(data.get("variant", {})),
+            variant=Variant.from_dict(data["variant"]),
             extra=dict(data.get("extra", {})),
         )
+        if manifest.contract != decoder_contract(manifest.model, manifest.variant):
+            raise ValueError("its contract differs from the graph variant it records")
+        return manifest
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -84,6 +101,24 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _check_format(data: Any) -> None:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"format is {found!r}, expected {FORMAT!r}")
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PackageError(
+            f"the package's format_version {version!r} is newer than this stlm reads ({FORMAT_VERSION})",
+            fix="upgrade stlm (pip install -U stlm), or export the package with this version",
+        )
+    if version < FORMAT_VERSION:
+        raise PackageError(
+            f"the package has format_version {version}, written by an older stlm; this stlm reads "
+            f"version {FORMAT_VERSION} (graphs with a logits_index input)",
+            fix=EXPORT_AGAIN,
+        )
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -102,16 +137,12 @@ def read_manifest(folder: Path) -> Manifest:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"format_version {data['format_version']} is newer than this stlm reads")
+        _check_format(data)
         manifest = Manifest.from_dict(data)
+    except PackageError as exc:
+        raise PackageError(f"{path}: {exc.problem}", fix=exc.fix) from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise PackageError(
-            f"{path} is not a valid stlm manifest ({exc})",
-            fix="export the package again with this version of stlm",
-        ) from None
+        raise PackageError(f"{path} is not a valid stlm manifest ({exc})", fix=EXPORT_AGAIN) from None
     for name in (manifest.graph, manifest.tokenizer):
         if not (folder / name).is_file():
             raise PackageError(

@@ -9,7 +9,6 @@ while a random tiny model's are below one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
@@ -54,7 +53,7 @@ class ToleranceTable:
                 f"unknown accuracy class {accuracy_class!r}; expected one of {', '.join(ACCURACY_CLASSES)}",
                 fix="use a package exported by stlm",
             )
-        return getattr(self, accuracy_class)  # type: ignore[no-any-return]
+        return getattr(self, accuracy_class)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -94,16 +93,6 @@ TOLERANCES: Final = ToleranceTable(
         "LM head at int8; top-1 on near-ties of random models flips freely, so only a floor",
     ),
 )
-
-
-def accuracy_class(dtype: str, quantization: Mapping[str, Any] | None = None) -> str:
-    """The accuracy class of a package of ``dtype`` with manifest ``quantization`` (or None)."""
-    if quantization:
-        bits = int(quantization.get("bits", 0))
-        return {8: "int8", 4: "int4"}.get(bits, "int4")
-    if dtype not in ACCURACY_CLASSES:
-        raise InvalidArgumentError(f"unknown package dtype {dtype!r}", fix="use a package exported by stlm")
-    return dtype
 
 
 def looser(a: str, b: str) -> str:

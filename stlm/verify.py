@@ -30,7 +30,7 @@ from stlm.errors import BackendUnavailableError, CheckpointError, InvalidArgumen
 from stlm.extras import require_extra
 from stlm.manifest import Manifest, read_manifest
 from stlm.polygraphy_json import read_run_results, write_run_results
-from stlm.tolerance import TOLERANCES, Tolerance, accuracy_class, looser
+from stlm.tolerance import TOLERANCES, Tolerance, looser
 
 log = logging.getLogger(__name__)
 
@@ -252,43 +252,39 @@ def package_logits(backend: Any, prompt: Sequence[int], tokens: Sequence[int]) -
     return np.stack(rows)
 
 
-def compare(
-    reference: Reference, got: Sequence[np.ndarray], tolerance: Tolerance
-) -> tuple[tuple[PromptResult, ...], tuple[Check, ...]]:
-    """Per-prompt results and the three checks (logits, top-1, greedy) of ``got`` against ``reference``."""
-    results = []
-    for ids, tokens, want, have in zip(reference.prompts, reference.tokens, reference.logits, got, strict=True):
-        if have.shape != want.shape:
-            raise PackageError(
-                f"the package's logits have shape {have.shape}, the reference's {want.shape}",
-                fix="compare a package with the checkpoint (or reference) it was exported from",
-            )
-        diff = np.abs(have.astype(np.float64) - want).max(axis=1)
-        worst = int(np.argmax(np.nan_to_num(diff, nan=np.inf)))
-        top1 = have.argmax(axis=1)
-        agree = top1 == want.argmax(axis=1)
-        follows = top1 == np.asarray(tokens)
-        greedy = int(np.argmin(follows)) if not follows.all() else len(tokens)
-        results.append(
-            PromptResult(
-                len(ids),
-                float(diff[worst]),
-                worst,
-                float(np.abs(want).max()),
-                int(agree.sum()),
-                len(tokens),
-                greedy,
-                tuple(tokens),
-                tuple(int(t) for t in top1),
-            )
+def _prompt_result(ids: Sequence[int], tokens: Sequence[int], want: np.ndarray, have: np.ndarray) -> PromptResult:
+    """One prompt's comparison of the package's logits ``have`` with the reference's ``want``."""
+    if have.shape != want.shape:
+        raise PackageError(
+            f"the package's logits have shape {have.shape}, the reference's {want.shape}",
+            fix="compare a package with the checkpoint (or reference) it was exported from",
         )
+    diff = np.abs(have.astype(np.float64) - want).max(axis=1)
+    worst_step = int(np.argmax(np.nan_to_num(diff, nan=np.inf)))
+    package_top1 = have.argmax(axis=1)
+    follows = package_top1 == np.asarray(tokens)
+    return PromptResult(
+        prompt_tokens=len(ids),
+        max_abs_diff=float(diff[worst_step]),
+        worst_step=worst_step,
+        scale=float(np.abs(want).max()),
+        top1_agree=int((package_top1 == want.argmax(axis=1)).sum()),
+        steps=len(tokens),
+        greedy_agree=len(tokens) if follows.all() else int(np.argmin(follows)),
+        reference_tokens=tuple(tokens),
+        package_top1=tuple(int(t) for t in package_top1),
+    )
+
+
+def _checks(results: Sequence[PromptResult], tolerance: Tolerance) -> tuple[Check, ...]:
+    """The logits, top-1 and greedy verdicts over every prompt."""
     scale = max(r.scale for r in results)
     worst = max(range(len(results)), key=lambda i: np.nan_to_num(results[i].max_abs_diff, nan=np.inf))
-    max_diff = results[worst].max_abs_diff
-    limit = tolerance.logits_limit(scale)
-    top1 = sum(r.top1_agree for r in results) / sum(r.steps for r in results)
-    greedy = float(np.mean([r.greedy_agree / r.steps for r in results]))
-    checks = (
+    max_diff, limit = results[worst].max_abs_diff, tolerance.logits_limit(scale)
+    agreeing, steps = sum(r.top1_agree for r in results), sum(r.steps for r in results)
+    top1_rate = agreeing / steps
+    greedy_rate = float(np.mean([r.greedy_agree / r.steps for r in results]))
+    return (
         Check(
             LOGITS,
             max_diff,
@@ -299,37 +295,34 @@ def compare(
         ),
         Check(
             "top-1 agreement",
-            top1,
+            top1_rate,
             tolerance.min_top1,
-            top1 >= tolerance.min_top1,
-            f"{sum(r.top1_agree for r in results)}/{sum(r.steps for r in results)} steps",
+            top1_rate >= tolerance.min_top1,
+            f"{agreeing}/{steps} steps",
         ),
         Check(
             "greedy agreement",
-            greedy,
+            greedy_rate,
             tolerance.min_greedy,
-            greedy >= tolerance.min_greedy,
+            greedy_rate >= tolerance.min_greedy,
             "mean fraction of greedy tokens before the first divergence",
         ),
     )
-    return tuple(results), checks
+
+
+def compare(
+    reference: Reference, got: Sequence[np.ndarray], tolerance: Tolerance
+) -> tuple[tuple[PromptResult, ...], tuple[Check, ...]]:
+    """Per-prompt results and the three checks (logits, top-1, greedy) of ``got`` against ``reference``."""
+    rows = zip(reference.prompts, reference.tokens, reference.logits, got, strict=True)
+    results = tuple(_prompt_result(ids, tokens, want, have) for ids, tokens, want, have in rows)
+    return results, _checks(results, tolerance)
 
 
 def _describe(manifest: Manifest) -> str:
-    v = manifest.variant
     if manifest.kind == "tensorrt":
         return f"TensorRT engine, {manifest.dtype}"
-    bits = (v.get("quantization") or {}).get("bits")
-    parts = (
-        [manifest.dtype]
-        + ([f"int{bits} weights"] if bits else [])
-        + [
-            f"compute {v.get('compute_dtype', manifest.dtype)}",
-            f"KV {manifest.contract.kv_dtype}",
-            f"{v.get('kv_cache', 'concat')} KV cache",
-        ]
-    )
-    return ", ".join(parts)
+    return manifest.variant.describe()
 
 
 def verify_package(
@@ -354,13 +347,13 @@ def verify_package(
         raise InvalidArgumentError(f"{steps} steps is out of range", fix="pass 1..256 steps")
     package = Path(package)
     manifest = read_manifest(package)
-    if manifest.kind == "onnx" and manifest.variant.get("rotary") == "plugin":
+    if manifest.kind == "onnx" and manifest.variant.rotary == "plugin":
         raise BackendUnavailableError(
             f"{package} is a --target tensorrt ONNX graph (stlm::partial_rotary plugin nodes): it runs only as a "
             "TensorRT engine",
             fix=f"build it with `stlm build-engine {package} -o ENGINE`; to check it, {TWO_STEP_FIX}",
         )
-    package_class = accuracy_class(manifest.dtype, manifest.variant.get("quantization"))
+    package_class = manifest.variant.accuracy_class
     from_file = not isinstance(reference, Reference) and Path(reference).is_file()
     if isinstance(reference, Reference):
         ref = reference

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random StableLM checkpoints (built with transformers) and their exports.
+"""Shared fixtures: tiny random StableLM checkpoints (:mod:`stlm.testing`) and their exports.
 
 Exports happen once per session; tests must not modify the session packages.
 """
@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 
 import stlm.assets as _assets
+from stlm.testing import Shape, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NEOX_TOKENIZER = _assets.NEOX_TOKENIZER  # bundled in the repository (stlm/assets): no ../shared needed
 
 # Two shapes so the export is shown to follow config.json: head dim 16 (rotary 4) and 64 (rotary 16).
 SHAPES = {
-    "hd16": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
-    "hd64": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=344),
+    "hd16": Shape(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=172, vocab_size=50304),
+    "hd64": Shape(hidden_size=128, num_layers=3, num_heads=2, intermediate_size=344, vocab_size=50304),
 }
 
 
@@ -29,46 +30,16 @@ def neox_tokenizer() -> Path:
     return NEOX_TOKENIZER
 
 
-def build_checkpoint(folder: Path, *, seed: int = 0, dtype: str = "float32", **overrides: object) -> Path:
-    """Write a random StableLmForCausalLM checkpoint with save_pretrained + the NeoX tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import StableLmConfig, StableLmForCausalLM
-
-    settings: dict[str, object] = dict(
-        vocab_size=50304,
-        max_position_embeddings=4096,
-        layer_norm_eps=1e-5,
-        use_qkv_bias=False,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-    )
-    settings.update(SHAPES["hd16"])
-    settings.update(overrides)
-    settings.setdefault("num_key_value_heads", settings["num_attention_heads"])
-    config = StableLmConfig(**settings)
-    config.architectures = ["StableLmForCausalLM"]
-    torch.manual_seed(seed)
-    model = StableLmForCausalLM(config).to(getattr(torch, dtype))
-    # Default init leaves LayerNorm at weight 1 / bias 0: randomise them so the bias path is exercised.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name or "norm." in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    shutil.copyfile(neox_tokenizer(), folder / "tokenizer.json")
-    return folder
+def build_checkpoint(folder: Path, shape: Shape = SHAPES["hd16"], *, seed: int = 0, **options: Any) -> Path:
+    """A random checkpoint of ``shape`` with the GPT-NeoX tokenizer (numpy writer, transformers reads it)."""
+    return write_random_checkpoint(folder, shape=shape, tokenizer=neox_tokenizer(), seed=seed, **options)
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny checkpoint per shape in SHAPES."""
     base = tmp_path_factory.mktemp("checkpoints")
-    return {name: build_checkpoint(base / name, seed=i, **shape) for i, (name, shape) in enumerate(SHAPES.items())}
+    return {name: build_checkpoint(base / name, shape, seed=i) for i, (name, shape) in enumerate(SHAPES.items())}
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from stlm.export.profiles import Profile, profile_shapes
 from stlm.manifest import Manifest
+from stlm.tensorrt.profiles import Profile, profile_shapes
 
 
 class CudaError(enum.IntEnum):

@@ -96,7 +96,8 @@ def test_quantized_tiny_model_tracks_fp32(
     cosine = np.mean([g @ w / np.linalg.norm(g) / np.linalg.norm(w) for g, w in zip(got, want, strict=True)])
     assert agreement >= min_agreement and cosine >= min_cosine, (agreement, cosine)
     manifest = read_manifest(quantized[quant])
-    assert manifest.variant["quantization"]["bits"] == {"int8": 8, "int4": 4}[quant]
+    assert manifest.variant.quantization is not None
+    assert manifest.variant.quantization.bits == {"int8": 8, "int4": 4}[quant]
 
 
 def test_quantized_package_is_smaller_and_generates(quantized: dict[str, Path], packages: dict[str, Path]) -> None:
@@ -131,3 +132,4 @@ def test_bench_json_fields(package: Path) -> None:
     ):
         assert data[key] > 0, key
     assert data["backend"] == "onnxruntime" and data["batch"] == 1 and data["variant"]["kv_cache"] == "concat"
+    assert data["variant"]["logits"] == "logits_index"

@@ -14,8 +14,8 @@ from conftest import neox_tokenizer
 from stlm.cli import cli
 from stlm.config import load_model_config
 from stlm.export.onnx_export import export_onnx
-from stlm.export.published_checkpoint import Shape, make_published_checkpoint
 from stlm.export.weights import SafetensorsCheckpoint
+from stlm.testing import Shape, write_random_checkpoint
 
 # Not the defaults (theta 10000, factor 0.25, eps 1e-5): a reader that ignored the 4.38 keys would differ.
 SHAPE = Shape(
@@ -24,6 +24,7 @@ SHAPE = Shape(
     num_heads=4,
     num_kv_heads=4,
     intermediate_size=172,
+    vocab_size=50304,
     rope_theta=5000.0,
     partial_rotary_factor=0.5,
     layer_norm_eps=1e-6,
@@ -32,8 +33,14 @@ SHAPE = Shape(
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_published_checkpoint(
-        tmp_path_factory.mktemp("published") / "ckpt", neox_tokenizer(), shape=SHAPE, seed=3, max_shard_bytes=4_000_000
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("published") / "ckpt",
+        shape=SHAPE,
+        tokenizer=neox_tokenizer(),
+        seed=3,
+        dtype="bf16",
+        config_style="4.38",
+        max_shard_bytes=4_000_000,
     )
 
 

@@ -18,12 +18,13 @@ from fake_gpu import FakeCudart, drive, fake_tensorrt
 
 from stlm.cli import cli
 from stlm.config import ModelConfig, model_config_from_hf
-from stlm.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, decoder_contract, past_name
+from stlm.contract import ATTENTION_MASK, INPUT_IDS, LOGITS_INDEX, POSITION_IDS, decoder_contract, past_name
 from stlm.errors import BackendUnavailableError, EngineCompatibilityError, InvalidArgumentError, PackageError
 from stlm.export.engine import ENGINE_NAME, engine_extra
-from stlm.export.engine_manifest import REBUILD, check_engine_compat, version_key
-from stlm.export.profiles import DECODE, PREFILL, Profile, engine_profiles, profile_shapes, select_profile
 from stlm.manifest import read_manifest, write_manifest
+from stlm.tensorrt.engine_manifest import REBUILD, check_engine_compat, version_key
+from stlm.tensorrt.profiles import DECODE, PREFILL, Profile, engine_profiles, profile_shapes, select_profile
+from stlm.variant import Variant
 
 HF_BASE: dict[str, Any] = dict(
     model_type="stablelm",
@@ -64,7 +65,7 @@ CONFIGS = {
 )
 def test_profiles_cover_every_input_consistently(name: str, dtype: str, sizes: dict[str, Any]) -> None:
     cfg: ModelConfig = CONFIGS[name]
-    contract = decoder_contract(cfg, dtype)  # type: ignore[arg-type]
+    contract = decoder_contract(cfg, Variant("tensorrt", "concat", "plugin", dtype, dtype, dtype))  # type: ignore[arg-type]
     profiles = engine_profiles(context_length=cfg.max_position_embeddings, **sizes)
     assert [p.name for p in profiles] == [DECODE, PREFILL]
     max_seq = sizes["max_seq_len"] or cfg.max_position_embeddings
@@ -92,6 +93,8 @@ def test_profiles_cover_every_input_consistently(name: str, dtype: str, sizes: d
     assert prefill[INPUT_IDS][2][1] == chunk
     assert prefill[past_name(0, "key")][0][2] == prefill[past_name(0, "key")][1][2] == 0  # tuned for a fresh prompt
     assert prefill[past_name(0, "key")][2][2] == max_seq - chunk
+    assert decode[LOGITS_INDEX] == ((1, 1), (sizes.get("opt_batch", 1), 1), (sizes["max_batch"], 1))
+    assert prefill[LOGITS_INDEX][2] == (sizes["max_batch"], chunk)  # every position of a chunk (perplexity)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +346,7 @@ def test_generate_engine_package_without_tensorrt_exits_2(package: Path, tmp_pat
 
 def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
     code = (
-        "import sys, stlm.runtime.tensorrt_backend, stlm.runtime.onnxruntime_cuda, stlm.export.engine; "
+        "import sys, stlm.runtime.tensorrt_backend, stlm.runtime.onnxruntime_backend, stlm.export.engine; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'tensorrt')))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -355,7 +358,7 @@ def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path) -> tuple[Path, Any]:
     """An engine folder whose "engine" runs ``package`` with ONNX Runtime on host "device" memory."""
-    import stlm.runtime.gpu as gpu
+    import stlm.tensorrt.gpu as gpu
 
     cudart = FakeCudart()
     engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", max_batch=3, prefill_chunk=8)
@@ -373,7 +376,7 @@ def test_tensorrt_backend_matches_onnxruntime_on_fake_gpu(fake_gpu: tuple[Path, 
     engine, _cudart = fake_gpu
     trt_backend = TensorRTBackend(engine, read_manifest(engine))
     ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
-    assert read_manifest(package).variant["kv_cache"] == "concat"
+    assert read_manifest(package).variant.kv_cache == "concat"
     ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3)
     assert trt_cache.columns == 40 and trt_cache.width < 40 < ort_cache.mask.shape[1]
     assert set(trt_backend.engine.context.switches) == {0, 1}
@@ -418,7 +421,7 @@ def test_tensorrt_backend_refuses_other_tensorrt_version(fake_gpu: tuple[Path, A
 # -- on a GPU: a real engine ---------------------------------------------------------------------
 def _require_gpu() -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'stlm[gpu]')")
-    from stlm.runtime.gpu import gpu_info
+    from stlm.tensorrt.gpu import gpu_info
 
     try:
         gpu_info(0)
@@ -467,7 +470,7 @@ def test_engine_logits_match_onnxruntime(engine_dir: Path, package: Path) -> Non
 
     trt_backend = TensorRTBackend(engine_dir, read_manifest(engine_dir))
     ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
-    assert read_manifest(package).variant["kv_cache"] == "concat"
+    assert read_manifest(package).variant.kv_cache == "concat"
     ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3)
     assert trt_cache.columns == 40 and ort_cache.mask.shape[1] > 60
     assert trt_cache.width < 40  # the cache was compacted on the device, more than once

@@ -25,9 +25,11 @@ def trt_package(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def test_manifest_records_the_target(trt_package: Path) -> None:
     manifest = read_manifest(trt_package)
-    assert manifest.variant["target"] == "tensorrt"
-    assert manifest.variant["rotary"] == "plugin"
-    assert manifest.variant["kv_cache"] == "concat"
+    assert (manifest.variant.target, manifest.variant.rotary, manifest.variant.kv_cache) == (
+        "tensorrt",
+        "plugin",
+        "concat",
+    )
 
 
 def test_graph_is_valid_with_one_plugin_node_per_layer(trt_package: Path) -> None:
@@ -64,9 +66,10 @@ def test_plugin_graph_gives_the_plain_graphs_logits(trt_package: Path, package: 
         "input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)),
         "attention_mask": mask,
         "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+        "logits_index": np.broadcast_to(np.arange(seq), (batch, seq)).copy(),
     }
-    for spec in manifest.contract.inputs[3:]:
-        feeds[spec.name] = np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    for name in manifest.contract.past:
+        feeds[name] = np.zeros((batch, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     want = plain.run(None, feeds)
     got = plugin.run(None, feeds)
     for g, w in zip(got, want, strict=True):
@@ -82,7 +85,7 @@ def test_native_rotary_graph_gives_the_plain_graphs_logits(checkpoint: Path, pac
     layers = read_manifest(native).model.num_layers
     assert sum(n.op_type == "RotaryEmbedding" for n in model.graph.node) == 2 * layers
     assert [n.op_type for n in model.graph.node if n.op_type in ("Sin", "Cos", "Neg")] == []
-    assert read_manifest(native).variant["rotary"] == "native"
+    assert read_manifest(native).variant.rotary == "native"
     feeds = _feeds(package)
     got = ort.InferenceSession(str(native / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     want = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -108,9 +111,10 @@ def _feeds(package: Path) -> dict[str, np.ndarray]:
         "input_ids": rng.integers(0, cfg.vocab_size, (2, 7)),
         "attention_mask": mask,
         "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+        "logits_index": np.broadcast_to(np.arange(7), (2, 7)).copy(),
     }
-    for spec in manifest.contract.inputs[3:]:
-        feeds[spec.name] = np.zeros((2, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    for name in manifest.contract.past:
+        feeds[name] = np.zeros((2, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     return feeds
 
 

@@ -20,7 +20,8 @@ from stlm.cli import cli
 from stlm.export.onnx_export import export_onnx
 from stlm.manifest import read_manifest, write_manifest
 from stlm.polygraphy_json import decode_array, encode_array, read_run_results, write_run_results
-from stlm.tolerance import ACCURACY_CLASSES, TOLERANCES, accuracy_class, looser
+from stlm.tolerance import ACCURACY_CLASSES, TOLERANCES, looser
+from stlm.variant import Quantization, Variant
 
 CASES = {
     "fp32": {},
@@ -146,8 +147,16 @@ def test_tolerance_table_is_ordered_and_complete() -> None:
         assert tighter.logits_rtol <= looser_row.logits_rtol
         assert tighter.min_top1 >= looser_row.min_top1 and tighter.min_greedy >= looser_row.min_greedy
     assert TOLERANCES["fp32"].min_top1 == 1.0 and TOLERANCES["int4"].logits_limit(10.0) > 1.0
-    assert accuracy_class("fp16") == "fp16" and accuracy_class("fp32", {"bits": 4}) == "int4"
-    assert accuracy_class("bf16", {"bits": 8}) == "int8"
+    fp16 = Variant("onnxruntime", "inplace", "fused", "fp16", "fp32", "fp16")
+    assert fp16.accuracy_class == "fp16"
+    assert (
+        dataclasses.replace(fp16, weight_dtype="fp32", quantization=Quantization.preset("int4")).accuracy_class
+        == "int4"
+    )
+    assert (
+        dataclasses.replace(fp16, weight_dtype="bf16", quantization=Quantization.preset("int8")).accuracy_class
+        == "int8"
+    )
     assert looser("fp16", "bf16") == "bf16" and looser("int4", "fp32") == "int4"
 
 

@@ -6,26 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from stlm.dtypes import DType
-
-NP_DTYPE: dict[DType, np.dtype] = {
-    "fp32": np.dtype(np.float32),
-    "fp16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-}
-ONNX_ELEM = {
-    "float32": TensorProto.FLOAT,
-    "float16": TensorProto.FLOAT16,
-    "bfloat16": TensorProto.BFLOAT16,
-    "int64": TensorProto.INT64,
-    "int32": TensorProto.INT32,
-    "uint8": TensorProto.UINT8,
-}
+from stlm.dtypes import ONNX_ELEM
 
 
 class InitializerStore:
@@ -48,9 +33,10 @@ class InitializerStore:
             self._file.write(array.tobytes())
             tensor = TensorProto(name=name, data_type=elem, dims=array.shape)
             tensor.data_location = TensorProto.EXTERNAL
+            assert self.data_path is not None
             for key, value in (
                 ("location", self.data_path.name),
-                ("offset", str(offset)),  # type: ignore[union-attr]
+                ("offset", str(offset)),
                 ("length", str(array.nbytes)),
             ):
                 tensor.external_data.add(key=key, value=value)

@@ -2,40 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
 
 import stlm
-from stlm.config import load_model_config
-from stlm.contract import KV_CACHE_KINDS, decoder_contract
-from stlm.dtypes import DType, parse_dtype
+from stlm.config import ModelConfig, load_model_config
+from stlm.contract import decoder_contract
+from stlm.dtypes import parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
-from stlm.export.graph import (
-    ACCURACY_LEVEL,
-    LM_HEAD_BITS,
-    TENSORRT_ROTARIES,
-    Progress,
-    Rotary,
-    build_decoder,
-    estimate_weight_bytes,
-)
+from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
-from stlm.export.quantize import BLOCK_SIZE, QUANT_BITS
 from stlm.export.staging import staged_folder
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
+from stlm.ort_versions import required_onnxruntime
+from stlm.progress import Progress
+from stlm.variant import (
+    KV_CACHES,
+    QUANTIZE_PRESETS,
+    TARGETS,
+    TENSORRT_ROTARIES,
+    KVCache,
+    Quantization,
+    Rotary,
+    Target,
+    Variant,
+)
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 TOKENIZER_NAME = "tokenizer.json"
+DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization
 NATIVE_ROTARY_OPSET = 23  # RotaryEmbedding
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
@@ -46,7 +54,126 @@ def _check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= newest:
         raise InvalidArgumentError(
             f"opset {opset} is not supported; expected {MIN_OPSET}..{newest}",
-            fix=f"pass --opset {MIN_OPSET}..{newest} (default 18)",
+            fix=f"pass --opset {MIN_OPSET}..{newest} (default {DEFAULT_OPSET})",
+        )
+
+
+def _member(value: str, choices: tuple[_T, ...]) -> _T | None:
+    """``value`` as the (Literal-typed) member of ``choices`` it equals, or None."""
+    return next((c for c in choices if c == value), None)
+
+
+def _target(target: str | None, rotary: str | None) -> Target:
+    name = target or ("tensorrt" if rotary in TENSORRT_ROTARIES else "onnxruntime")
+    chosen = _member(name, TARGETS)
+    if chosen is None:
+        raise InvalidArgumentError(
+            f"unknown target {name!r}; expected onnxruntime or tensorrt",
+            fix="pass --target onnxruntime or --target tensorrt",
+        )
+    return chosen
+
+
+def _graph_form(target: Target, rotary: str | None, kv_cache: str | None) -> tuple[KVCache, Rotary]:
+    """The KV cache and rotary form of the graph (defaults by target), or an error naming the flag."""
+    tensorrt = target == "tensorrt"
+    chosen_rotary = None if rotary is None else _member(rotary, TENSORRT_ROTARIES)
+    if rotary is not None and (chosen_rotary is None or not tensorrt):
+        raise InvalidArgumentError(
+            f"rotary {rotary!r} does not go with target {target!r}",
+            fix="--rotary plugin|native applies to --target tensorrt only",
+        )
+    name = kv_cache or ("concat" if tensorrt else "inplace")
+    kv = _member(name, KV_CACHES)
+    if kv is None:
+        raise InvalidArgumentError(
+            f"unknown KV cache kind {name!r}; expected one of {', '.join(KV_CACHES)}",
+            fix="pass --kv-cache inplace (ONNX Runtime, fastest) or concat (portable)",
+        )
+    if kv == "inplace" and tensorrt:
+        raise InvalidArgumentError(
+            "the TensorRT target needs --kv-cache concat (got inplace)",
+            fix="pass --kv-cache concat with --target tensorrt",
+        )
+    if chosen_rotary is not None:
+        return kv, chosen_rotary
+    return kv, "plugin" if tensorrt else "fused" if kv == "inplace" else "plain"
+
+
+def _quantization(quantize: str | None, target: Target) -> Quantization | None:
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_PRESETS:
+        raise InvalidArgumentError(
+            f"unknown quantization {quantize!r}; expected one of {', '.join(QUANTIZE_PRESETS)}",
+            fix="pass --quantize int8 or --quantize int4, or omit it",
+        )
+    if target == "tensorrt":
+        raise InvalidArgumentError(
+            f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT target does not take",
+            fix="omit --quantize with --target tensorrt",
+        )
+    return Quantization.preset(quantize)
+
+
+def plan_variant(
+    cfg: ModelConfig,
+    *,
+    dtype: str,
+    target: str | None,
+    rotary: str | None,
+    kv_cache: str | None,
+    quantize: str | None,
+    opset: int,
+) -> tuple[Variant, int]:
+    """The :class:`Variant` these export options describe, and the opset to write (validated)."""
+    kind = parse_dtype(dtype)
+    chosen = _target(target, rotary)
+    kv, form = _graph_form(chosen, rotary, kv_cache)
+    quantization = _quantization(quantize, chosen)
+    if form == "native" and opset < NATIVE_ROTARY_OPSET:
+        log.info("ONNX RotaryEmbedding needs opset %d: exporting at opset %d", NATIVE_ROTARY_OPSET, NATIVE_ROTARY_OPSET)
+        opset = NATIVE_ROTARY_OPSET
+    _check_opset(opset)
+    precision = plan_precision(kind, target=chosen, kv_cache=kv)
+    variant = Variant(
+        target=chosen,
+        kv_cache=kv,
+        rotary=form,
+        weight_dtype=precision.weights,
+        compute_dtype=precision.compute,
+        kv_dtype=precision.kv,
+        quantization=quantization,
+        precision_note=precision.note,
+        external_data=estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD,
+    )
+    return dataclasses.replace(variant, min_onnxruntime=required_onnxruntime(variant, opset)), opset
+
+
+def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str) -> Manifest:
+    return Manifest(
+        kind="onnx",
+        graph=GRAPH_NAME,
+        tokenizer=TOKENIZER_NAME,
+        model=cfg,
+        contract=decoder_contract(cfg, variant),
+        generation=Generation(
+            bos_token_id=cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.eos_token_id,
+            context_length=cfg.max_position_embeddings,
+        ),
+        versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__, "opset": opset},
+        variant=variant,
+        extra={"source": source},
+    )
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidArgumentError(
+            f"output folder {str(out)!r} already exists and is not empty",
+            fix="pass another -o folder, or --overwrite to replace it",
         )
 
 
@@ -55,9 +182,9 @@ def export_onnx(
     out: Path,
     *,
     dtype: str = "fp32",
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     target: str | None = None,
-    rotary: Rotary | None = None,
+    rotary: str | None = None,
     kv_cache: str | None = None,
     quantize: str | None = None,
     overwrite: bool = False,
@@ -71,34 +198,14 @@ def export_onnx(
     own ``RotaryEmbedding`` (opset ≥ 23). ``kv_cache``: 'inplace' (default for ONNX Runtime) or
     'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
     """
-    target = target or ("tensorrt" if rotary in TENSORRT_ROTARIES else "onnxruntime")
-    if target not in ("onnxruntime", "tensorrt"):
-        raise InvalidArgumentError(
-            f"unknown target {target!r}; expected onnxruntime or tensorrt",
-            fix="pass --target onnxruntime or --target tensorrt",
-        )
-    tensorrt = target == "tensorrt"
-    if rotary is None:
-        rotary = "plugin" if tensorrt else "plain"
-    if tensorrt != (rotary in TENSORRT_ROTARIES):
-        raise InvalidArgumentError(
-            f"rotary {rotary!r} does not go with target {target!r}",
-            fix="--rotary plugin|native applies to --target tensorrt only",
-        )
-    kv_cache = kv_cache or ("concat" if tensorrt else "inplace")
-    if rotary == "native" and opset < NATIVE_ROTARY_OPSET:
-        log.info("ONNX RotaryEmbedding needs opset %d: exporting at opset %d", NATIVE_ROTARY_OPSET, NATIVE_ROTARY_OPSET)
-        opset = NATIVE_ROTARY_OPSET
     out = Path(out)
-    kind: DType = parse_dtype(dtype)
-    _check_opset(opset)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidArgumentError(
-            f"output folder {str(out)!r} already exists and is not empty",
-            fix="pass another -o folder, or --overwrite to replace it",
-        )
+    parse_dtype(dtype)
+    _check_output(out, overwrite)
     checkpoint = resolve_checkpoint(model)
     cfg = load_model_config(checkpoint)
+    variant, opset = plan_variant(
+        cfg, dtype=dtype, target=target, rotary=rotary, kv_cache=kv_cache, quantize=quantize, opset=opset
+    )
     tokenizer = checkpoint / TOKENIZER_NAME
     if not tokenizer.is_file():
         raise CheckpointError(
@@ -106,89 +213,16 @@ def export_onnx(
             fix="copy the checkpoint's tokenizer.json (the fast tokenizer file) into the folder",
         )
     ckpt = SafetensorsCheckpoint(checkpoint)
-    if kv_cache not in KV_CACHE_KINDS:
-        raise InvalidArgumentError(
-            f"unknown KV cache kind {kv_cache!r}; expected one of {', '.join(KV_CACHE_KINDS)}",
-            fix="pass --kv-cache inplace (ONNX Runtime, fastest) or concat (portable)",
-        )
-    if kv_cache == "inplace" and tensorrt:
-        raise InvalidArgumentError(
-            "the TensorRT target needs --kv-cache concat (got inplace)",
-            fix="pass --kv-cache concat with --target tensorrt",
-        )
-    if quantize is not None and quantize not in QUANT_BITS:
-        raise InvalidArgumentError(
-            f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_BITS)}",
-            fix="pass --quantize int8 or --quantize int4, or omit it",
-        )
-    if quantize is not None and tensorrt:
-        raise InvalidArgumentError(
-            f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT target does not take",
-            fix="omit --quantize with --target tensorrt",
-        )
-    precision = plan_precision(kind, target="tensorrt" if tensorrt else "onnxruntime", kv_cache=kv_cache)
-    contract = decoder_contract(cfg, precision.kv, kv_cache)
-    external = estimate_weight_bytes(cfg, kind) > EXTERNAL_DATA_THRESHOLD
-
     start = time.perf_counter()
     with staged_folder(out) as tmp:
-        graph = build_decoder(
-            cfg,
-            ckpt,
-            contract,
-            kind,
-            opset=opset,
-            rotary=rotary,
-            kv_cache=kv_cache,
-            quantize=quantize,
-            precision=precision,
-            progress=progress,
-            data_path=tmp / DATA_NAME if external else None,
-        )
+        data_path = tmp / DATA_NAME if variant.external_data else None
+        graph = build_decoder(cfg, ckpt, variant, opset=opset, data_path=data_path, progress=progress)
         (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
         del graph
         onnx.checker.check_model(str(tmp / GRAPH_NAME))
         if progress:
             progress("checked", 1, 1)
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
-        manifest = Manifest(
-            kind="onnx",
-            graph=GRAPH_NAME,
-            tokenizer=TOKENIZER_NAME,
-            dtype=kind,
-            model=cfg,
-            contract=contract,
-            generation=Generation(
-                bos_token_id=cfg.bos_token_id,
-                eos_token_id=cfg.eos_token_id,
-                pad_token_id=cfg.eos_token_id,
-                context_length=cfg.max_position_embeddings,
-            ),
-            versions={
-                "stlm": stlm.__version__,
-                "onnx": onnx.__version__,
-                "numpy": np.__version__,
-                "opset": opset,
-                "exporter": "stlm.export.graph",
-            },
-            variant={
-                "target": "tensorrt" if tensorrt else "onnxruntime",
-                "rotary": rotary,
-                "kv_cache": kv_cache,
-                "quantization": None
-                if quantize is None
-                else {
-                    "method": "MatMulNBits",
-                    "bits": QUANT_BITS[quantize],
-                    "block_size": BLOCK_SIZE,
-                    "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS),
-                    "accuracy_level": ACCURACY_LEVEL,
-                },
-                "external_data": external,
-                **precision.to_variant(),
-            },
-            extra={"source": str(model)},
-        )
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, _manifest(cfg, variant, opset, str(model)))
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out

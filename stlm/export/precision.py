@@ -21,9 +21,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from stlm.dtypes import NUMPY_NAME, DType
+from stlm.dtypes import DType
+from stlm.variant import KVCache, Target
 
 # Ops of the decoder graphs with no CPU kernel for the dtype in ONNX Runtime 1.32 (x86-64), found by
 # loading one-node models with ORT_DISABLE_ALL and reading the saved optimized graph back.
@@ -67,7 +68,6 @@ CPU_KERNEL_GAPS: Final[dict[DType, tuple[str, ...]]] = {
         "MultiHeadAttention",
     ),
 }
-TARGETS: Final = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -79,22 +79,8 @@ class Precision:
     kv: DType
     note: str = ""
 
-    @property
-    def casts_weights(self) -> bool:
-        """Whether each weight initializer is followed by a Cast to the compute dtype."""
-        return self.weights != self.compute
 
-    def to_variant(self) -> dict[str, Any]:
-        """Manifest ``variant`` entries."""
-        return {
-            "weight_dtype": self.weights,
-            "compute_dtype": self.compute,
-            "kv_dtype": NUMPY_NAME[self.kv],
-            "precision_note": self.note,
-        }
-
-
-def plan_precision(dtype: DType, *, target: str, kv_cache: str) -> Precision:
+def plan_precision(dtype: DType, *, target: Target, kv_cache: KVCache) -> Precision:
     """The :class:`Precision` of a package of ``dtype`` for ``target`` ('onnxruntime'/'tensorrt')."""
     if dtype == "fp32":
         return Precision("fp32", "fp32", "fp32")

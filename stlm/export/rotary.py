@@ -2,7 +2,8 @@
 
 Three forms: plain ONNX ops (:func:`rotary_plain` on :func:`rope_tables`), ONNX RotaryEmbedding
 (tables from :func:`rotary_caches`), and the fused rotary of ONNX Runtime's GroupQueryAttention,
-which needs the head-dim permutation of :func:`gqa_rotary_layout`.
+which needs the head-dim permutation of :func:`gqa_rotary_layout`. Frequencies and angles come
+from :mod:`stlm.rope`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from stlm import rope
 from stlm.config import ModelConfig
 from stlm.contract import POSITION_IDS
-from stlm.dtypes import ONNX_TYPE, DType
+from stlm.dtypes import ONNX_TYPE, DType, numpy_dtype
 from stlm.errors import UnsupportedModelError
-from stlm.export.onnx_builder import NP_DTYPE, GraphBuilder
+from stlm.export.onnx_builder import GraphBuilder
+from stlm.variant import Rotary
 
 
 def rotary_plain(g: GraphBuilder, x: str, cos: str, sin: str, cfg: ModelConfig) -> str:
@@ -49,30 +52,30 @@ def gqa_rotary_layout(cfg: ModelConfig) -> tuple[int, np.ndarray]:
     return width, np.array(perm)
 
 
-def rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: np.dtype, width: int) -> tuple[str, str]:
-    """(max_positions, width) cos/sin tables in ``dtype`` (GroupQueryAttention's), computed in fp32
-    like transformers; padded columns are cos 1 / sin 0 (identity)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
-    freqs = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
+def rotary_caches(g: GraphBuilder, cfg: ModelConfig, dtype: DType, width: int) -> tuple[str, str]:
+    """(max_positions, width) cos/sin tables in ``dtype`` (GroupQueryAttention's and RotaryEmbedding's),
+    computed in fp32 like transformers; padded columns are cos 1 / sin 0 (identity)."""
+    positions = np.arange(cfg.max_position_embeddings)
+    cos_half, sin_half = rope.cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)
     cos = np.ones((cfg.max_position_embeddings, width), np.float32)
     sin = np.zeros((cfg.max_position_embeddings, width), np.float32)
-    cos[:, : freqs.shape[1]], sin[:, : freqs.shape[1]] = np.cos(freqs), np.sin(freqs)
-    return g.store.add("rotary.cos_cache", cos.astype(dtype)), g.store.add("rotary.sin_cache", sin.astype(dtype))
+    cos[:, : cos_half.shape[1]], sin[:, : sin_half.shape[1]] = cos_half, sin_half
+    stored = numpy_dtype(dtype)
+    return g.store.add("rotary.cos_cache", cos.astype(stored)), g.store.add("rotary.sin_cache", sin.astype(stored))
 
 
-def rope_tables(g: GraphBuilder, cfg: ModelConfig, dtype: DType, rotary: str) -> tuple[str, str]:
+def rope_tables(g: GraphBuilder, cfg: ModelConfig, dtype: DType, rotary: Rotary) -> tuple[str, str]:
     """The cos/sin the concat graph's rotary reads, in the compute ``dtype``: 'plain' → (batch, 1,
     seq, rotary_dim) from position_ids; 'native' → the (max_positions, rotary_dim/2) tables ONNX
     RotaryEmbedding indexes; 'plugin' → ('', ''), the plugin computes its own."""
     if rotary == "plugin":
         return "", ""
     if rotary == "native":
-        return rotary_caches(g, cfg, NP_DTYPE[dtype], cfg.rotary_dim // 2)
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / cfg.rotary_dim))
+        return rotary_caches(g, cfg, dtype, cfg.rotary_dim // 2)
     freqs = g.op(
         "Mul",
         g.op("Unsqueeze", g.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), g.const([2])),
-        g.const(inv_freq.astype(np.float32), np.float32),
+        g.const(rope.inv_freq(cfg.rotary_dim, cfg.rope_theta), np.float32),
     )
     emb = g.op("Concat", freqs, freqs, axis=2)
     cos, sin = (

@@ -12,17 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from stlm.dtypes import SAFETENSORS_NAME, numpy_dtype
 from stlm.errors import CheckpointError
 
-_DTYPES: dict[str, np.dtype] = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-}
+_DTYPES: dict[str, np.dtype] = {code: numpy_dtype(name) for name, code in SAFETENSORS_NAME.items()}
 
 
 @dataclass(frozen=True)
@@ -87,10 +82,6 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape of tensor ``name``."""
-        return self._entry(name).shape
-
     def _entry(self, name: str) -> _Entry:
         try:
             return self.entries[name]
@@ -115,7 +106,7 @@ class SafetensorsCheckpoint:
         buf = np.empty(count, dtype=src)
         with e.file.open("rb") as f:
             f.seek(e.start)
-            got = f.readinto(memoryview(buf.view(np.uint8)))
+            got = f.readinto(buf.view(np.uint8).data)
         if got != e.end - e.start:
             raise CheckpointError(
                 f"{e.file.name} ends early while reading {name!r}",

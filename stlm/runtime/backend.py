@@ -1,16 +1,17 @@
 """What a backend is: a loaded decoder that runs steps over a KV cache it owns.
 
-Every backend (ONNX Runtime on CPU or CUDA, TensorRT) implements :class:`Backend`; the generator
-only talks to this protocol, so sampling, batching and streaming behave the same on all of them.
-A cache has a fixed number of rows (slots); each step feeds every row its own new tokens (a row
-given none is idle for that step), so rows of different lengths and rows that join or leave a
-running batch need no re-padding by the caller.
+Every backend (ONNX Runtime on CPU or CUDA, TensorRT) implements :class:`Backend` for its own
+cache type (mypy checks each one against the protocol); the generator and the server only talk to
+this protocol, so sampling, batching and streaming behave the same on all of them. A cache has a
+fixed number of rows (slots); each step feeds every row its own new tokens (a row given none is
+idle for that step), so rows of different lengths and rows that join or leave a running batch
+need no re-padding by the caller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -31,21 +32,29 @@ class KVCache(Protocol):
         ...
 
 
-class Backend(Protocol):
-    """A loaded decoder."""
+CacheT = TypeVar("CacheT", bound=KVCache)
+
+
+class Backend(Protocol[CacheT]):
+    """A loaded decoder whose steps run over caches of type ``CacheT``."""
 
     manifest: Manifest
     name: str
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int) -> CacheT:
         """An empty cache of ``batch`` rows, each able to hold ``capacity`` tokens."""
         ...
 
-    def forward(self, cache: KVCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+    def forward(self, cache: CacheT, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Append ``tokens[row]`` to each row (an empty list leaves the row idle) and return the
         float32 logits after each row's last token, (batch, vocab); idle rows' logits are unspecified."""
         ...
 
-    def release(self, cache: KVCache, row: int) -> None:
+    def forward_all(self, cache: CacheT, tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Like :meth:`forward`, but return every fed position's float32 logits: one
+        (len(tokens[row]), vocab) array per row ((0, vocab) for an idle row)."""
+        ...
+
+    def release(self, cache: CacheT, row: int) -> None:
         """Empty ``row`` so a new sequence can start in it."""
         ...

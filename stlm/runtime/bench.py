@@ -18,6 +18,7 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.manifest import read_manifest
+from stlm.variant import Variant
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class BenchResult:
     backend: str
     package: str
     dtype: str
-    variant: dict[str, Any]
+    variant: Variant
     batch: int
     prompt_len: int
     gen_len: int
@@ -44,7 +45,7 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return asdict(self)
+        return {**asdict(self), "variant": self.variant.to_dict()}
 
 
 def _peak_rss_mb() -> float:

@@ -111,7 +111,7 @@ def _check_token(token_id: object) -> int:
             f"token id {token_id!r} is a {type(token_id).__name__}, expected an int >= 0",
             fix="push integer token ids (e.g. int(next_token))",
         )
-    value = int(token_id.__index__())  # type: ignore[attr-defined]
+    value = int(token_id.__index__())
     if value < 0:
         raise InvalidArgumentError(
             f"token id {value} is negative, expected an int >= 0",

@@ -12,12 +12,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stlm.errors import InvalidArgumentError
 from stlm.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
 from stlm.runtime.sampling import SamplingParams
-from stlm.runtime.sequence import Completion, SequenceState
+from stlm.runtime.sequence import Completion, SequenceState, check_fits
 from stlm.runtime.tokenizer import Tokenizer
+
+#: Tokens per row fed at once by :meth:`Generator.logits` (bounds the (rows, chunk, vocab) logits).
+DEFAULT_LOGITS_CHUNK = 512
 
 __all__ = ["Completion", "Generator"]
 
@@ -36,7 +41,7 @@ def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> Samplin
 class Generator:
     """Tokenize, run, sample, detokenize. Create once with :meth:`load`, call many times."""
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, manifest: Manifest) -> None:
+    def __init__(self, backend: Backend[Any], tokenizer: Tokenizer, manifest: Manifest) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.manifest = manifest
@@ -44,19 +49,24 @@ class Generator:
         self.eos_token_id = manifest.generation.eos_token_id
 
     @classmethod
-    def load(cls, folder: str | Path, *, providers: list[str] | None = None, threads: int | None = None) -> Generator:
-        """Load the package in ``folder``; the backend follows the package kind (ONNX or TensorRT)."""
+    def load(cls, folder: str | Path, *, device: str | None = None, threads: int | None = None) -> Generator:
+        """Load the package in ``folder``; the backend follows the package kind (ONNX or TensorRT).
+
+        ONNX packages run on ``device`` ('cpu' or 'cuda'; None: CUDA when onnxruntime-gpu has a GPU,
+        else the CPU) with ``threads`` intra-op threads.
+        """
         folder = Path(folder)
         manifest = read_manifest(folder)
         tokenizer = Tokenizer.from_file(folder / manifest.tokenizer)
+        backend: Backend[Any]
         if manifest.kind == "tensorrt":
             from stlm.runtime.tensorrt_backend import TensorRTBackend
 
-            backend: Backend = TensorRTBackend(folder, manifest)
+            backend = TensorRTBackend(folder, manifest)
         else:
-            from stlm.runtime.onnxruntime_cuda import load_onnx_backend
+            from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-            backend = load_onnx_backend(folder, manifest, providers=providers, threads=threads)
+            backend = OnnxRuntimeBackend(folder, manifest, device=device, threads=threads)
         return cls(backend, tokenizer, manifest)
 
     # -- public API -------------------------------------------------------------------------
@@ -67,7 +77,7 @@ class Generator:
     def generate_batch(
         self, prompts: Sequence[str], params: SamplingParams | None = None, **overrides: Any
     ) -> list[str]:
-        """Continuations of several prompts run as one left-padded batch."""
+        """Continuations of several prompts run as one batch (each row as if alone)."""
         return [c.text for c in self.complete(prompts, params, **overrides)]
 
     def complete(
@@ -102,6 +112,28 @@ class Generator:
             if pieces[0]:
                 yield pieces[0]
 
+    def logits(self, token_ids: Sequence[Sequence[int]], *, chunk: int | None = None) -> list[np.ndarray]:
+        """Teacher-forced float32 logits of every position: for each sequence of ``token_ids``, a
+        (len, vocab) array whose row ``i`` is the model's prediction after token ``i``.
+
+        The sequences run as one batch, ``chunk`` tokens per row at a time (default
+        :data:`DEFAULT_LOGITS_CHUNK`), so long inputs never hold more than (rows, chunk, vocab)
+        logits on the device. Each sequence must fit the context. Perplexity, lm-eval's
+        log-likelihoods and echoed prompt log-probabilities are computed from these.
+        """
+        rows = self._token_rows(token_ids)
+        step = DEFAULT_LOGITS_CHUNK if chunk is None else chunk
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise InvalidArgumentError(f"chunk={chunk!r} is invalid: expected an int >= 1", fix="pass e.g. chunk=512")
+        cache = self.backend.new_cache(len(rows), max(max(map(len, rows)), 1))
+        pieces: list[list[np.ndarray]] = [[] for _ in rows]
+        for start in range(0, max(map(len, rows)), step):
+            feed = [row[start : start + step] for row in rows]
+            for r, out in enumerate(self.backend.forward_all(cache, feed)):
+                pieces[r].append(np.asarray(out, dtype=np.float32))
+        vocab = self.manifest.model.vocab_size
+        return [np.concatenate(p) if p else np.zeros((0, vocab), np.float32) for p in pieces]
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of ``prompt``. An empty prompt starts from BOS (unconditional generation)."""
         if not isinstance(prompt, str):
@@ -112,6 +144,29 @@ class Generator:
         return self.tokenizer.encode(prompt) if prompt else [self.manifest.generation.bos_token_id]
 
     # -- internals --------------------------------------------------------------------------
+    def _token_rows(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """``token_ids`` checked: a non-empty list of sequences of vocabulary ids that fit the context."""
+        if isinstance(token_ids, str) or not isinstance(token_ids, Sequence) or not token_ids:
+            raise InvalidArgumentError(
+                f"token_ids must be a non-empty list of token id lists, got {token_ids!r:.80}",
+                fix="pass [[id, ...], ...]",
+            )
+        vocab = self.manifest.model.vocab_size
+        rows = []
+        for i, seq in enumerate(token_ids):
+            if isinstance(seq, str) or not isinstance(seq, Sequence):
+                raise InvalidArgumentError(
+                    f"token_ids[{i}] is {seq!r:.80}, not a list of ids", fix="pass [[id, ...], ...]"
+                )
+            row = [int(t) for t in seq]
+            if any(not 0 <= t < vocab for t in row):
+                raise InvalidArgumentError(
+                    f"token_ids[{i}] holds an id outside [0, {vocab})", fix="pass token ids of this model's vocabulary"
+                )
+            check_fits(len(row), 0, self.context_length)
+            rows.append(row)
+        return rows
+
     def _rows(
         self,
         prompts: Sequence[str],
@@ -133,17 +188,7 @@ class Generator:
         for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
             ids = self.encode_prompt(prompt)
-            if len(ids) >= self.context_length:
-                raise InvalidArgumentError(
-                    f"the prompt has {len(ids)} tokens; the model's context is {self.context_length} tokens",
-                    fix=f"shorten the prompt to fewer than {self.context_length} tokens",
-                )
-            if len(ids) + sp.max_new_tokens > self.context_length:
-                raise InvalidArgumentError(
-                    f"max_new_tokens {sp.max_new_tokens} after a {len(ids)}-token prompt exceeds the "
-                    f"context of {self.context_length} tokens",
-                    fix=f"pass max_new_tokens ≤ {self.context_length - len(ids)}, or shorten the prompt",
-                )
+            check_fits(len(ids), sp.max_new_tokens, self.context_length)
             rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_id))
         return rows
 

@@ -1,9 +1,17 @@
-"""ONNX Runtime backend for both graph variants of the manifest.
+"""The ONNX Runtime backend, on the CPU or on CUDA, for both KV variants, through IOBinding.
 
-``concat``: past KV arrays go in, presents come out and become the next past (left-padded rows,
-attention mask and position ids). ``inplace``: one preallocated buffer per KV tensor, bound with
-IOBinding as both past and present, which GroupQueryAttention updates in place: no per-step copy
-of the cache, and a step's cost follows each row's real length.
+The cache stays on the session's device between steps; only ids, masks, positions and the
+logits asked for cross to the host.
+
+* ``inplace``: one (batch, kv_heads, capacity + 1, head_dim) buffer per KV tensor, allocated on
+  the device once and bound (by address) as both past and present, which GroupQueryAttention
+  updates in place: no per-step copy of the cache. A step is one or more calls planned by
+  :func:`stlm.runtime.steps.plan_inplace_step`; a call over one row binds that row's slice.
+* ``concat``: each step binds the previous step's ``present`` values (device ``OrtValue`` s) as
+  ``past`` and lets ONNX Runtime allocate the new presents on the device. KV values never become
+  numpy arrays, so bfloat16 caches need no conversion.
+
+``device='cpu'`` runs exactly the code ``device='cuda'`` runs, on the CPU provider.
 """
 
 from __future__ import annotations
@@ -12,31 +20,30 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
-from stlm.contract import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    POSITION_IDS,
-    QUERY_SEQLENS,
-    SEQLENS_K,
-    TOTAL_SEQUENCE_LENGTH,
-)
-from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
+from stlm.contract import ATTENTION_MASK, LOGITS
+from stlm.dtypes import ONNX_BFLOAT16, numpy_dtype
+from stlm.errors import BackendUnavailableError
 from stlm.manifest import Manifest
+from stlm.runtime.ort_session import CUDA_PROVIDER, device_for, open_session, providers_for
+from stlm.runtime.steps import InplaceCall, check_capacity, check_feed, concat_step, plan_inplace_step
+from stlm.tensorrt.gpu import GPU_FIX
 
 log = logging.getLogger(__name__)
+
+#: Spare slot per in-place buffer row: an idle row's dummy token lands at slot ``length``.
+SLACK = 1
 
 
 @dataclass
 class ConcatCache:
-    """Past arrays in contract order, the attention mask so far, and each row's next position."""
+    """Past values in contract order (device ``OrtValue`` s), the attention mask so far, each row's length."""
 
-    arrays: list[np.ndarray]
+    values: list[ort.OrtValue]
     mask: np.ndarray
     lengths: np.ndarray
 
@@ -48,7 +55,7 @@ class ConcatCache:
 
 @dataclass
 class InplaceCache:
-    """Preallocated (batch, kv_heads, capacity, head_dim) buffers and each row's length."""
+    """(batch, kv_heads, capacity + 1, head_dim) device buffers in contract order, each row's length."""
 
     buffers: list[ort.OrtValue]
     lengths: np.ndarray
@@ -60,221 +67,133 @@ class InplaceCache:
         return int(self.lengths.shape[0])
 
 
-def kv_numpy_dtype(name: str) -> np.dtype:
-    """numpy dtype of a contract dtype name (bfloat16 through ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+Cache = ConcatCache | InplaceCache
 
 
-_ONNX_BFLOAT16 = 16
-
-
-def _ortvalue(array: np.ndarray) -> ort.OrtValue:
-    """A CPU OrtValue of ``array``; bfloat16 (ml_dtypes) goes in by its bits, which numpy feeds cannot."""
-    if array.dtype.name == "bfloat16":
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-            np.ascontiguousarray(array).view(np.uint16), _ONNX_BFLOAT16
-        )
+def _empty_value(shape: tuple[int, ...], dtype: np.dtype) -> ort.OrtValue:
+    """A host OrtValue of ``shape`` (bfloat16 goes in by its bits: numpy bindings cannot carry it)."""
+    array = np.zeros(shape, dtype)
+    if dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), ONNX_BFLOAT16)
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
-def _bfloat16_numpy(value: ort.OrtValue) -> np.ndarray:
-    """A copy of a CPU bfloat16 OrtValue as an ml_dtypes array (``OrtValue.numpy()`` refuses bfloat16)."""
-    import ctypes
-
-    import ml_dtypes
-
-    shape = tuple(value.shape())
-    count = int(np.prod(shape, dtype=np.int64))
-    if count == 0:
-        return np.zeros(shape, ml_dtypes.bfloat16)
-    bits = np.frombuffer((ctypes.c_uint16 * count).from_address(value.data_ptr()), dtype=np.uint16)
-    return bits.copy().view(ml_dtypes.bfloat16).reshape(shape)
-
-
-def _ragged(tokens: Sequence[Sequence[int]], batch: int, *, right: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Pad per-row token lists into (batch, longest) ids and a 0/1 validity mask."""
-    if len(tokens) != batch:
-        raise InvalidArgumentError(
-            f"{len(tokens)} token lists for a cache of {batch} rows",
-            fix="pass one (possibly empty) token list per cache row",
-        )
-    counts = np.array([len(t) for t in tokens], dtype=np.int64)
-    width = max(int(counts.max()), 1)
-    ids = np.zeros((batch, width), dtype=np.int64)
-    valid = np.zeros((batch, width), dtype=np.int64)
-    for b, row in enumerate(tokens):
-        if len(row):
-            cols = slice(0, len(row)) if right else slice(width - len(row), width)
-            ids[b, cols] = row
-            valid[b, cols] = 1
-    return ids, valid
-
-
-def step_inputs(
-    tokens: Sequence[Sequence[int]],
-    lengths: np.ndarray,
-    *,
-    inplace: bool,
-    mask: np.ndarray | None = None,
-    capacity: int | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The host inputs of one step (pure), and each row's new-token count.
-
-    In place: right-padded ids, ``seqlens_k`` (an idle row keeps its length; an empty idle row
-    reads one ignored slot, since GroupQueryAttention needs T ≥ 1), ``query_seqlens``, and the
-    total bound. Concat: left-padded ids, the mask extended by this step, and positions.
-    """
-    ids, valid = _ragged(tokens, len(lengths), right=inplace)
-    counts = valid.sum(axis=1)
-    if not inplace:
-        assert mask is not None
-        positions = np.maximum(lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)
-        return {INPUT_IDS: ids, ATTENTION_MASK: np.concatenate([mask, valid], axis=1), POSITION_IDS: positions}, counts
-    after = lengths + counts
-    assert capacity is not None
-    if int(after.max()) > capacity:
-        raise InvalidArgumentError(
-            f"a row would hold {int(after.max())} tokens; this cache holds {capacity}",
-            fix="create the cache with a larger capacity",
-        )
-    seqlens_k = np.maximum(after - 1, 0).astype(np.int32)
-    total = np.array(max(int(seqlens_k.max()) + 1, ids.shape[1]), dtype=np.int32)
-    return {
-        INPUT_IDS: ids,
-        SEQLENS_K: seqlens_k,
-        QUERY_SEQLENS: counts.astype(np.int32),
-        TOTAL_SEQUENCE_LENGTH: total,
-    }, counts
-
-
-@dataclass(frozen=True)
-class DecoderSession:
-    """An ONNX Runtime session over a package's graph, checked against its contract."""
-
-    session: ort.InferenceSession
-    past: list[str]
-    present: list[str]
-    kv_dtype: np.dtype
-    inplace: bool
-
-
-def open_decoder_session(
-    folder: Path, manifest: Manifest, providers: list[Any], threads: int | None = None
-) -> DecoderSession:
-    """Load ``folder``'s graph with ``providers``; package and kernel problems become StlmErrors."""
-    if manifest.variant.get("rotary") == "plugin":
-        raise PackageError(
-            f"{folder} is a TensorRT-target package: its rotary runs in the stlm::partial_rotary "
-            "TensorRT plugin, which ONNX Runtime does not have",
-            fix=f"build an engine from it (`stlm build-engine {folder} -o ENGINE_DIR`) and generate with "
-            "that, or export for ONNX Runtime (without --target tensorrt)",
-        )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    path = Path(folder) / manifest.graph
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
-        if "NOT_IMPLEMENTED" in str(exc):
-            raise BackendUnavailableError(
-                f"ONNX Runtime ({', '.join(map(str, providers))}) has no kernel for a node of "
-                f"{path} in the package's {manifest.dtype} ({str(exc).strip()[:300]})",
-                fix=(
-                    "a --target tensorrt graph computes in its dtype for TensorRT: build an engine from it "
-                    "(stlm build-engine), or "
-                    if manifest.variant.get("target") == "tensorrt"
-                    else ""
-                )
-                + "export the package again with this stlm (--target onnxruntime), which stores fp16/bf16 "
-                "weights and computes in fp32 on CPU",
-            ) from None
-        raise PackageError(
-            f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {str(exc).strip()[:300]})",
-            fix="the graph or its weights are corrupt or truncated: export the package again",
-        ) from None
-    missing = {s.name for s in manifest.contract.inputs} - {i.name for i in session.get_inputs()}
-    if missing:
-        raise PackageError(
-            f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares", fix="export the package again"
-        )
-    return DecoderSession(
-        session=session,
-        past=[s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")],
-        present=[s.name for s in manifest.contract.outputs if s.name.startswith("present.")],
-        kv_dtype=kv_numpy_dtype(manifest.contract.kv_dtype),
-        inplace=manifest.variant.get("kv_cache", "concat") == "inplace",
-    )
-
-
 class OnnxRuntimeBackend:
-    """Runs an ONNX package with ONNX Runtime (CPU by default)."""
-
-    name = "onnxruntime"
+    """Runs an ONNX package with ONNX Runtime on ``device`` ('cpu', 'cuda', or None: CUDA if available)."""
 
     def __init__(
-        self, folder: Path, manifest: Manifest, *, providers: list[str] | None = None, threads: int | None = None
+        self,
+        folder: Path,
+        manifest: Manifest,
+        *,
+        device: str | None = None,
+        device_id: int = 0,
+        threads: int | None = None,
     ) -> None:
         self.manifest = manifest
-        opened = open_decoder_session(folder, manifest, providers or ["CPUExecutionProvider"], threads)
-        self.session, self._past, self._present = opened.session, opened.past, opened.present
-        self._kv_dtype, self.inplace = opened.kv_dtype, opened.inplace
+        self.device, self.device_id = device_for(device), device_id
+        self.session = open_session(folder, manifest, providers_for(self.device, device_id), threads)
+        if self.device == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
+            if device is not None:
+                raise _cuda_unavailable(self.session)
+            log.info("ONNX Runtime could not start CUDA; running on the CPU")
+            self.device = "cpu"
+        self.name = "onnxruntime-cuda" if self.device == "cuda" else "onnxruntime"
+        self._past, self._present = manifest.contract.past, manifest.contract.present
+        self._kv_dtype = numpy_dtype(manifest.contract.kv_dtype)
+        cfg = manifest.model
+        self._heads, self._head_dim = cfg.num_kv_heads, cfg.head_dim
 
-    def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
-        cfg = self.manifest.model
-        return (batch, cfg.num_kv_heads, length, cfg.head_dim)
-
-    def new_cache(self, batch: int, capacity: int) -> ConcatCache | InplaceCache:
-        """An empty cache; the in-place variant allocates its ``capacity`` now, once."""
+    # -- Backend protocol ---------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int) -> Cache:
+        """An empty cache; the in-place variant allocates its ``capacity`` (+ 1 spare slot) now, once."""
         lengths = np.zeros(batch, dtype=np.int64)
-        if self.inplace:
-            shape = self._kv_shape(batch, capacity)
-            buffers = [_ortvalue(np.zeros(shape, self._kv_dtype)) for _ in self._past]
+        if self.manifest.variant.inplace:
+            shape = (batch, self._heads, capacity + SLACK, self._head_dim)
+            buffers = [
+                ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype), self.device, self.device_id)
+                for _ in self._past
+            ]
             return InplaceCache(buffers, lengths, capacity)
-        empty = np.zeros(self._kv_shape(batch, 0), self._kv_dtype)
+        empty = _empty_value((batch, self._heads, 0, self._head_dim), self._kv_dtype)
         return ConcatCache([empty] * len(self._past), np.zeros((batch, 0), dtype=np.int64), lengths)
 
-    def forward(self, cache: ConcatCache | InplaceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """One step over every row; see :meth:`stlm.runtime.backend.Backend.forward`."""
-        if isinstance(cache, InplaceCache):
-            return self._forward_inplace(cache, tokens)
-        return self._forward_concat(cache, tokens)
+    def forward(self, cache: Cache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """One step over every row; logits after each row's last token (see :class:`~stlm.runtime.backend.Backend`)."""
+        rows = self._step(cache, tokens, every_position=False)
+        logits = np.zeros((cache.batch, self.manifest.model.vocab_size), dtype=np.float32)
+        for r, row in enumerate(rows):
+            if len(row):
+                logits[r] = row[-1]
+        return logits
 
-    def release(self, cache: ConcatCache | InplaceCache, row: int) -> None:
+    def forward_all(self, cache: Cache, tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One step over every row; every fed position's logits, (len(tokens[row]), vocab) per row."""
+        return self._step(cache, tokens, every_position=True)
+
+    def release(self, cache: Cache, row: int) -> None:
         """Empty ``row``: its old entries are masked out (concat) or overwritten (in place)."""
         cache.lengths[row] = 0
         if isinstance(cache, ConcatCache):
             cache.mask[row] = 0
 
-    def _forward_concat(self, cache: ConcatCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        feeds, counts = step_inputs(tokens, cache.lengths, inplace=False, mask=cache.mask)
-        mask = feeds[ATTENTION_MASK]
-        feeds.update(zip(self._past, cache.arrays, strict=True))
-        if self._kv_dtype.name == "bfloat16":  # numpy feeds/fetches cannot carry bfloat16: go through OrtValues
-            values = self.session.run_with_ort_values(
-                [LOGITS, *self._present], {k: _ortvalue(v) for k, v in feeds.items()}
-            )
-            logits, presents = values[0].numpy(), [_bfloat16_numpy(v) for v in values[1:]]
+    # -- steps ----------------------------------------------------------------------------------
+    def _step(self, cache: Cache, tokens: Sequence[Sequence[int]], *, every_position: bool) -> list[np.ndarray]:
+        feed = check_feed(tokens, cache.batch)
+        counts = np.array([len(t) for t in feed], dtype=np.int64)
+        vocab = self.manifest.model.vocab_size
+        rows = [np.zeros((0, vocab), np.float32)] * cache.batch
+        if isinstance(cache, InplaceCache):
+            check_capacity(cache.lengths, counts, cache.capacity)
+            for call in plan_inplace_step(feed, cache.lengths, every_position=every_position):
+                logits = self._run_inplace(cache, call)
+                for r in call.results:
+                    rows[r] = logits[r - call.first_row, : counts[r] if every_position else 1]
         else:
-            logits, *presents = self.session.run([LOGITS, *self._present], feeds)
-        cache.arrays, cache.mask = presents, mask
-        cache.lengths += counts
-        return logits[:, -1, :]
-
-    def _forward_inplace(self, cache: InplaceCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        feeds, counts = step_inputs(tokens, cache.lengths, inplace=True, capacity=cache.capacity)
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output(LOGITS)
-        for past, present, buffer in zip(self._past, self._present, cache.buffers, strict=True):
-            binding.bind_ortvalue_input(past, buffer)
-            binding.bind_ortvalue_output(present, buffer)
-        self.session.run_with_iobinding(binding)
+            logits = self._run_concat(cache, feed, every_position)
+            for r, count in enumerate(counts):
+                if count:
+                    rows[r] = logits[r, -count:] if every_position else logits[r, :1]
         cache.lengths = cache.lengths + counts
-        return binding.get_outputs()[0].numpy()[:, 0, :]
+        return rows
+
+    def _run_concat(self, cache: ConcatCache, feed: list[list[int]], every_position: bool) -> np.ndarray:
+        host, _ = concat_step(feed, cache.lengths, cache.mask, every_position=every_position)
+        binding = self.session.io_binding()
+        for name, array in host.items():  # ``host`` keeps the arrays alive until the run ends
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(LOGITS, "cpu")
+        for past, present, value in zip(self._past, self._present, cache.values, strict=True):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_output(present, self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        cache.values, cache.mask = list(outputs[1:]), host[ATTENTION_MASK]
+        return np.asarray(outputs[0].numpy())
+
+    def _run_inplace(self, cache: InplaceCache, call: InplaceCall) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, array in call.feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(LOGITS, "cpu")
+        shape = [call.batch, self._heads, cache.capacity + SLACK, self._head_dim]
+        offset = call.first_row * self._heads * (cache.capacity + SLACK) * self._head_dim * self._kv_dtype.itemsize
+        for past, present, buffer in zip(self._past, self._present, cache.buffers, strict=True):
+            address = buffer.data_ptr() + offset
+            binding.bind_input(past, self.device, self.device_id, self._kv_dtype.type, shape, address)
+            binding.bind_output(present, self.device, self.device_id, self._kv_dtype.type, shape, address)
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.get_outputs()[0].numpy())
+
+
+def _cuda_unavailable(session: ort.InferenceSession) -> Exception:
+    return BackendUnavailableError(
+        f"ONNX Runtime could not start its CUDA execution provider (running on {session.get_providers()})",
+        fix=GPU_FIX,
+    )
+
+
+if TYPE_CHECKING:  # mypy proves the class satisfies the Backend protocol for its cache type
+    from stlm.runtime.backend import Backend
+
+    _: type[Backend[Cache]] = OnnxRuntimeBackend

@@ -81,7 +81,7 @@ def _checked(name: str, value: object) -> Any:
     expected, fix, kind, lo, hi, lo_open = _RULES[name]
     types = (int, np.integer) if kind == "int" else (int, float, np.integer, np.floating)
     if not isinstance(value, bool) and isinstance(value, types):
-        x = int(value) if kind == "int" else float(value)  # type: ignore[arg-type]
+        x = int(value) if kind == "int" else float(value)
         if math.isfinite(x) and lo <= x <= hi and not (lo_open and x == lo):
             return x
     raise InvalidArgumentError(f"{name}={value!r} is invalid: expected {expected}", fix=fix)

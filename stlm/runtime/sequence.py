@@ -7,9 +7,11 @@ hands each sequence its row of logits; the sequence picks the next token and the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from stlm.errors import InvalidArgumentError
 from stlm.runtime.detokenize import IncrementalDetokenizer
 from stlm.runtime.sampling import SamplingParams, make_rng, sample_token
 from stlm.runtime.stops import StopMatcher
@@ -25,6 +27,41 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: tuple[float, ...] | None = None
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A prompt, plus the tokens asked for, does not fit the context; ``param`` names the culprit."""
+
+    def __init__(self, problem: str, *, fix: str, param: Literal["prompt", "max_tokens"]) -> None:
+        super().__init__(problem, fix=fix)
+        self.param = param
+
+
+def check_fits(
+    prompt_tokens: int,
+    max_new_tokens: int,
+    context: int,
+    *,
+    where: str = "the prompt",
+    max_tokens_name: str = "max_new_tokens",
+) -> None:
+    """:class:`ContextLengthError` unless ``prompt_tokens`` + ``max_new_tokens`` fit ``context``
+    tokens (the one place this is checked: generator, scheduler, server). A prompt that asks for
+    new tokens must leave room for at least one."""
+    if prompt_tokens > context - (1 if max_new_tokens else 0):
+        below = "fewer than " if max_new_tokens else "at most "
+        raise ContextLengthError(
+            f"{where} has {prompt_tokens} tokens; the context is {context} tokens",
+            fix=f"shorten it to {below}{context} tokens",
+            param="prompt",
+        )
+    if prompt_tokens + max_new_tokens > context:
+        raise ContextLengthError(
+            f"{max_tokens_name}={max_new_tokens} after {where} of {prompt_tokens} tokens exceeds the context "
+            f"of {context} tokens",
+            fix=f"pass {max_tokens_name} ≤ {context - prompt_tokens}, or shorten the prompt",
+            param="max_tokens",
+        )
 
 
 class SequenceState:

@@ -4,8 +4,9 @@ The engine has the ``concat`` contract: past (batch, kv_heads, T, head_dim) in, 
 (batch, kv_heads, T + new, head_dim) out, an attention mask over the T + new columns and
 position ids. Per cache, two device slabs hold every KV tensor at the cache's column capacity:
 the engine reads ``past`` from one slab and writes ``present`` into the other, and the two swap
-roles after each step, so the cache never leaves the device. Only ids, mask and positions go up,
-and only each row's last-token logits come down.
+roles after each step, so the cache never leaves the device. Only ids, mask, positions and
+``logits_index`` go up, and only the logits asked for come down (each row's last token for
+``forward``, every fed position for ``forward_all``).
 
 Rows share the column axis: a step gives every row the same number of new columns (left-padded
 with masked holes; an idle row gets only holes), as the ONNX Runtime concat backend does. When
@@ -22,21 +23,26 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stlm.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from stlm.contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, LOGITS_INDEX, PAST, POSITION_IDS, SEQUENCE, TOTAL
+from stlm.dtypes import numpy_dtype
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
-from stlm.export.engine_manifest import check_engine_compat, rebuild_command
-from stlm.export.profiles import PREFILL, Profile, select_profile
 from stlm.manifest import Manifest
-from stlm.runtime.gpu import DeviceBuffer, Stream, aligned, gpu_info
-from stlm.runtime.trt_common import import_tensorrt, make_logger, register_rotary_plugin
+from stlm.runtime.steps import check_capacity, check_feed, concat_step
+from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
+from stlm.tensorrt.engine_manifest import (
+    check_engine_compat,
+    plugin_kernel_is_inside,
+    rebuild_command,
+    recorded_profiles,
+)
+from stlm.tensorrt.gpu import DeviceBuffer, Stream, aligned, gpu_info
+from stlm.tensorrt.profiles import PREFILL, select_profile
 
 log = logging.getLogger(__name__)
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -84,10 +90,10 @@ class TensorRTBackend:
             gpu_name=gpu.name,
             engine_dir=str(folder),
         )
-        plugin = manifest.extra.get("plugin") or None
-        if plugin is not None:  # an AOT plugin's PTX is in the engine; a JIT one needs its Python impl
-            register_rotary_plugin(required=plugin.get("aot") is not True)
-        self._profiles = [Profile.from_dict(p) for p in manifest.extra.get("profiles", [])]
+        aot = plugin_kernel_is_inside(manifest.extra)
+        if aot is not None:  # an AOT plugin's PTX is in the engine; a JIT one needs its Python impl
+            register_rotary_plugin(required=not aot)
+        self._profiles = recorded_profiles(manifest.extra)
         self._rebuild = rebuild_command(manifest.extra, str(folder))
         self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
@@ -105,19 +111,18 @@ class TensorRTBackend:
                 fix="free GPU memory, or rebuild with smaller --max-batch / --max-seq-len",
             )
         cfg = manifest.model
-        self._past = [s.name for s in manifest.contract.inputs if s.name.startswith("past_key_values.")]
-        self._present = [s.name for s in manifest.contract.outputs if s.name.startswith("present.")]
-        self._itemsize = _ITEMSIZE[manifest.contract.kv_dtype]
-        self._col_bytes = cfg.head_dim * self._itemsize  # one position of one head
-        self.max_batch = max(p.axes["batch"][2] for p in self._profiles)
-        self.max_seq_len = max(p.axes["total_sequence"][2] for p in self._profiles)
+        self._past, self._present = manifest.contract.past, manifest.contract.present
+        self._col_bytes = cfg.head_dim * numpy_dtype(manifest.contract.kv_dtype).itemsize  # one position of one head
+        self.max_batch = max(p.axes[BATCH][2] for p in self._profiles)
+        self.max_seq_len = max(p.axes[TOTAL][2] for p in self._profiles)
         prefill = next(p for p in self._profiles if p.name == PREFILL)
-        self._chunk, self._chunk_past = prefill.axes["sequence"][2], prefill.axes["past_sequence"][2]
+        self._chunk, self._chunk_past = prefill.axes[SEQUENCE][2], prefill.axes[PAST][2]
         self._stream = Stream()
         id_bytes = aligned(self.max_batch * self._chunk * 8)
         self._inputs = {
             INPUT_IDS: DeviceBuffer(id_bytes, INPUT_IDS),
             POSITION_IDS: DeviceBuffer(id_bytes, POSITION_IDS),
+            LOGITS_INDEX: DeviceBuffer(id_bytes, LOGITS_INDEX),
             ATTENTION_MASK: DeviceBuffer(aligned(self.max_batch * self.max_seq_len * 8), ATTENTION_MASK),
         }
         self._logits = DeviceBuffer(self.max_batch * self._chunk * cfg.vocab_size * 4, "the logits")
@@ -166,27 +171,15 @@ class TensorRTBackend:
 
     def forward(self, cache: TrtCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Append ``tokens[row]`` to each row; return the logits after each row's last token (batch, vocab)."""
-        if len(tokens) != cache.batch:
-            raise InvalidArgumentError(
-                f"{len(tokens)} token lists for a cache of {cache.batch} rows",
-                fix="pass one (possibly empty) token list per cache row",
-            )
-        pending = [[int(t) for t in row] for row in tokens]
-        counts = np.array([len(p) for p in pending], dtype=np.int64)
-        if int((cache.lengths + counts).max()) > cache.capacity:
-            raise InvalidArgumentError(
-                f"a row would hold {int((cache.lengths + counts).max())} tokens; this cache holds {cache.capacity}",
-                fix="create the cache with a larger capacity",
-            )
         logits = np.zeros((cache.batch, self.manifest.model.vocab_size), dtype=np.float32)
-        with self._lock:
-            while any(pending):
-                width, profile = self._fit(cache, max(len(p) for p in pending))
-                piece, pending = [p[:width] for p in pending], [p[width:] for p in pending]
-                step = self._step(cache, piece, profile)
-                done = [r for r in range(cache.batch) if piece[r] and not pending[r]]
-                logits[done] = step[done]
+        for r, row in enumerate(self._run(cache, tokens, every_position=False)):
+            if len(row):
+                logits[r] = row[-1]
         return logits
+
+    def forward_all(self, cache: TrtCache, tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Append ``tokens[row]`` to each row; every fed position's logits, (len(tokens[row]), vocab) per row."""
+        return self._run(cache, tokens, every_position=True)
 
     def release(self, cache: TrtCache, row: int) -> None:
         """Empty ``row``: its columns become holes (dropped at the next compaction)."""
@@ -194,7 +187,23 @@ class TensorRTBackend:
         cache.mask[row] = 0
 
     # -- internals ----------------------------------------------------------------------------
-    def _fit(self, cache: TrtCache, wanted: int) -> tuple[int, int]:
+    def _run(self, cache: TrtCache, tokens: Sequence[Sequence[int]], *, every_position: bool) -> list[np.ndarray]:
+        """Feed every row its tokens in chunks the profiles take; the logits asked for, per row."""
+        pending = check_feed(tokens, cache.batch)
+        check_capacity(cache.lengths, np.array([len(p) for p in pending], dtype=np.int64), cache.capacity)
+        outputs: list[list[np.ndarray]] = [[] for _ in range(cache.batch)]
+        with self._lock:
+            while any(pending):
+                width, profile = self._fit(cache, max(len(p) for p in pending), every_position)
+                piece, pending = [p[:width] for p in pending], [p[width:] for p in pending]
+                logits = self._step(cache, piece, profile, every_position)
+                for r, row in enumerate(piece):
+                    if row:
+                        outputs[r].append(logits[r, -len(row) :] if every_position else logits[r])
+        vocab = self.manifest.model.vocab_size
+        return [np.concatenate(o) if o else np.zeros((0, vocab), np.float32) for o in outputs]
+
+    def _fit(self, cache: TrtCache, wanted: int, every_position: bool) -> tuple[int, int]:
         """The width of the next step (≤ ``wanted``) and its profile; compacts the cache if that helps."""
         width = min(wanted, self._chunk)
         if cache.width + width > cache.columns or (width > 1 and cache.width > self._chunk_past):
@@ -202,7 +211,10 @@ class TensorRTBackend:
         if width > 1 and cache.width > self._chunk_past:
             width = 1  # a long past: the rest of the prompt runs token by token on the decode profile
         width = min(width, cache.columns - cache.width)
-        profile = select_profile(self._profiles, batch=cache.batch, sequence=max(width, 1), past=cache.width)
+        step = max(width, 1)
+        profile = select_profile(
+            self._profiles, batch=cache.batch, sequence=step, past=cache.width, num_logits=step if every_position else 1
+        )
         if width < 1 or profile is None:
             raise InvalidArgumentError(
                 f"the KV cache is full: {cache.width} of {cache.columns} columns hold tokens",
@@ -251,25 +263,15 @@ class TensorRTBackend:
         cache.mask, cache.current = mask, 1 - cache.current
         log.debug("compacted a KV cache from %d to %d columns", old_width, new_width)
 
-    def _step(self, cache: TrtCache, piece: list[list[int]], profile: int) -> np.ndarray:
+    def _step(self, cache: TrtCache, piece: list[list[int]], profile: int, every_position: bool) -> np.ndarray:
+        """One engine run; the logits asked for, (batch, num_logits, vocab)."""
         ctx, stream, cfg = self.context, self._stream, self.manifest.model
-        batch, width, past = cache.batch, max(len(p) for p in piece), cache.width
-        ids = np.zeros((batch, width), dtype=np.int64)
-        valid = np.zeros((batch, width), dtype=np.int64)
-        for r, row in enumerate(piece):
-            if row:
-                ids[r, width - len(row) :] = row
-                valid[r, width - len(row) :] = 1
-        positions = np.maximum(cache.lengths[:, None] + np.cumsum(valid, axis=1) - 1, 0)
-        mask = np.ascontiguousarray(np.concatenate([cache.mask, valid], axis=1))
-        if self._active != profile:
-            if not ctx.set_optimization_profile_async(profile, stream.handle):
-                raise PackageError(
-                    f"TensorRT refused optimization profile {profile}: {self._logger.recent_errors()}",
-                    fix=f"{self._rebuild} --overwrite",
-                )
-            self._active = profile
-        for name, array in ((INPUT_IDS, ids), (ATTENTION_MASK, mask), (POSITION_IDS, positions)):
+        batch, past = cache.batch, cache.width
+        host, counts = concat_step(piece, cache.lengths, cache.mask, every_position=every_position)
+        self._set_profile(profile)
+        for name, array in host.items():
+            array = np.ascontiguousarray(array)
+            host[name] = array  # kept alive until the stream is synchronized
             stream.htod(self._inputs[name].ptr, array)
             self._bind_input(name, array.shape, self._inputs[name].ptr)
         kv_shape = (batch, cfg.num_kv_heads, past, cfg.head_dim)
@@ -282,11 +284,21 @@ class TensorRTBackend:
                 f"TensorRT failed to run the engine: {self._logger.recent_errors()}",
                 fix="rerun with -v for TensorRT's log",
             )
-        last = np.empty((batch, cfg.vocab_size), dtype=np.float32)  # only each row's last column comes down
-        stream.dtoh_2d(last, self._logits.ptr + (width - 1) * cfg.vocab_size * 4, width * cfg.vocab_size * 4)
-        stream.synchronize()  # also keeps the host inputs alive until their copies are done
-        cache.mask, cache.lengths, cache.current = mask, cache.lengths + valid.sum(axis=1), 1 - cache.current
-        return last
+        logits = np.empty((batch, host[LOGITS_INDEX].shape[1], cfg.vocab_size), dtype=np.float32)
+        stream.dtoh(logits, self._logits.ptr)
+        stream.synchronize()
+        cache.mask, cache.lengths, cache.current = host[ATTENTION_MASK], cache.lengths + counts, 1 - cache.current
+        return logits
+
+    def _set_profile(self, profile: int) -> None:
+        if self._active == profile:
+            return
+        if not self.context.set_optimization_profile_async(profile, self._stream.handle):
+            raise PackageError(
+                f"TensorRT refused optimization profile {profile}: {self._logger.recent_errors()}",
+                fix=f"{self._rebuild} --overwrite",
+            )
+        self._active = profile
 
     def _bind_input(self, name: str, shape: tuple[int, ...], ptr: int) -> None:
         if not self.context.set_input_shape(name, shape):
@@ -296,11 +308,8 @@ class TensorRTBackend:
             )
         self.context.set_tensor_address(name, ptr)
 
-    def describe(self) -> dict[str, Any]:
-        """What this engine accepts (for logs and services)."""
-        return {
-            "max_batch": self.max_batch,
-            "max_seq_len": self.max_seq_len,
-            "prefill_chunk": self._chunk,
-            "profiles": [p.to_dict() for p in self._profiles],
-        }
+
+if TYPE_CHECKING:  # mypy proves the class satisfies the Backend protocol for its cache type
+    from stlm.runtime.backend import Backend
+
+    _: type[Backend[TrtCache]] = TensorRTBackend

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from stlm.errors import InvalidArgumentError, PackageError, StlmError
 from stlm.runtime.generator import Generator
-from stlm.runtime.sequence import SequenceState
+from stlm.runtime.sequence import ContextLengthError, SequenceState, check_fits
 from stlm.serve import protocol
 from stlm.serve.metrics import CONTENT_TYPE, Gauge, ServerMetrics
 from stlm.serve.protocol import ApiError, CompletionRequest
@@ -108,22 +108,14 @@ class CompletionService:
         for i, prompt in enumerate(request.prompts):
             ids = self.generator.encode_prompt(prompt)
             where = f"prompt[{i}]" if len(request.prompts) > 1 else "the prompt"
-            if len(ids) >= self.capacity:
-                raise ApiError(
-                    400,
-                    f"{where} has {len(ids)} tokens; this server's context is {self.capacity} tokens (fix: shorten it)",
-                    param="prompt",
-                    code="context_length_exceeded",
+            try:
+                check_fits(
+                    len(ids), request.params.max_new_tokens, self.capacity, where=where, max_tokens_name="max_tokens"
                 )
-            if len(ids) + request.params.max_new_tokens > self.capacity:
+            except ContextLengthError as exc:
                 raise ApiError(
-                    400,
-                    f"max_tokens={request.params.max_new_tokens} after {where} of {len(ids)} "
-                    f"tokens exceeds this server's context of {self.capacity} tokens (fix: pass "
-                    f"max_tokens ≤ {self.capacity - len(ids)})",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
+                    400, f"{exc.problem} (fix: {exc.fix})", param=exc.param, code="context_length_exceeded"
+                ) from None
             states.append(SequenceState(ids, request.params, self.generator.tokenizer, self.generator.eos_token_id))
         return states
 
@@ -136,7 +128,7 @@ def load_service(config: ServeConfig) -> CompletionService:
     """Load ``config.package`` and build its scheduler (not started yet: the app's startup does)."""
     generator = Generator.load(config.package, threads=config.threads)
     manifest = generator.manifest
-    if manifest.kind != "tensorrt" and manifest.variant.get("kv_cache", "concat") != "inplace":
+    if manifest.kind != "tensorrt" and not manifest.variant.inplace:
         raise PackageError(
             f"{config.package} uses the 'concat' KV cache, whose arrays grow with every step: "
             "a long-running server needs fixed slots",

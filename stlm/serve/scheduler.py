@@ -28,12 +28,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError, StlmError
-from stlm.runtime.backend import Backend, KVCache
-from stlm.runtime.sequence import Completion, SequenceState
+from stlm.runtime.backend import Backend
+from stlm.runtime.sequence import Completion, SequenceState, check_fits
 from stlm.serve.metrics import ServerMetrics
 
 __all__ = ["Job", "QueueFullError", "Scheduler", "SchedulerStoppedError", "StepOutput"]
@@ -109,7 +110,7 @@ class Scheduler:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend[Any],
         *,
         max_batch: int,
         capacity: int,
@@ -123,7 +124,7 @@ class Scheduler:
         self.max_queue = _positive("max_queue", max_queue, 0)
         self.prefill_chunk = _positive("prefill_chunk", prefill_chunk)
         self.metrics = metrics or ServerMetrics()
-        self._cache: KVCache = backend.new_cache(self.max_batch, self.capacity)
+        self._cache = backend.new_cache(self.max_batch, self.capacity)
         self._slots: list[Job | None] = [None] * self.max_batch
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -131,9 +132,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
         self.running_batch = 0  # rows fed by the last step
-        #: Test hook: called with each job just before it samples; an exception it raises fails
-        #: that job exactly as a real sampling failure would. ``None`` in production.
-        self.fault_hook: Callable[[Job], None] | None = None
 
     # -- control ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -157,11 +155,6 @@ class Scheduler:
         """Wake the thread (a job was cancelled)."""
         with self._cond:
             self._cond.notify_all()
-
-    @property
-    def alive(self) -> bool:
-        """True while the thread runs and accepts work."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     @property
     def stopping(self) -> bool:
@@ -190,13 +183,7 @@ class Scheduler:
                 fix="send fewer prompts per request",
             )
         for job in jobs:
-            need = len(job.state.prompt) + job.state.params.max_new_tokens
-            if need > self.capacity:
-                raise InvalidArgumentError(
-                    f"a {len(job.state.prompt)}-token prompt plus {job.state.params.max_new_tokens} new tokens "
-                    f"exceeds the slot capacity of {self.capacity} tokens",
-                    fix="shorten the prompt or ask for fewer tokens",
-                )
+            check_fits(len(job.state.prompt), job.state.params.max_new_tokens, self.capacity)
         with self._cond:
             if self._stopping or self.crashed is not None:
                 raise SchedulerStoppedError(
@@ -291,8 +278,6 @@ class Scheduler:
             assert logits is not None
             before = len(job.state.generated)
             try:
-                if self.fault_hook is not None:
-                    self.fault_hook(job)
                 text = job.state.step(logits[row])
             except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
                 self._fail(row, job, exc)

@@ -74,8 +74,10 @@ def _compiled(
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
+    from stlm.tensorrt.common import import_tensorrt  # the one guarded import (and version floor)
+
+    trt = import_tensorrt()
     try:
-        import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as exc:
         raise BackendUnavailableError(

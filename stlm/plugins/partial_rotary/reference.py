@@ -2,9 +2,8 @@
 
 Numerics follow the PyTorch model step by step so that the plugin can be held to it exactly:
 
-* ``inv_freq = 1 / theta ** (arange(0, rotary_dim, 2) / rotary_dim)`` in float32, with the power
-  correctly rounded (computed in float64, rounded once): this reproduces PyTorch's float32
-  ``base ** tensor`` bit for bit, where numpy's float32 ``power`` is sometimes 1 ulp off;
+* ``inv_freq`` from :func:`stlm.rope.inv_freq` (the one place it is computed: float32, the power
+  correctly rounded, as PyTorch's scalar CPU path computes it);
 * ``freqs = float32(position) * inv_freq``; ``cos``/``sin`` in float32, then cast to the q/k dtype;
 * ``x * cos + rotate_half(x) * sin`` in the q/k dtype, each product and the sum rounded to it.
 
@@ -18,6 +17,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from stlm import rope
 from stlm.errors import InvalidArgumentError
 from stlm.plugins.partial_rotary.spec import MAX_POSITION, validate_attributes
 
@@ -25,21 +25,18 @@ SUPPORTED_NUMPY_DTYPES: Final = ("float32", "float16", "bfloat16")
 
 
 def rotary_inv_freq(rotary_dim: int, theta: float) -> npt.NDArray[np.float32]:
-    """Return the ``rotary_dim // 2`` inverse frequencies as float32, exactly as PyTorch computes them."""
+    """Return the ``rotary_dim // 2`` inverse frequencies as float32 (:func:`stlm.rope.inv_freq`)."""
     validate_attributes(rotary_dim, theta)
-    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
-    denominators = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / denominators).astype(np.float32)
+    return rope.inv_freq(rotary_dim, theta)
 
 
 def rotary_cos_sin(
     position_ids: npt.NDArray[np.integer], rotary_dim: int, theta: float
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Return float32 ``cos, sin`` of shape ``position_ids.shape + (rotary_dim,)`` (freqs repeated twice)."""
-    inv_freq = rotary_inv_freq(rotary_dim, theta)
-    freqs = position_ids.astype(np.float32)[..., None] * inv_freq
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    validate_attributes(rotary_dim, theta)
+    cos, sin = rope.cos_sin(position_ids, rotary_dim, theta)
+    return np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
 
 
 def _check_inputs(q: np.ndarray, k: np.ndarray, position_ids: np.ndarray) -> None:

@@ -37,7 +37,7 @@ def cudart() -> ModuleType:
             from cuda.bindings import runtime as module
         except ImportError:
             try:
-                from cuda import cudart as module  # type: ignore[no-redef]  # cuda-python < 12.6
+                from cuda import cudart as module  # cuda-python < 12.6
             except ImportError:
                 raise BackendUnavailableError(
                     "cuda-python is not installed (neither cuda.bindings.runtime nor cuda.cudart imports), "
@@ -159,15 +159,6 @@ class Stream:
             "a device-to-host copy",
         )
 
-    def dtod(self, dst: int, src: int, nbytes: int) -> None:
-        """Copy ``nbytes`` between device addresses (async, stays on the GPU)."""
-        if nbytes:
-            rt = cudart()
-            call(
-                rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
-                "a device-to-device copy",
-            )
-
     def memset(self, dst: int, value: int, nbytes: int) -> None:
         """Fill ``nbytes`` of device memory with the byte ``value`` (async)."""
         if nbytes:
@@ -183,25 +174,6 @@ class Stream:
                 ),
                 "a strided device-to-device copy",
             )
-
-    def dtoh_2d(self, array: np.ndarray, src: int, spitch: int) -> None:
-        """Copy rows of ``array.shape[0]`` × ``array[0].nbytes`` bytes, ``spitch`` apart on the device,
-        into a C-contiguous host array (async)."""
-        rt = cudart()
-        width = array[0].nbytes
-        call(
-            rt.cudaMemcpy2DAsync(
-                array.ctypes.data,
-                width,
-                src,
-                spitch,
-                width,
-                array.shape[0],
-                rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                self.stream,
-            ),
-            "a strided device-to-host copy",
-        )
 
     def synchronize(self) -> None:
         """Wait for everything queued on the stream."""

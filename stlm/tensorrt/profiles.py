@@ -4,11 +4,12 @@ Design: **two profiles**, one tuned for each phase of generation (S = max_seq_le
 prefill chunk, ``min(S, 1024)`` by default):
 
 * ``decode`` (profile 0): ``sequence`` exactly 1; ``past_sequence`` 0..S-1; ``total_sequence``
-  1..S. Tuned at (opt_batch, 1 token, opt_seq_len-1 cached).
-* ``prefill`` (profile 1): ``sequence`` 1..C; ``past_sequence`` 0..S-C; ``total_sequence`` 1..S.
-  Tuned at (opt_batch, min(opt_seq_len, C) tokens, empty cache). Prompts longer than C run in
-  chunks of C (chunked prefill), which also bounds the activations and the (batch, C, vocab)
-  logits buffer.
+  1..S; ``num_logits`` 1. Tuned at (opt_batch, 1 token, opt_seq_len-1 cached).
+* ``prefill`` (profile 1): ``sequence`` 1..C; ``past_sequence`` 0..S-C; ``total_sequence`` 1..S;
+  ``num_logits`` 1..C (1 for generation, every position for perplexity and prompt log-probabilities).
+  Tuned at (opt_batch, min(opt_seq_len, C) tokens, empty cache, 1 logit row). Prompts longer than C
+  run in chunks of C (chunked prefill), which also bounds the activations and the
+  (batch, C, vocab) logits buffer.
 
 Why two and not one profile covering both phases:
 
@@ -33,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from stlm.contract import BATCH, PAST, SEQUENCE, TOTAL, Contract
+from stlm.contract import BATCH, NUM_LOGITS, PAST, SEQUENCE, TOTAL, Contract
 from stlm.errors import InvalidArgumentError, PackageError
 
 AxisRange = tuple[int, int, int]
@@ -45,7 +46,7 @@ PREFILL: Final = "prefill"
 DEFAULT_MAX_BATCH: Final = 4
 DEFAULT_OPT_SEQ_LEN: Final = 512
 DEFAULT_PREFILL_CHUNK: Final = 1024
-AXES: Final = (BATCH, SEQUENCE, PAST, TOTAL)
+AXES: Final = (BATCH, SEQUENCE, PAST, TOTAL, NUM_LOGITS)
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class Profile:
     name: str
     axes: Mapping[str, AxisRange]
 
-    def contains(self, *, batch: int, sequence: int, past: int) -> bool:
+    def contains(self, *, batch: int, sequence: int, past: int, num_logits: int = 1) -> bool:
         """Whether a step of these sizes fits this profile (``total`` = ``past + sequence``)."""
-        sizes = {BATCH: batch, SEQUENCE: sequence, PAST: past, TOTAL: past + sequence}
+        sizes = {BATCH: batch, SEQUENCE: sequence, PAST: past, TOTAL: past + sequence, NUM_LOGITS: num_logits}
         return all(lo <= sizes[axis] <= hi for axis, (lo, _, hi) in self.axes.items())
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +88,17 @@ def _positive_int(value: object, flag: str, *, minimum: int = 1) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class BuildSizes:
+    """The sizes an engine is built for (validated, defaults filled in)."""
+
+    max_batch: int
+    max_seq_len: int
+    opt_batch: int
+    opt_seq_len: int
+    prefill_chunk: int
+
+
 def resolve_sizes(
     *,
     max_batch: int,
@@ -95,10 +107,8 @@ def resolve_sizes(
     opt_batch: int | None = None,
     opt_seq_len: int | None = None,
     prefill_chunk: int | None = None,
-) -> tuple[int, int, int, int, int]:
-    """Validate the build sizes and fill defaults.
-
-    Returns ``(max_batch, max_seq_len, opt_batch, opt_seq_len, prefill_chunk)``. ``max_seq_len``
+) -> BuildSizes:
+    """Validate the build sizes and fill defaults. ``max_seq_len``
     (prompt + generated tokens) defaults to ``context_length`` and may not exceed it;
     ``opt_batch`` defaults to 1, ``opt_seq_len`` to ``min(512, max_seq_len)`` and
     ``prefill_chunk`` to ``min(1024, max_seq_len)``. Raises :class:`InvalidArgumentError`
@@ -136,7 +146,7 @@ def resolve_sizes(
             f"--prefill-chunk {chunk} is larger than --max-seq-len {max_seq_len}",
             fix=f"pass --prefill-chunk between 2 and {max_seq_len}",
         )
-    return max_batch, max_seq_len, opt_batch, opt_seq_len, chunk
+    return BuildSizes(max_batch, max_seq_len, opt_batch, opt_seq_len, chunk)
 
 
 def engine_profiles(
@@ -149,7 +159,7 @@ def engine_profiles(
     prefill_chunk: int | None = None,
 ) -> tuple[Profile, Profile]:
     """The ``(decode, prefill)`` profiles for these sizes (see the module docstring)."""
-    mb, s, ob, os_, c = resolve_sizes(
+    sizes = resolve_sizes(
         max_batch=max_batch,
         max_seq_len=max_seq_len,
         context_length=context_length,
@@ -157,10 +167,29 @@ def engine_profiles(
         opt_seq_len=opt_seq_len,
         prefill_chunk=prefill_chunk,
     )
-    batch = (1, ob, mb)
-    oc = min(os_, c)
-    decode = Profile(DECODE, {BATCH: batch, SEQUENCE: (1, 1, 1), PAST: (0, os_ - 1, s - 1), TOTAL: (1, os_, s)})
-    prefill = Profile(PREFILL, {BATCH: batch, SEQUENCE: (1, oc, c), PAST: (0, 0, s - c), TOTAL: (1, oc, s)})
+    longest, tuned, chunk = sizes.max_seq_len, sizes.opt_seq_len, sizes.prefill_chunk
+    batch = (1, sizes.opt_batch, sizes.max_batch)
+    tuned_chunk = min(tuned, chunk)
+    decode = Profile(
+        DECODE,
+        {
+            BATCH: batch,
+            SEQUENCE: (1, 1, 1),
+            PAST: (0, tuned - 1, longest - 1),
+            TOTAL: (1, tuned, longest),
+            NUM_LOGITS: (1, 1, 1),
+        },
+    )
+    prefill = Profile(
+        PREFILL,
+        {
+            BATCH: batch,
+            SEQUENCE: (1, tuned_chunk, chunk),
+            PAST: (0, 0, longest - chunk),
+            TOTAL: (1, tuned_chunk, longest),
+            NUM_LOGITS: (1, 1, chunk),
+        },
+    )
     for p in (decode, prefill):
         for k in range(3):
             assert p.axes[TOTAL][k] == p.axes[PAST][k] + p.axes[SEQUENCE][k], p
@@ -187,7 +216,10 @@ def profile_shapes(contract: Contract, profile: Profile) -> dict[str, ShapeRange
     return shapes
 
 
-def select_profile(profiles: Sequence[Profile], *, batch: int, sequence: int, past: int) -> int | None:
+def select_profile(
+    profiles: Sequence[Profile], *, batch: int, sequence: int, past: int, num_logits: int = 1
+) -> int | None:
     """Index of the profile to run a step on (decode for one token, prefill for a prompt), or None."""
     order = sorted(range(len(profiles)), key=lambda i: profiles[i].name != (DECODE if sequence == 1 else PREFILL))
-    return next((i for i in order if profiles[i].contains(batch=batch, sequence=sequence, past=past)), None)
+    fits = (i for i in order if profiles[i].contains(batch=batch, sequence=sequence, past=past, num_logits=num_logits))
+    return next(fits, None)

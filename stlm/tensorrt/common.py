@@ -1,5 +1,6 @@
-"""What building and running TensorRT engines share: the guarded import, a logger that feeds
-Python logging and keeps TensorRT's errors for our messages, and the rotary plugin registration.
+"""What building and running TensorRT engines share: the one guarded TensorRT import (with the
+version floor), a logger that feeds Python logging and keeps TensorRT's errors for our messages,
+and the rotary plugin registration.
 
 TensorRT is imported lazily (only here, only when a TensorRT package is used), so stlm installs
 and runs without it; its absence is a :class:`BackendUnavailableError`, never an ImportError.
@@ -12,14 +13,12 @@ from types import ModuleType
 from typing import Any, Final
 
 from stlm.errors import BackendUnavailableError
-from stlm.runtime.gpu import GPU_FIX
+from stlm.plugins.partial_rotary.spec import PLUGIN_ID
+from stlm.tensorrt.gpu import GPU_FIX
 
 log = logging.getLogger("stlm.tensorrt")
 
-MIN_TRT_MAJOR: Final = 10
-PLUGIN_ID: Final = "stlm::partial_rotary"
-
-_plugin_registered = False
+MIN_TRT_MAJOR: Final = 11
 
 
 def import_tensorrt() -> ModuleType:
@@ -38,7 +37,7 @@ def import_tensorrt() -> ModuleType:
     if major < MIN_TRT_MAJOR:
         raise BackendUnavailableError(
             f"stlm needs TensorRT {MIN_TRT_MAJOR} or newer; found {trt.__version__}",
-            fix="pip install 'tensorrt>=11' (the gpu extra), or use the Dockerfile",
+            fix=f"pip install 'tensorrt>={MIN_TRT_MAJOR}' (the gpu extra), or use the Dockerfile",
         )
     return trt
 
@@ -54,7 +53,7 @@ def make_logger(trt: ModuleType) -> Any:
         sev.VERBOSE: logging.DEBUG - 5,
     }
 
-    class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class _Logger(trt.ILogger):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
@@ -79,22 +78,21 @@ def register_rotary_plugin(*, required: bool) -> bool:
     Needed before parsing a ``--target tensorrt`` graph and before running an engine that uses
     the plugin's JIT (Python) implementation; an AOT plugin's kernel is inside the engine.
     Returns whether it is registered; when ``required``, failure is a :class:`BackendUnavailableError`.
-    Registers once per process.
+    The plugin module keeps the one "registered" flag (it registers once per process).
     """
-    global _plugin_registered
-    if _plugin_registered:
-        return True
     try:
         from stlm.plugins.partial_rotary.plugin import register_plugin
-    except ImportError as exc:
+
+        register_plugin()
+    except (ImportError, BackendUnavailableError) as exc:
         if not required:
-            log.debug("partial_rotary plugin not registered: %s", exc)
+            log.debug("%s not registered: %s", PLUGIN_ID, exc)
             return False
+        if isinstance(exc, BackendUnavailableError):
+            raise
         raise BackendUnavailableError(
             f"the {PLUGIN_ID} TensorRT plugin cannot be loaded ({exc})",
             fix="install stlm with the plugins and gpu extras: pip install 'stlm[gpu,plugins]' (tensorrt, triton), "
             "or use the Dockerfile",
         ) from None
-    register_plugin()
-    _plugin_registered = True
     return True

@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from stlm.errors import EngineCompatibilityError, PackageError
+from stlm.tensorrt.profiles import Profile
 
+ENGINE_NAME: Final = "model.engine"
 HARDWARE_COMPAT_LEVELS: Final = ("none", "ampere_plus")
 AMPERE: Final = (8, 0)
 REBUILD: Final = "stlm build-engine ONNX_DIR -o ENGINE_DIR"
@@ -23,6 +25,8 @@ COMPUTE_CAPABILITY: Final = "compute_capability"
 GPU_NAME: Final = "gpu_name"
 HARDWARE_COMPAT: Final = "hardware_compat"
 SOURCE_PACKAGE: Final = "source_package"
+PROFILES: Final = "profiles"
+PLUGIN: Final = "plugin"
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -103,3 +107,57 @@ def check_engine_compat(
             fix=f"rebuild it on this GPU: {rebuild}, or build with --hardware-compat ampere_plus "
             "to run one engine on any Ampere-or-newer GPU",
         )
+
+
+def engine_extra(
+    *,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    precision: str,
+    kv_dtype: str,
+    profiles: Sequence[Profile],
+    hardware_compat: str,
+    builder_optimization_level: int,
+    workspace_gib: float | None = None,
+    plugin: dict[str, Any] | None = None,
+    source_package: str | None = None,
+    model_context_length: int | None = None,
+    build_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The ``extra`` record of an engine manifest (what the runtime checks and what was built)."""
+    return {
+        TRT_VERSION: trt_version,
+        GPU_NAME: gpu_name,
+        COMPUTE_CAPABILITY: list(compute_capability),
+        "precision": precision,
+        "kv_dtype": kv_dtype,
+        PROFILES: [p.to_dict() for p in profiles],
+        HARDWARE_COMPAT: hardware_compat,
+        "builder_optimization_level": builder_optimization_level,
+        "workspace_gib": workspace_gib,
+        PLUGIN: plugin,
+        SOURCE_PACKAGE: source_package,
+        "model_context_length": model_context_length,
+        "build_seconds": None if build_seconds is None else round(build_seconds, 1),
+    }
+
+
+def recorded_profiles(extra: Mapping[str, Any]) -> list[Profile]:
+    """The optimization profiles an engine was built with (in profile-index order)."""
+    records = extra.get(PROFILES)
+    if not isinstance(records, list):
+        raise PackageError(
+            f"the engine's build record has no list of profiles ({records!r})",
+            fix=f"rebuild it: {rebuild_command(extra)}",
+        )
+    return [Profile.from_dict(p) for p in records]
+
+
+def plugin_kernel_is_inside(extra: Mapping[str, Any]) -> bool | None:
+    """None when the engine has no plugin node; True when the plugin's kernel is AOT PTX inside the
+    engine; False when it runs the plugin's JIT (Python) implementation, which must be registered."""
+    plugin = extra.get(PLUGIN)
+    if not plugin:
+        return None
+    return isinstance(plugin, Mapping) and plugin.get("aot") is True
