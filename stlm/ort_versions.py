@@ -14,18 +14,29 @@ from typing import Final
 from stlm.errors import BackendUnavailableError
 from stlm.variant import Variant
 
-#: feature → oldest onnxruntime that loads and runs it (measured; see the module docstring).
+#: feature → oldest onnxruntime that loads and runs it. Measured on 1.20.1, 1.21.1, 1.22.1, 1.23.2,
+#: 1.24.4, 1.25.1, 1.26.0, 1.27.0, 1.31.1 and 1.32.0 (CPU): the logits of a ragged batch schedule
+#: equal 1.32.0's within 2e-5 wherever the graph loads. The comment names the newest release that refuses.
 MIN_ONNXRUNTIME: Final[dict[str, str]] = {
-    "fp32": "1.20.1",  # concat graphs, opset 17-21, IR 10
-    "fp16": "1.20.1",  # fp16 weights + Cast to fp32; fp16 KV at the boundary
-    "bf16": "1.20.1",  # bf16 weights + Cast to fp32; bf16 KV at the boundary (fed through OrtValues)
+    "fp32": "1.20.1",  # opset 17-21 ops, IR 10 (the exporter caps the IR version at 10)
+    "fp16": "1.20.1",  # fp16 weights + Cast to fp32, fp16 KV at the graph boundary
+    "bf16": "1.20.1",  # bf16 weights + Cast to fp32, bf16 KV at the boundary (fed as OrtValues)
     "inplace": "1.20.1",  # GroupQueryAttention inputs 0-8 (no query_seqlens), fused rotary, fp32 KV
-    "inplace-fp16": "1.20.1",  # GroupQueryAttention with an fp16 KV cache
+    "inplace-fp16": "1.20.1",  # the same with an fp16 KV cache
     "int4": "1.20.1",  # MatMulNBits bits=4
-    "int8": "1.20.1",  # MatMulNBits bits=8
-    "opset-22": "1.20.1",
-    "opset-23": "1.20.1",  # RotaryEmbedding-23 (--rotary native)
+    "int8": "1.22.1",  # MatMulNBits bits=8 (also int4 packages' 8-bit LM head); 1.21.1: "Only 4b quantization"
+    "rotary-native": "1.24.4",  # RotaryEmbedding-23, 4-D, rotary_embedding_dim; 1.23.2 demands num_heads
+    **{f"opset-{o}": "1.20.1" for o in range(17, 22)},
+    "opset-22": "1.21.1",  # 1.20.1 refuses
+    "opset-23": "1.23.2",  # 1.22.1 refuses
+    "opset-24": "1.24.4",  # 1.23.2 refuses
+    "opset-25": "1.24.4",
+    "opset-26": "1.25.1",  # 1.24.4 refuses
+    "opset-27": "1.32.0",  # 1.31.1 refuses
+    "opset-28": "1.32.0",
 }
+#: The newest opset any measured onnxruntime runs (the exporter writes no newer one).
+MAX_OPSET: Final = max(int(k.split("-")[1]) for k in MIN_ONNXRUNTIME if k.startswith("opset-"))
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -40,7 +51,9 @@ def graph_features(variant: Variant, opset: int) -> list[str]:
         features.append("inplace" if variant.kv_dtype == "fp32" else "inplace-fp16")
     if variant.quantization is not None:
         features += [f"int{variant.quantization.bits}", f"int{variant.quantization.lm_head_bits}"]
-    features += [f"opset-{o}" for o in (22, 23) if opset >= o]
+    if variant.rotary == "native":
+        features.append("rotary-native")
+    features.append(f"opset-{opset}")
     return features
 
 

@@ -24,6 +24,7 @@ The exporter fills it in, the manifest stores it (``stlm.json`` → ``variant``)
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
@@ -174,8 +175,10 @@ class Variant:
             raise _invalid("quantization", self.quantization, "a Quantization or null")
         _str("precision_note", self.precision_note)
         _bool("external_data", self.external_data)
-        if self.min_onnxruntime is not None:
-            _str("min_onnxruntime", self.min_onnxruntime)
+        if self.min_onnxruntime is not None and not re.fullmatch(
+            r"\d+(\.\d+){1,2}", _str("min_onnxruntime", self.min_onnxruntime)
+        ):
+            raise _invalid("min_onnxruntime", self.min_onnxruntime, "a version such as '1.20.1'")
         self._check_consistent()
 
     def _check_consistent(self) -> None:

@@ -23,7 +23,7 @@ from stlm.export.precision import plan_precision
 from stlm.export.staging import staged_folder
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
-from stlm.ort_versions import required_onnxruntime
+from stlm.ort_versions import MAX_OPSET, required_onnxruntime
 from stlm.progress import Progress
 from stlm.variant import (
     KV_CACHES,
@@ -50,7 +50,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep 
 
 
 def _check_opset(opset: int) -> None:
-    newest = onnx.defs.onnx_opset_version()
+    newest = min(onnx.defs.onnx_opset_version(), MAX_OPSET)
     if not MIN_OPSET <= opset <= newest:
         raise InvalidArgumentError(
             f"opset {opset} is not supported; expected {MIN_OPSET}..{newest}",
