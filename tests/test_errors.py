@@ -4,6 +4,7 @@ nothing half-written."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -23,14 +24,25 @@ def run_cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+# What a command may print on stderr before failing: its one-line banner and progress lines.
+BANNER = re.compile(r"^(exporting |building |\s*$|\s*\w[\w ]*: \d+/\d+$)")
+
+
 def assert_user_error(args: list[str], *needles: str) -> str:
-    code, output = run_cli(*args)
-    assert code == 2, output
-    assert "Traceback" not in output
-    assert output.startswith("error:") or "error:" in output, output
+    """Exit 2, nothing on stdout, and stderr = (a banner, then) ``error: …`` (its ``fix:`` line), no traceback."""
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "", result.stdout
+    lines = result.stderr.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("error: ")), None)
+    assert start is not None and all(BANNER.match(line) for line in lines[:start]), result.stderr
+    message = "\n".join(lines[start:])
+    assert "Traceback" not in result.stderr
     for needle in needles:
-        assert needle in output, f"{needle!r} not in {output!r}"
-    return output
+        assert needle in message, f"{needle!r} not in {message!r}"
+    return message
 
 
 def test_export_missing_folder(tmp_path: Path) -> None:

@@ -87,11 +87,47 @@ def test_stop_string_spanning_tokens_ends_generation(gen: Generator) -> None:
     assert streamed == result.text
 
 
-def test_logprobs_are_returned_and_consistent(gen: Generator) -> None:
-    result = gen.complete([PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0.7, seed=1, logprobs=True))[0]
-    assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids)
-    assert all(lp <= 0.0 for lp in result.logprobs)
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_the_log_softmax_of_the_models_logits(gen: Generator, temperature: float) -> None:
+    """Greedy: log-softmax of the logits; sampling without truncation: log-softmax of logits / T.
+    The logits come from teacher-forcing the generated sequence (Generator.logits)."""
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=1, logprobs=True)
+    result = gen.complete([PROMPTS[1]], params)[0]
+    assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids) > 0
+    prompt = gen.encode_prompt(PROMPTS[1])
+    logits = gen.logits([prompt + list(result.token_ids)])[0]
+    steps = logits[len(prompt) - 1 : len(prompt) - 1 + len(result.token_ids)]
+    want = _log_softmax(steps / (temperature or 1.0))[np.arange(len(result.token_ids)), list(result.token_ids)]
+    np.testing.assert_allclose(result.logprobs, want, rtol=0, atol=1e-4)
     assert gen.complete([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0].logprobs is None
+
+
+def test_generate_batch_equals_generate_one_by_one(gen: Generator) -> None:
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    assert gen.generate_batch(PROMPTS[:3], params) == [gen.generate(p, params) for p in PROMPTS[:3]]
+
+
+def test_logits_of_every_position_equal_prefill_and_decode_logits(gen: Generator) -> None:
+    """Generator.logits in chunks (here 5 tokens) against the last-token logits of generation's own path."""
+    rows = [gen.encode_prompt(PROMPTS[2]), gen.encode_prompt(PROMPTS[1])]
+    every = gen.logits(rows, chunk=5)
+    assert [e.shape for e in every] == [(len(r), gen.manifest.model.vocab_size) for r in rows]
+    assert all(e.dtype == np.float32 for e in every)
+    for row, logits in zip(rows, every, strict=True):
+        cache = gen.backend.new_cache(1, len(row))
+        step = [gen.backend.forward(cache, [row[:3]])[0]]
+        step += [gen.backend.forward(cache, [[t]])[0] for t in row[3:]]
+        np.testing.assert_allclose(logits[2:], np.stack(step), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="context"):
+        gen.logits([[1] * (gen.context_length + 1)])
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        gen.logits([[gen.manifest.model.vocab_size]])
 
 
 def test_stream_equals_generate(gen: Generator) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fake_gpu import drive
 
 from stlm.contract import INPUT_IDS, LOGITS_INDEX, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
@@ -24,9 +23,28 @@ def _backend(folder: Path) -> OnnxRuntimeBackend:
 
 @pytest.mark.parametrize("shape", ["hd16", "hd64"])
 def test_inplace_and_concat_graphs_agree_on_a_ragged_schedule(packages: dict[str, Path], shape: str) -> None:
-    """New prompts join rows that are decoding, rows idle and restart: the in-place plan (split
-    calls, dummy tokens, per-row slices) gives the concat graph's logits."""
-    drive([_backend(packages[shape]), _backend(packages[f"{shape}-inplace"])], batch=3, capacity=12, steps=16)
+    """New prompts join rows that are decoding, rows idle, fill up and restart: the in-place plan
+    (split calls, dummy tokens, per-row slices) gives the concat graph's logits (fp32: to 1e-5)."""
+    backends = [_backend(packages[shape]), _backend(packages[f"{shape}-inplace"])]
+    rng = np.random.default_rng(0)
+    batch, capacity = 3, 12
+    caches = [b.new_cache(batch, capacity) for b in backends]
+    lengths = np.zeros(batch, dtype=np.int64)
+    for step in range(16):
+        feed: list[list[int]] = []
+        for r in range(batch):
+            n = 0 if step and rng.random() < 0.25 else int(rng.integers(2, 7)) if lengths[r] == 0 else 1
+            if lengths[r] + n > capacity:  # the row is full: release it and start a new prompt
+                for backend, cache in zip(backends, caches, strict=True):
+                    backend.release(cache, r)
+                lengths[r], n = 0, int(rng.integers(2, 5))
+            feed.append(rng.integers(0, 50000, size=n).tolist())
+            lengths[r] += n
+        concat, inplace = (backend.forward(cache, feed) for backend, cache in zip(backends, caches, strict=True))
+        fed = [r for r in range(batch) if feed[r]]
+        np.testing.assert_allclose(inplace[fed], concat[fed], rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+        for cache in caches:
+            np.testing.assert_array_equal(cache.lengths, lengths)
 
 
 def test_plan_batches_decode_and_first_prompts_and_splits_mixed_steps() -> None:

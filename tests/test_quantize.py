@@ -105,7 +105,12 @@ def test_quantized_package_is_smaller_and_generates(quantized: dict[str, Path], 
 
     fp32 = (packages["hd16-inplace"] / "model.onnx").stat().st_size
     assert (quantized["int4"] / "model.onnx").stat().st_size < (quantized["int8"] / "model.onnx").stat().st_size < fp32
-    assert isinstance(Generator.load(quantized["int4"]).generate("Hello", max_new_tokens=4, temperature=0), str)
+    gen = Generator.load(quantized["int4"])
+    completion = gen.complete(["The quick brown fox jumps over"], max_new_tokens=6, temperature=0)[0]
+    prompt = gen.encode_prompt("The quick brown fox jumps over")
+    logits = gen.logits([prompt + list(completion.token_ids)])[0]
+    greedy = logits[len(prompt) - 1 : -1].argmax(axis=-1)  # the int4 graph's own choices, teacher-forced
+    assert list(completion.token_ids) == greedy.tolist() and completion.text == gen.tokenizer.decode(greedy.tolist())
 
 
 def test_bench_json_fields(package: Path) -> None:

@@ -218,7 +218,7 @@ def test_repetition_penalty_matches_definition_and_transformers() -> None:
             torch.from_numpy(previous)[None], torch.from_numpy(x.copy())[None]
         )[0].numpy()
         np.testing.assert_array_equal(got, ref)
-    assert apply_repetition_penalty(x, None, 1.3) is not None
+    np.testing.assert_array_equal(apply_repetition_penalty(x, None, 1.3), x)
     np.testing.assert_array_equal(apply_repetition_penalty(x, [], 1.3), x)
     with pytest.raises(InvalidArgumentError, match="500"):
         apply_repetition_penalty(x, [1, 500], 1.3)
