@@ -38,11 +38,3 @@ class BackendUnavailableError(StlmError):
 
 class EngineCompatibilityError(StlmError):
     """A TensorRT engine was built for another TensorRT version or GPU."""
-
-
-class ToleranceError(StlmError):
-    """Outputs differ from the reference by more than the tolerance for their dtype."""
-
-
-class CancelledError(StlmError):
-    """A generation call was cancelled by its caller."""

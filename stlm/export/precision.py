@@ -33,32 +33,12 @@ from stlm.variant import KVCache, Target
 # bf16: session creation fails with NOT_IMPLEMENTED; natively it has only data movement ops,
 #       LayerNormalization/SkipLayerNormalization and Cast. Softmax fails on the ReduceMax of its
 #       function body; Cos/Sin are not defined for bf16 by ONNX at all.
+_ARITHMETIC: Final = ("MatMul", "Gemm", "Add", "Sub", "Mul", "Neg", "Sigmoid", "Softmax", "Where")
 CPU_KERNEL_GAPS: Final[dict[DType, tuple[str, ...]]] = {
     "fp32": (),
-    "fp16": (
-        "MatMul",
-        "Gemm",
-        "Add",
-        "Sub",
-        "Mul",
-        "Neg",
-        "Sigmoid",
-        "Softmax",
-        "Where",
-        "Cos",
-        "Sin",
-        "MultiHeadAttention",
-    ),
+    "fp16": (*_ARITHMETIC, "Cos", "Sin", "MultiHeadAttention"),
     "bf16": (
-        "MatMul",
-        "Gemm",
-        "Add",
-        "Sub",
-        "Mul",
-        "Neg",
-        "Sigmoid",
-        "Softmax",
-        "Where",
+        *_ARITHMETIC,
         "Expand",
         "Cos",
         "Sin",
