@@ -5,11 +5,13 @@ For batch 1/2/4/8 x seq 1/512 x fp16/bf16 (32 heads, head dim 80, rotary dim 20,
 * correctness of the Triton kernel (JIT launch) against an eager PyTorch rotary written like
   transformers' StableLM code, and against the numpy reference (bf16 needs ml_dtypes);
 * the AOT PTX (what the TensorRT plugin bakes into engines) launched through the CUDA driver with
-  TensorRT's 8 arguments, which must give the JIT kernel's bits;
+  TensorRT's 8 arguments, which must give the JIT kernel's bits: the default sm_80 PTX, and on a
+  GPU of compute capability >= 9.0 also the portable sm_90 PTX (``STLM_PARTIAL_ROTARY_SM=90``);
 * GPU time per call of the eager rotary and of the kernel for each tile (TensorRT tactic),
   measured by replaying CUDA graphs of back-to-back calls, median over many replays (CUDA events).
 
-Run: ``PYTHONPATH=. python scripts/gpu_check.py`` (or ``scripts/gpu_check.sh``). Exit status 1 on a mismatch.
+Run: ``PYTHONPATH=. python scripts/gpu_kernel_check.py [--quick]``; ``scripts/gpu_check.sh`` (the GPU
+acceptance run) runs it as one of its steps. Exit status 1 on a mismatch, 2 without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def numpy_dtype(name: str) -> Any:
 
 
 def check_case(
-    name: str, batch: int, seq: int, *, with_reference: bool, aot: dict[tuple[str, int], Any]
+    name: str, batch: int, seq: int, *, with_reference: bool, aot: dict[tuple[str, int, int], Any]
 ) -> dict[str, Any]:
     """Check and time one shape; returns one table row."""
     dtype = DTYPES[name]
@@ -119,12 +121,15 @@ def check_case(
         row["vs_ref"] = None
 
     aot_q, aot_k = torch.empty_like(q), torch.empty_like(k)
-    for tactic, (block_h, num_warps) in TACTICS.items():
-        launch_with_cuda_driver(aot[(name, tactic)], q, k, pos, aot_q, aot_k)
+    row["aot_exact"] = True
+    for (dtype_name, tactic, _arch), compiled in aot.items():
+        if dtype_name != name:
+            continue
+        block_h, num_warps = TACTICS[tactic]
+        launch_with_cuda_driver(compiled, q, k, pos, aot_q, aot_k)
         jit_q, jit_k = partial_rotary_triton(
             q, k, pos, rotary_dim=ROTARY_DIM, theta=THETA, block_h=block_h, num_warps=num_warps
         )
-        row.setdefault("aot_exact", True)
         row["aot_exact"] &= bool(torch.equal(aot_q, jit_q) and torch.equal(aot_k, jit_k) and torch.equal(jit_q, q_out))
 
     row["eager_us"] = gpu_time_us(lambda: eager_rotary(q, k, pos, inv_freq))
@@ -156,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         props.name, props.major, props.minor, torch.__version__, triton.__version__,
     )  # fmt: skip
     started = time.time()
+    arches = [80] + ([90] if props.major >= 9 else [])  # sm_90 PTX is portable to every later GPU
     aot = {
-        (name, tactic): compile_ptx(name, arch=80, block_h=block_h, num_warps=num_warps)
+        (name, tactic, arch): compile_ptx(name, arch=arch, block_h=block_h, num_warps=num_warps)
         for name in DTYPES
         for tactic, (block_h, num_warps) in TACTICS.items()
+        for arch in arches
     }
-    log.info("AOT PTX compiled for sm_80 (%d kernels) in %.1fs", len(aot), time.time() - started)
+    targets = sorted({c.ptx_target for c in aot.values()})
+    log.info("AOT PTX compiled for %s (%d kernels) in %.1fs", ", ".join(targets), len(aot), time.time() - started)
 
     rows = []
     for name in DTYPES:
