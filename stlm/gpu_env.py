@@ -43,6 +43,13 @@ ONNXRUNTIME_BUILDS: Final = (
 )
 """Distributions that each install the ``onnxruntime`` module (onnxruntime-extensions/-genai do not)."""
 SWAP_FIX: Final = f"pip uninstall -y onnxruntime onnxruntime-gpu && pip install {ONNXRUNTIME_GPU_PIN}"
+GPU_INSTALL_FIX: Final = (
+    "on a machine with an NVIDIA GPU and driver >= 580 (CUDA 13): pip install 'stlm[gpu]' (TensorRT 11, "
+    f"cuda-python 13); for ONNX packages on the GPU also {SWAP_FIX}; or use the Dockerfile "
+    "(docker build --target gpu -t stlm-gpu . && docker run --gpus all ...; see docs/tensorrt.md)"
+)
+"""The fix to name when the GPU stack is missing (replaces the runtime's older text, which put
+onnxruntime-gpu in the gpu extra)."""
 
 
 @dataclass(frozen=True)

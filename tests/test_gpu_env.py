@@ -108,3 +108,10 @@ def test_probe_cuda_driver_with_cuda_python_results() -> None:
     assert problem is not None and "InsufficientDriver" in problem.problem and "12.4" in problem.problem
     none = _fake_cudart((_Err.cudaSuccess, 0), (_Err.cudaSuccess, 13000))
     assert (p := probe_cuda_driver(none)) is not None and "no NVIDIA driver" in p.problem
+
+
+def test_install_fix_names_the_swap_not_a_gpu_extra_onnxruntime() -> None:
+    from stlm.gpu_env import GPU_INSTALL_FIX
+
+    assert "stlm[gpu]" in GPU_INSTALL_FIX and ONNXRUNTIME_GPU_PIN in GPU_INSTALL_FIX
+    assert "pip uninstall -y onnxruntime" in GPU_INSTALL_FIX and "580" in GPU_INSTALL_FIX
