@@ -206,120 +206,148 @@ def _numpy_dtype(dtype: DataType) -> np.dtype:
                      DataType.INT32: np.int32, DataType.BOOL: np.bool_, DataType.INT8: np.int8}[dtype])  # fmt: skip
 
 
+class _ILogger:
+    class Severity(enum.Enum):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    def __init__(self) -> None:
+        pass
+
+
+class _Build:
+    """What a built engine knows: the graph's tensors (dtype, rank) and its own profiles."""
+
+    def __init__(self, cudart: FakeCudart, onnx_package: Path, profiles: Sequence[Profile]) -> None:
+        import onnxruntime as ort
+
+        self.cudart = cudart
+        self.session = ort.InferenceSession(str(onnx_package / "model.onnx"), providers=["CPUExecutionProvider"])
+        contract = read_manifest(onnx_package).contract  # the source package, as `stlm build-engine` reads it
+        self.profiles = [profile_shapes(contract, p) for p in profiles]
+        self.inputs = {i.name: (_ORT_TYPES[i.type], len(i.shape)) for i in self.session.get_inputs()}
+        self.outputs = {o.name: (_ORT_TYPES[o.type], len(o.shape)) for o in self.session.get_outputs()}
+        self.errors: list[str] = []
+
+    def refuse(self, message: str) -> bool:
+        self.errors.append(message)
+        return False
+
+    def check_stream(self, stream: Any, call: str) -> None:
+        if type(stream) is not int:  # pybind11: `int stream_handle`
+            raise TypeError(f"{call}(): incompatible function arguments: stream handle {stream!r} is not an int")
+        if stream not in self.cudart.streams:
+            raise AssertionError(f"{call}() on an unknown or destroyed stream {stream:#x}")
+
+    def run(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+        """One engine run (when the stream gets to it): read the inputs, write the outputs."""
+        view = self.cudart.view
+        feeds = {n: view(addresses[n], shapes[n], _numpy_dtype(t)).copy() for n, (t, _) in self.inputs.items()}
+        results = self.session.run(list(self.outputs), feeds)
+        for name, value in zip(self.outputs, results, strict=True):
+            if name.startswith("present."):  # written while the past is read: must not overlap it
+                past_name = name.replace("present", "past_key_values")
+                past, present = addresses[past_name], addresses[name]
+                assert past + feeds[past_name].nbytes <= present or present + value.nbytes <= past
+            view(addresses[name], value.shape, _numpy_dtype(self.outputs[name][0]))[...] = value
+
+
+class _Context:
+    """``IExecutionContext``: shapes and addresses set on the host, runs queued on the stream."""
+
+    def __init__(self, build: _Build) -> None:
+        self.build, self.profile = build, 0
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.switches: list[int] = []
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        self.build.check_stream(stream, "set_optimization_profile_async")
+        if not 0 <= index < len(self.build.profiles):
+            return self.build.refuse(f"profile {index} of {len(self.build.profiles)}")
+        self.profile, self.shapes = index, {}
+        self.switches.append(index)
+        return True
+
+    def set_input_shape(self, name: str, shape: Sequence[int]) -> bool:
+        build = self.build
+        if name not in build.inputs:
+            return build.refuse(f"{name} is not an input")
+        shape = tuple(int(d) for d in shape)
+        lo, _, hi = build.profiles[self.profile][name]
+        if len(shape) != build.inputs[name][1]:  # rank checked before any dimension
+            return build.refuse(f"{name}: shape {shape} has rank {len(shape)}, the engine's is {build.inputs[name][1]}")
+        if not all(a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)):
+            return build.refuse(f"{name}: shape {shape} outside profile {self.profile} [{lo}, {hi}]")
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        if name not in self.build.inputs and name not in self.build.outputs:
+            return self.build.refuse(f"{name} is not an I/O tensor")
+        if type(ptr) is not int or ptr % ALIGNMENT:
+            return self.build.refuse(f"{name}: address {ptr!r} is not {ALIGNMENT}-byte aligned")
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        build = self.build
+        build.check_stream(stream, "execute_async_v3")
+        if set(self.shapes) != set(build.inputs) or set(self.addresses) != set(build.inputs) | set(build.outputs):
+            return build.refuse("not every input shape and tensor address is set")
+        shapes, addresses = dict(self.shapes), dict(self.addresses)  # captured now, used when the stream runs
+        return build.cudart.enqueue(stream, lambda: build.run(shapes, addresses)) == CudaError.cudaSuccess
+
+
+class _Engine:
+    """``ICudaEngine``: everything it reports comes from the build, not from a manifest."""
+
+    def __init__(self, build: _Build) -> None:
+        self.build = build
+        self.num_io_tensors = len(build.inputs) + len(build.outputs)
+        self.num_optimization_profiles = len(build.profiles)
+
+    def get_tensor_name(self, i: int) -> str:
+        return [*self.build.inputs, *self.build.outputs][i]
+
+    def get_tensor_mode(self, name: str) -> TensorIOMode:
+        build = self.build
+        return (
+            TensorIOMode.INPUT
+            if name in build.inputs
+            else TensorIOMode.OUTPUT
+            if name in build.outputs
+            else TensorIOMode.NONE
+        )
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return {**self.build.inputs, **self.build.outputs}[name][0]
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+        return list(self.build.profiles[profile_index][name])
+
+    def create_execution_context(self) -> _Context:
+        self.context = _Context(self.build)
+        return self.context
+
+
 def fake_tensorrt(
     cudart: FakeCudart, onnx_package: Path, profiles: Sequence[Profile], *, version: str = "11.2.1"
 ) -> types.ModuleType:
     """A ``tensorrt`` module whose engine (``b"fake engine"``) runs ``onnx_package`` with ONNX Runtime,
     built with ``profiles``: names, dtypes and ranks are the graph's; nothing comes from an engine manifest."""
-    import onnxruntime as ort
-
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version  # type: ignore[attr-defined]
-    session = ort.InferenceSession(str(onnx_package / "model.onnx"), providers=["CPUExecutionProvider"])
-    contract = read_manifest(onnx_package).contract  # the build's source package, as `stlm build-engine` reads it
-    built = [profile_shapes(contract, p) for p in profiles]
-    inputs = {i.name: (_ORT_TYPES[i.type], len(i.shape)) for i in session.get_inputs()}
-    outputs = {o.name: (_ORT_TYPES[o.type], len(o.shape)) for o in session.get_outputs()}
-    errors: list[str] = []
-
-    class ILogger:
-        class Severity(enum.Enum):
-            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-        def __init__(self) -> None:
-            pass
-
-    def refuse(message: str) -> bool:
-        errors.append(message)
-        return False
-
-    def check_stream(stream: Any, call: str) -> None:
-        if type(stream) is not int:  # pybind11: `int stream_handle`
-            raise TypeError(f"{call}(): incompatible function arguments: stream handle {stream!r} is not an int")
-        if stream not in cudart.streams:
-            raise AssertionError(f"{call}() on an unknown or destroyed stream {stream:#x}")
-
-    class Context:
-        def __init__(self) -> None:
-            self.profile, self.shapes, self.addresses = 0, {}, {}
-            self.switches: list[int] = []
-
-        def set_optimization_profile_async(self, index: int, stream: int) -> bool:
-            check_stream(stream, "set_optimization_profile_async")
-            if not 0 <= index < len(built):
-                return refuse(f"profile {index} of {len(built)}")
-            self.profile, self.shapes = index, {}
-            self.switches.append(index)
-            return True
-
-        def set_input_shape(self, name: str, shape: Sequence[int]) -> bool:
-            if name not in inputs:
-                return refuse(f"{name} is not an input")
-            shape = tuple(int(d) for d in shape)
-            lo, _, hi = built[self.profile][name]
-            if len(shape) != inputs[name][1]:  # rank checked before any dimension
-                return refuse(f"{name}: shape {shape} has rank {len(shape)}, the engine's is {inputs[name][1]}")
-            if not all(a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)):
-                return refuse(f"{name}: shape {shape} outside profile {self.profile} [{lo}, {hi}]")
-            self.shapes[name] = shape
-            return True
-
-        def set_tensor_address(self, name: str, ptr: int) -> bool:
-            if name not in inputs and name not in outputs:
-                return refuse(f"{name} is not an I/O tensor")
-            if type(ptr) is not int or ptr % ALIGNMENT:
-                return refuse(f"{name}: address {ptr!r} is not {ALIGNMENT}-byte aligned")
-            self.addresses[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream: int) -> bool:
-            check_stream(stream, "execute_async_v3")
-            if set(self.shapes) != set(inputs) or set(self.addresses) != set(inputs) | set(outputs):
-                return refuse("not every input shape and tensor address is set")
-            shapes, addresses = dict(self.shapes), dict(self.addresses)  # captured now, used when the stream runs
-            return cudart.enqueue(stream, lambda: run(shapes, addresses)) == CudaError.cudaSuccess
-
-    def run(shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
-        feeds = {n: cudart.view(addresses[n], shapes[n], _numpy_dtype(t)).copy() for n, (t, _) in inputs.items()}
-        results = session.run(list(outputs), feeds)
-        for name, value in zip(outputs, results, strict=True):
-            if name.startswith("present."):  # written while the past is read: must not overlap it
-                past_name = name.replace("present", "past_key_values")
-                past, present = addresses[past_name], addresses[name]
-                assert past + feeds[past_name].nbytes <= present or present + value.nbytes <= past
-            cudart.view(addresses[name], value.shape, _numpy_dtype(outputs[name][0]))[...] = value
-
-    class Engine:
-        num_io_tensors = len(inputs) + len(outputs)
-        num_optimization_profiles = len(built)
-
-        def get_tensor_name(self, i: int) -> str:
-            return [*inputs, *outputs][i]
-
-        def get_tensor_mode(self, name: str) -> TensorIOMode:
-            return (
-                TensorIOMode.INPUT if name in inputs else TensorIOMode.OUTPUT if name in outputs else TensorIOMode.NONE
-            )
-
-        def get_tensor_dtype(self, name: str) -> DataType:
-            return {**inputs, **outputs}[name][0]
-
-        def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
-            return list(built[profile_index][name])
-
-        def create_execution_context(self) -> Context:
-            self.context = Context()
-            return self.context
+    build = _Build(cudart, onnx_package, profiles)
 
     class Runtime:
         def __init__(self, logger: Any) -> None:
-            self.engine = Engine()
+            self.engine = _Engine(build)
 
-        def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
+        def deserialize_cuda_engine(self, data: bytes) -> _Engine | None:
             return self.engine if data == b"fake engine" else None
 
-    trt.ILogger, trt.Runtime, trt.DataType, trt.TensorIOMode = ILogger, Runtime, DataType, TensorIOMode  # type: ignore[attr-defined]
-    trt.errors = errors  # type: ignore[attr-defined]  # what the fake refused, for tests
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version  # type: ignore[attr-defined]
+    trt.ILogger, trt.Runtime, trt.DataType, trt.TensorIOMode = _ILogger, Runtime, DataType, TensorIOMode  # type: ignore[attr-defined]
+    trt.errors = build.errors  # type: ignore[attr-defined]  # what the fake refused, for tests
     return trt
 
 

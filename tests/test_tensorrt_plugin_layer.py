@@ -3,8 +3,9 @@
 TensorRT's validator (``tensorrt/plugin/_validate.py``) checks stlm's register / autotune /
 aot_impl / impl definitions when :func:`register_plugin` runs; then the plugin is created from the
 ONNX node stlm exports, as TensorRT's ONNX parser does, and driven through the builder's calls on
-symbolic shapes. Only TensorRT's native module is a stand-in (``tests/trt_standin.py``); the wheel
-is fetched from PyPI once into a cache. Deliberately broken copies of ``plugin.py`` must fail.
+symbolic shapes (``tests/trt_builder.py``). Only TensorRT's native module is a stand-in
+(``tests/trt_standin.py``); the wheel is fetched from PyPI once into a cache. Deliberately broken
+copies of ``plugin.py`` must fail.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from trt_standin import BuiltPlugin, DataType, TensorFormat, build_plugin_node, plugin_layer_dir, symbol
+from trt_builder import BuiltPlugin, build_plugin_node
+from trt_standin import DataType, TensorFormat, plugin_layer_dir, symbol
 from trt_standin import tensorrt_plugin_layer as load_layer
 
 from stlm.errors import InvalidArgumentError
