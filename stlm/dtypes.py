@@ -42,7 +42,14 @@ ONNX_TYPE: Final[dict[DType, int]] = {d: ONNX_ELEM[NUMPY_NAME[d]] for d in DTYPE
 SAFETENSORS_NAME: Final[dict[str, str]] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 #: TensorRT ``DataType`` member name → numpy dtype name.
-TENSORRT_NAME: Final[dict[str, str]] = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+TENSORRT_NAME: Final[dict[str, str]] = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "BOOL": "bool",
+}
 
 _ALIASES: Final[dict[str, DType]] = {**{d: d for d in DTYPES}, **{v: k for k, v in NUMPY_NAME.items()}}
 

@@ -33,10 +33,17 @@ def import_tensorrt() -> ModuleType:
         raise BackendUnavailableError(
             f"TensorRT is installed but cannot load its libraries ({exc})", fix=GPU_FIX
         ) from None
-    major = int(str(getattr(trt, "__version__", "0")).split(".")[0] or 0)
+    version = getattr(trt, "__version__", None)
+    if version is None:
+        raise BackendUnavailableError(
+            "TensorRT is installed but unusable: its Python module has no __version__ (a partial install, "
+            "or its native libraries did not load)",
+            fix=GPU_FIX,
+        )
+    major = int(str(version).split(".")[0] or 0)
     if major < MIN_TRT_MAJOR:
         raise BackendUnavailableError(
-            f"stlm needs TensorRT {MIN_TRT_MAJOR} or newer; found {trt.__version__}",
+            f"stlm needs TensorRT {MIN_TRT_MAJOR} or newer; found {version}",
             fix=f"pip install 'tensorrt>={MIN_TRT_MAJOR}' (the gpu extra), or use the Dockerfile",
         )
     return trt
