@@ -36,7 +36,7 @@ KERNEL_ARG_NAMES: Final = ("q_ptr", "k_ptr", "pos_ptr", "seq_len", "n_q_heads", 
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr):
+def _round_to(x, dtype: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton values
     """Round float32 ``x`` to ``dtype`` (nearest, ties to even) and widen it back; float32: no-op.
 
     bfloat16 rounding is done on the bits so that it is the same on GPUs and in the Triton
@@ -54,7 +54,7 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads(
+def _rotate_heads(  # type: ignore[no-untyped-def]  # Triton pointers and values
     x_ptr,
     out_ptr,
     batch,
@@ -98,7 +98,7 @@ def _rotate_heads(
 
 
 @triton.jit
-def partial_rotary_kernel(
+def partial_rotary_kernel(  # type: ignore[no-untyped-def]  # Triton pointers and values
     q_ptr,
     k_ptr,
     pos_ptr,

@@ -27,13 +27,17 @@ import functools
 import logging
 import os
 import threading
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from stlm.dtypes import DType
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID, validate_attributes
 
 _log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # for mypy: the classes tensorrt.plugin hands the plugin functions (see _define)
+    TensorDesc = Any
+    Tensor = Any
 
 TACTICS: Final[dict[int, tuple[int, int]]] = {1: (8, 2), 2: (4, 1), 3: (16, 4)}
 """Custom tactic id -> (heads per program, warps per program). Tactic 0 (TensorRT's default) = 1."""
@@ -194,7 +198,8 @@ def _static_head_dim(q: Any, k: Any) -> int:
 
 def _define(trt: Any, trtp: Any) -> None:
     """Define the plugin's register / autotune / aot_impl / impl functions with TensorRT."""
-    TensorDesc, Tensor = trtp.TensorDesc, trtp.Tensor
+    if not TYPE_CHECKING:  # tensorrt.plugin reads these annotations: they must be its real classes
+        TensorDesc, Tensor = trtp.TensorDesc, trtp.Tensor
 
     @trtp.register(PLUGIN_ID)
     def partial_rotary_desc(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from stlm.dtypes import DTYPES, DType
 from stlm.errors import InvalidArgumentError
@@ -97,7 +97,7 @@ def validate_dtype(dtype: str) -> DType:
             f"partial_rotary supports q/k of dtype {', '.join(DTYPES)}, got {dtype!r}",
             fix="cast q and k to float32, float16 or bfloat16",
         )
-    return dtype  # type: ignore[return-value]
+    return dtype
 
 
 def _check_names(**names: str) -> None:
@@ -118,6 +118,25 @@ def _warn_if_theta_not_float32(theta: float) -> None:
         )
 
 
+def _plugin_node(
+    domain: str, names: list[str], name: str, rotary_dim: int, theta: float, extra: dict[str, Any]
+) -> onnx.NodeProto:
+    """A partial_rotary node in ``domain``: inputs (q, k, position_ids), outputs (q_out, k_out)."""
+    from onnx import helper
+
+    validate_attributes(rotary_dim, theta)
+    q, k, position_ids, q_out, k_out = names
+    _check_names(q=q, k=k, position_ids=position_ids, q_out=q_out, k_out=k_out, name=name)
+    attributes: dict[str, Any] = {
+        ATTR_ROTARY_DIM: int(rotary_dim),
+        ATTR_THETA: float(theta),
+        ATTR_PLUGIN_NAMESPACE: PLUGIN_NAMESPACE,
+        ATTR_PLUGIN_VERSION: PLUGIN_VERSION,
+        **extra,
+    }
+    return helper.make_node(PLUGIN_NAME, [q, k, position_ids], [q_out, k_out], name=name, domain=domain, **attributes)
+
+
 def make_onnx_node(
     q: str,
     k: str,
@@ -136,24 +155,9 @@ def make_onnx_node(
     ``plugin_version="1"``, ``aot`` (INT, 1 = AOT PTX baked in the engine, 0 = Python JIT impl).
     The model must import the domain: add :func:`onnx_opset_import` to ``opset_import``.
     """
-    from onnx import helper
-
-    validate_attributes(rotary_dim, theta)
-    _check_names(q=q, k=k, position_ids=position_ids, q_out=q_out, k_out=k_out, name=name)
     _warn_if_theta_not_float32(theta)
-    return helper.make_node(
-        PLUGIN_NAME,
-        [q, k, position_ids],
-        [q_out, k_out],
-        name=name,
-        domain=ONNX_DOMAIN,
-        **{
-            ATTR_ROTARY_DIM: int(rotary_dim),
-            ATTR_THETA: float(theta),
-            ATTR_PLUGIN_NAMESPACE: PLUGIN_NAMESPACE,
-            ATTR_PLUGIN_VERSION: PLUGIN_VERSION,
-            ATTR_AOT: int(bool(aot)),
-        },
+    return _plugin_node(
+        ONNX_DOMAIN, [q, k, position_ids, q_out, k_out], name, rotary_dim, theta, {ATTR_AOT: int(bool(aot))}
     )
 
 
@@ -177,24 +181,13 @@ def make_ort_custom_op_node(
     For fp16/bf16 graphs use :func:`stlm.plugins.partial_rotary.ort_op.to_ort_extensions_model`,
     which also inserts the Cast nodes.
     """
-    from onnx import helper
-
-    validate_attributes(rotary_dim, theta)
-    validate_dtype(io_dtype)
-    _check_names(q=q, k=k, position_ids=position_ids, q_out=q_out, k_out=k_out, name=name)
-    return helper.make_node(
-        PLUGIN_NAME,
-        [q, k, position_ids],
-        [q_out, k_out],
-        name=name,
-        domain=ORT_DOMAIN,
-        **{
-            ATTR_ROTARY_DIM: int(rotary_dim),
-            ATTR_THETA: float(theta),
-            ATTR_IO_DTYPE: io_dtype,
-            ATTR_PLUGIN_NAMESPACE: PLUGIN_NAMESPACE,
-            ATTR_PLUGIN_VERSION: PLUGIN_VERSION,
-        },
+    return _plugin_node(
+        ORT_DOMAIN,
+        [q, k, position_ids, q_out, k_out],
+        name,
+        rotary_dim,
+        theta,
+        {ATTR_IO_DTYPE: validate_dtype(io_dtype)},
     )
 
 
