@@ -35,8 +35,9 @@ ONNX_ELEM: Final[dict[str, int]] = {
     "float16": ONNX_FLOAT16,
     "bfloat16": ONNX_BFLOAT16,
 }
-#: precision → onnx.TensorProto data type.
+#: precision → onnx.TensorProto data type, and back.
 ONNX_TYPE: Final[dict[DType, int]] = {d: ONNX_ELEM[NUMPY_NAME[d]] for d in DTYPES}
+DTYPE_OF_ONNX: Final[dict[int, DType]] = {v: k for k, v in ONNX_TYPE.items()}
 
 #: numpy dtype name → safetensors dtype string (both directions are used).
 SAFETENSORS_NAME: Final[dict[str, str]] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}

@@ -207,6 +207,46 @@ def _make_portable(ptx: str, arch: int, triton_version: str) -> tuple[str, str]:
     return rewritten, target
 
 
+def _triton_compile(dt: DType, arch: int, constexprs: dict[str, Any], num_warps: int, ptx_version: int | None) -> Any:
+    """The Triton compilation of the kernel for SM ``arch`` (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = kernel_signature(dt) | {name: "constexpr" for name in constexprs}
+    source = triton.compiler.ASTSource(fn=partial_rotary_kernel, signature=signature, constexprs=constexprs)
+    options: dict[str, object] = {
+        "num_warps": num_warps,
+        "enable_fp_fusion": False,
+        "ptx_version": MIN_PTX_VERSION[arch] if ptx_version is None else ptx_version,
+    }
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as exc:  # triton raises many types (CompilationError, RuntimeError, ...)
+        raise BackendUnavailableError(
+            f"triton {triton.__version__} failed to compile the partial_rotary kernel for sm_{arch}: {exc}",
+            fix="install a triton release with CUDA support for this architecture (pip install 'triton>=3.2')",
+        ) from exc
+
+
+def _tensorrt_ptx(ptx: str, triton_name: str, name: str, arch: int, triton_version: str) -> tuple[str, str]:
+    """Triton's PTX as TensorRT takes it: trailing scratch parameters dropped, the entry renamed to
+    ``name``, the target made portable. Returns (ptx, target)."""
+    try:
+        ptx = rename_entry(strip_trailing_params(ptx, NUM_KERNEL_PARAMS), triton_name, name)
+        entry, params = entry_params(ptx)
+    except ValueError as exc:
+        raise BackendUnavailableError(
+            f"triton {triton_version} produced PTX this plugin cannot hand to TensorRT: {exc}",
+            fix="use a triton release whose kernels need no scratch memory (3.2 to 3.9 are known to work)",
+        ) from exc
+    if entry != name or len(params) != NUM_KERNEL_PARAMS:
+        raise BackendUnavailableError(f"unexpected PTX entry {entry!r} with {len(params)} parameters after rewriting")
+    try:
+        return _make_portable(ptx, arch, triton_version)
+    except ValueError as exc:
+        raise BackendUnavailableError(f"triton {triton_version} produced PTX without a target: {exc}") from exc
+
+
 def compile_ptx(
     dtype: str,
     *,
@@ -225,7 +265,6 @@ def compile_ptx(
     Works without a GPU.
     """
     import triton
-    from triton.backends.compiler import GPUTarget
 
     dt = validate_dtype(dtype)
     if arch not in SUPPORTED_ARCHS:
@@ -235,40 +274,14 @@ def compile_ptx(
     if num_warps < 1 or num_warps & (num_warps - 1):
         raise InvalidArgumentError(f"num_warps must be a power of two, got {num_warps}")
     constexprs = kernel_constexprs(head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, block_h=block_h)
-    signature = kernel_signature(dt) | {name: "constexpr" for name in constexprs}
-    source = triton.compiler.ASTSource(fn=partial_rotary_kernel, signature=signature, constexprs=constexprs)
-    options: dict[str, object] = {
-        "num_warps": num_warps,
-        "enable_fp_fusion": False,
-        "ptx_version": MIN_PTX_VERSION[arch] if ptx_version is None else ptx_version,
-    }
-    try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    except Exception as exc:  # triton raises many types (CompilationError, RuntimeError, ...)
-        raise BackendUnavailableError(
-            f"triton {triton.__version__} failed to compile the partial_rotary kernel for sm_{arch}: {exc}",
-            fix="install a triton release with CUDA support for this architecture (pip install 'triton>=3.2')",
-        ) from exc
-    metadata = compiled.metadata
-    ptx = compiled.asm["ptx"]
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    compiled = _triton_compile(dt, arch, constexprs, num_warps, ptx_version)
+    metadata, ptx = compiled.metadata, compiled.asm["ptx"]
     name = unique_kernel_name(
         dt, head_dim=head_dim, rotary_dim=rotary_dim, theta=theta, block_h=block_h, num_warps=num_warps
     )
-    try:
-        ptx = rename_entry(strip_trailing_params(ptx, NUM_KERNEL_PARAMS), metadata.name, name)
-        entry, params = entry_params(ptx)
-    except ValueError as exc:
-        raise BackendUnavailableError(
-            f"triton {triton.__version__} produced PTX this plugin cannot hand to TensorRT: {exc}",
-            fix="use a triton release whose kernels need no scratch memory (3.2 to 3.9 are known to work)",
-        ) from exc
-    if entry != name or len(params) != NUM_KERNEL_PARAMS:
-        raise BackendUnavailableError(f"unexpected PTX entry {entry!r} with {len(params)} parameters after rewriting")
-    try:
-        ptx, target = _make_portable(ptx, arch, triton.__version__)
-    except ValueError as exc:
-        raise BackendUnavailableError(f"triton {triton.__version__} produced PTX without a target: {exc}") from exc
+    ptx, target = _tensorrt_ptx(
+        ptx.decode() if isinstance(ptx, bytes) else ptx, metadata.name, name, arch, triton.__version__
+    )
     return CompiledPartialRotary(
         kernel_name=name,
         ptx=ptx,

@@ -12,11 +12,11 @@ so the results equal the reference bit for bit (float16/bfloat16 -> float32 -> b
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stlm.dtypes import ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, DType
+from stlm.dtypes import DTYPE_OF_ONNX, ONNX_FLOAT, ONNX_TYPE, DType, numpy_dtype
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
 from stlm.plugins.partial_rotary.reference import partial_rotary_reference
 from stlm.plugins.partial_rotary.spec import (
@@ -37,26 +37,16 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
-DTYPE_OF_ONNX_TYPE: Final[dict[int, DType]] = {ONNX_FLOAT: "fp32", ONNX_FLOAT16: "fp16", ONNX_BFLOAT16: "bf16"}
-ONNX_TYPE_OF_DTYPE: Final[dict[DType, int]] = {v: k for k, v in DTYPE_OF_ONNX_TYPE.items()}
 
 _lock = threading.Lock()
 _registered = False
-
-
-def _numpy_dtype(io_dtype: DType) -> np.dtype:
-    if io_dtype == "bf16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype({"fp32": np.float32, "fp16": np.float16}[io_dtype])
 
 
 def ort_partial_rotary(
     q: np.ndarray, k: np.ndarray, position_ids: np.ndarray, *, rotary_dim: int, theta: float, io_dtype: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """The custom op's body: float32 in/out, computed by the reference in ``io_dtype`` (pure)."""
-    dtype = _numpy_dtype(validate_dtype(io_dtype))
+    dtype = numpy_dtype(validate_dtype(io_dtype))
     q_out, k_out = partial_rotary_reference(
         np.asarray(q).astype(dtype),
         np.asarray(k).astype(dtype),
@@ -133,6 +123,49 @@ def _known_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def _node_dtype(node: onnx.NodeProto, dtype: DType | None, elem_types: dict[str, int]) -> DType:
+    """The dtype a plugin node computes in: ``dtype`` when given, else its q input's."""
+    if len(node.input) != 3 or len(node.output) != 2 or not all(node.input):
+        raise InvalidArgumentError(
+            f"plugin node {node.name!r} must have inputs (q, k, position_ids) and outputs (q_out, k_out), "
+            f"got {list(node.input)} -> {list(node.output)}"
+        )
+    if dtype is not None:
+        return validate_dtype(dtype)
+    if elem_types.get(node.input[0]) in DTYPE_OF_ONNX:
+        return DTYPE_OF_ONNX[elem_types[node.input[0]]]
+    raise InvalidArgumentError(
+        f"cannot tell the dtype of {node.input[0]!r}, the q input of plugin node {node.name!r}",
+        fix="pass dtype='fp32', 'fp16' or 'bf16' to to_ort_extensions_model",
+    )
+
+
+def _ort_nodes(node: onnx.NodeProto, io_dtype: DType, index: int) -> list[onnx.NodeProto]:
+    """The onnxruntime-extensions form of one plugin node (float32 op, with Casts around it for fp16/bf16)."""
+    from onnx import helper
+
+    rotary_dim, theta = node_attributes(node)
+    names = list(node.input) + list(node.output)
+    name = node.name or f"partial_rotary_{index}"
+    if io_dtype == "fp32":
+        return [make_ort_custom_op_node(*names, rotary_dim=rotary_dim, theta=theta, name=name, io_dtype="fp32")]
+    prefix = f"{name}/ort"
+    wide = [f"{prefix}/{role}_f32" for role in ("q", "k", "q_out", "k_out")]
+    widen = [
+        helper.make_node("Cast", [n], [w], to=ONNX_FLOAT, name=f"{w}/cast")
+        for n, w in zip(names[:2], wide[:2], strict=True)
+    ]
+    op = make_ort_custom_op_node(
+        wide[0], wide[1], names[2], wide[2], wide[3], rotary_dim=rotary_dim, theta=theta,
+        name=node.name or prefix, io_dtype=io_dtype,
+    )  # fmt: skip
+    narrow = [
+        helper.make_node("Cast", [w], [n], to=ONNX_TYPE[io_dtype], name=f"{w}/cast")
+        for w, n in zip(wide[2:], names[3:], strict=True)
+    ]
+    return [*widen, op, *narrow]
+
+
 def to_ort_extensions_model(model: onnx.ModelProto, *, dtype: DType | None = None) -> onnx.ModelProto:
     """Return a copy of ``model`` whose TensorRT plugin nodes use the onnxruntime-extensions op.
 
@@ -150,44 +183,11 @@ def to_ort_extensions_model(model: onnx.ModelProto, *, dtype: DType | None = Non
     new_nodes: list[onnx.NodeProto] = []
     count = 0
     for node in graph.node:
-        if not is_plugin_node(node):
+        if is_plugin_node(node):
+            new_nodes += _ort_nodes(node, _node_dtype(node, dtype, elem_types), count)
+            count += 1
+        else:
             new_nodes.append(node)
-            continue
-        rotary_dim, theta = node_attributes(node)
-        if len(node.input) != 3 or len(node.output) != 2 or not all(node.input):
-            raise InvalidArgumentError(
-                f"plugin node {node.name!r} must have inputs (q, k, position_ids) and outputs (q_out, k_out), "
-                f"got {list(node.input)} -> {list(node.output)}"
-            )
-        if dtype is not None:
-            io_dtype = validate_dtype(dtype)
-        elif elem_types.get(node.input[0]) in DTYPE_OF_ONNX_TYPE:
-            io_dtype = DTYPE_OF_ONNX_TYPE[elem_types[node.input[0]]]
-        else:
-            raise InvalidArgumentError(
-                f"cannot tell the dtype of {node.input[0]!r}, the q input of plugin node {node.name!r}",
-                fix="pass dtype='fp32', 'fp16' or 'bf16' to to_ort_extensions_model",
-            )
-        names = list(node.input) + list(node.output)
-        if io_dtype != "fp32":
-            prefix = f"{node.name or f'partial_rotary_{count}'}/ort"
-            wide = [f"{prefix}/{role}_f32" for role in ("q", "k", "q_out", "k_out")]
-            for source, target in ((names[0], wide[0]), (names[1], wide[1])):
-                new_nodes.append(helper.make_node("Cast", [source], [target], to=ONNX_FLOAT, name=f"{target}/cast"))
-            new_nodes.append(make_ort_custom_op_node(
-                wide[0], wide[1], names[2], wide[2], wide[3],
-                rotary_dim=rotary_dim, theta=theta, name=node.name or prefix, io_dtype=io_dtype,
-            ))  # fmt: skip
-            for source, target in ((wide[2], names[3]), (wide[3], names[4])):
-                new_nodes.append(
-                    helper.make_node("Cast", [source], [target], to=ONNX_TYPE_OF_DTYPE[io_dtype], name=f"{source}/cast")
-                )
-        else:
-            name = node.name or f"partial_rotary_{count}"
-            new_nodes.append(
-                make_ort_custom_op_node(*names, rotary_dim=rotary_dim, theta=theta, name=name, io_dtype="fp32")
-            )
-        count += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
     if count and not any(op.domain == ORT_DOMAIN for op in rewritten.opset_import):

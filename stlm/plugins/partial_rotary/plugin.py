@@ -196,6 +196,21 @@ def _static_head_dim(q: Any, k: Any) -> int:
     return q_dim
 
 
+def _launch(trtp: Any, q: Any, k: Any, compiled: Any, block_h: int) -> tuple[Any, Any]:
+    """The symbolic launch parameters of the AOT kernel and its extra int32 arguments (seq, heads_q, heads_k)."""
+    batch, n_q_heads, seq_len = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
+    n_k_heads = k.shape_expr[1]
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = batch * seq_len
+    launch.grid_y = trtp.cdiv(n_q_heads, block_h) + trtp.cdiv(n_k_heads, block_h)
+    launch.grid_z = 1
+    launch.block_x = compiled.block[0]
+    launch.block_y = 1
+    launch.block_z = 1
+    launch.shared_mem = compiled.shared_mem
+    return launch, trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (seq_len, n_q_heads, n_k_heads)])
+
+
 def _define(trt: Any, trtp: Any) -> None:
     """Define the plugin's register / autotune / aot_impl / impl functions with TensorRT."""
     if not TYPE_CHECKING:  # tensorrt.plugin reads these annotations: they must be its real classes
@@ -229,17 +244,7 @@ def _define(trt: Any, trtp: Any) -> None:
         compiled = _compiled(
             _trt_dtype_name(trt, q.dtype), aot_arch(), head_dim, int(rotary_dim), float(theta), block_h, num_warps
         )
-        batch, n_q_heads, seq_len = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
-        n_k_heads = k.shape_expr[1]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = batch * seq_len
-        launch.grid_y = trtp.cdiv(n_q_heads, block_h) + trtp.cdiv(n_k_heads, block_h)
-        launch.grid_z = 1
-        launch.block_x = compiled.block[0]
-        launch.block_y = 1
-        launch.block_z = 1
-        launch.shared_mem = compiled.shared_mem
-        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (seq_len, n_q_heads, n_k_heads)])
+        launch, extra_args = _launch(trtp, q, k, compiled, block_h)
         return compiled.kernel_name.encode(), compiled.ptx.encode(), launch, extra_args
 
     @trtp.impl(PLUGIN_ID)
