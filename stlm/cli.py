@@ -15,6 +15,7 @@ import click
 
 from stlm.errors import StlmError
 from stlm.tensorrt.profiles import DEFAULT_MAX_BATCH
+from stlm.testing.checkpoint import CONFIG_STYLES, PRESETS
 
 
 class _StlmFailure(click.ClickException):
@@ -319,12 +320,7 @@ def verify(reference: str, package: Path, prompts: int, as_json: bool, save_refe
 
 @cli.command("make-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--preset",
-    default="small",
-    show_default=True,
-    help="tiny, tiny-hd64, small, medium or stablelm-3b-4e1t (the full architecture).",
-)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True, help="Model scale.")
 @click.option(
     "--tokenizer",
     type=click.Path(path_type=Path),
@@ -335,7 +331,7 @@ def verify(reference: str, package: Path, prompts: int, as_json: bool, save_refe
 @click.option("--dtype", default="fp32", show_default=True, help="Weight storage: fp32, fp16 or bf16.")
 @click.option(
     "--config-style",
-    type=click.Choice(["transformers-5", "4.38"]),
+    type=click.Choice(list(CONFIG_STYLES)),
     default="transformers-5",
     show_default=True,
     help="4.38: config.json, shards and tokenizer files as stabilityai/stablelm-3b-4e1t is published.",
@@ -345,12 +341,7 @@ def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, d
     from stlm.testing import write_random_checkpoint
 
     path = write_random_checkpoint(
-        out,
-        shape=preset,
-        seed=seed,
-        tokenizer=tokenizer,
-        dtype=dtype,
-        config_style=config_style,  # type: ignore[arg-type]
+        out, shape=preset, seed=seed, tokenizer=tokenizer, dtype=dtype, config_style=config_style
     )
     click.echo(str(path))
 
@@ -396,19 +387,7 @@ def bench(
     r = run_benchmark(
         package, batch=batch, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup, threads=threads
     )
-    if as_json:
-        click.echo(json.dumps(r.to_dict()))
-        return
-    click.echo(
-        f"{r.backend}: {r.variant.describe()} | batch {r.batch}, prompt {r.prompt_len}, generate {r.gen_len}, "
-        f"{r.runs} runs"
-    )
-    click.echo(f"time to first token  {r.ttft_ms:9.1f} ms   prefill {r.prefill_tok_s:9.1f} tok/s")
-    click.echo(
-        f"decode               {r.decode_tok_s:9.1f} tok/s  per token p50 {r.token_ms_p50:.2f} "
-        f"p90 {r.token_ms_p90:.2f} p99 {r.token_ms_p99:.2f} ms"
-    )
-    click.echo(f"peak RSS             {r.peak_rss_mb:9.0f} MB")
+    click.echo(json.dumps(r.to_dict()) if as_json else r.format())
 
 
 def main() -> None:

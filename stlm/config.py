@@ -58,8 +58,8 @@ def _first_int(value: Any, default: int) -> int:
     return int(value)
 
 
-def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-    """Validate a Hugging Face ``config.json`` dict as a StableLM and derive the shapes stlm uses."""
+def _check_supported(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """:class:`UnsupportedModelError` unless ``hf`` is a StableLM stlm exports; returns its rope parameters."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
     if model_type not in STABLELM_MODEL_TYPES and not any(a in STABLELM_ARCHITECTURES for a in archs):
@@ -80,24 +80,19 @@ def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> 
             f"{source} sets hidden_act={act!r}; expected 'silu' (SwiGLU MLP)",
             fix="use a StableLM checkpoint with the standard SwiGLU MLP",
         )
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope: dict[str, Any] = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise UnsupportedModelError(
             f"{source} uses rope_type={rope_type!r}; stlm supports the default rotary embedding",
             fix="use a checkpoint without rope scaling",
         )
-    try:
-        hidden = int(hf["hidden_size"])
-        heads = int(hf["num_attention_heads"])
-        layers = int(hf["num_hidden_layers"])
-        vocab = int(hf["vocab_size"])
-        inter = int(hf["intermediate_size"])
-    except KeyError as exc:
-        raise CheckpointError(
-            f"{source} lacks the field {exc.args[0]!r}",
-            fix="pass a complete Hugging Face config.json",
-        ) from None
+    return rope
+
+
+def _heads(hf: dict[str, Any], source: str) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim), checked against the hidden size."""
+    hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     head_dim = int(hf.get("head_dim") or hidden // heads)
     if head_dim * heads != hidden:
@@ -110,8 +105,10 @@ def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> 
             f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
             fix="use a consistent config.json",
         )
-    factor = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)))
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return heads, kv_heads, head_dim
+
+
+def _rotary_dim(head_dim: int, factor: float, source: str) -> int:
     rotary_dim = int(head_dim * factor)
     if rotary_dim <= 0 or rotary_dim % 2:
         raise UnsupportedModelError(
@@ -119,16 +116,31 @@ def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> 
             f"{head_dim}; expected a positive even number",
             fix="use a partial_rotary_factor that gives an even rotary dimension",
         )
+    return rotary_dim
+
+
+def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    """Validate a Hugging Face ``config.json`` dict as a StableLM and derive the shapes stlm uses."""
+    rope = _check_supported(hf, source)
+    try:
+        heads, kv_heads, head_dim = _heads(hf, source)
+        layers, vocab, inter = int(hf["num_hidden_layers"]), int(hf["vocab_size"]), int(hf["intermediate_size"])
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{source} lacks the field {exc.args[0]!r}",
+            fix="pass a complete Hugging Face config.json",
+        ) from None
+    factor = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)))
     eos = _first_int(hf.get("eos_token_id"), 0)
     return ModelConfig(
         vocab_size=vocab,
-        hidden_size=hidden,
+        hidden_size=heads * head_dim,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         intermediate_size=inter,
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rope_theta=theta,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         partial_rotary_factor=factor,
         layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
         use_qkv_bias=bool(hf.get("use_qkv_bias", False)),
@@ -137,7 +149,7 @@ def model_config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> 
         bos_token_id=_first_int(hf.get("bos_token_id"), eos),
         eos_token_id=eos,
         head_dim=head_dim,
-        rotary_dim=rotary_dim,
+        rotary_dim=_rotary_dim(head_dim, factor, source),
     )
 
 

@@ -16,54 +16,46 @@ only when a checkpoint is the reference; it is not part of :mod:`stlm.runtime`.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
 from stlm.config import load_model_config
-from stlm.errors import BackendUnavailableError, CheckpointError, InvalidArgumentError, PackageError
+from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.extras import require_extra
 from stlm.manifest import Manifest, read_manifest
-from stlm.polygraphy_json import read_run_results, write_run_results
+from stlm.runtime.backend import Backend
 from stlm.tolerance import TOLERANCES, Tolerance, looser
+from stlm.verify_reference import (
+    DEFAULT_PROMPTS,
+    DEFAULT_STEPS,
+    LOGITS,
+    PROMPTS,
+    TWO_STEP_FIX,
+    Reference,
+    read_reference,
+    save_reference,
+    transformers_reference,
+)
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "DEFAULT_STEPS",
+    "PROMPTS",
+    "Reference",
+    "VerifyReport",
+    "compare",
+    "read_reference",
+    "save_reference",
+    "transformers_reference",
+    "verify_package",
+]
 
 log = logging.getLogger(__name__)
-
-PROMPTS: Final = (
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "Q: What is 17 times 3?\nA:",
-    "Die Katze sitzt auf der",
-    "The three primary colours are",
-    "In 1969, the first humans to walk on the Moon",
-    "import numpy as np\n\nx = np.",
-)
-DEFAULT_PROMPTS: Final = 4
-DEFAULT_STEPS: Final = 8
-REFERENCE_KEY: Final = "stlm_verify"
-REFERENCE_FORMAT: Final = "stlm-verify-reference"
-LOGITS: Final = "logits"
-TWO_STEP_FIX: Final = (
-    "save a reference where transformers runs: `stlm verify CHECKPOINT ONNX_PACKAGE --save-reference "
-    "ref.json`, then on the GPU machine `stlm verify ref.json ENGINE_PACKAGE`"
-)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """What the package is compared with: per prompt, its tokens, the greedy continuation, the logits."""
-
-    source: str
-    accuracy_class: str
-    prompts: tuple[tuple[int, ...], ...]
-    tokens: tuple[tuple[int, ...], ...]
-    logits: tuple[np.ndarray, ...]  # (steps, vocab) float32 per prompt
 
 
 @dataclass(frozen=True)
@@ -153,97 +145,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[int]], steps: int) -> Reference:
-    """Greedy runs of transformers' StableLmForCausalLM in fp32 (safetensors only, no remote code)."""
-    require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
-    import torch
-    from transformers import StableLmForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from stlm.export.checkpoint import resolve_checkpoint
-
-    folder = resolve_checkpoint(checkpoint)
-    load_model_config(folder)  # a clear error for a non-StableLM before transformers tries
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"transformers cannot load {folder} ({type(exc).__name__}: {str(exc)[:300]})",
-            fix="pass a StableLM checkpoint folder with config.json and *.safetensors",
-        ) from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    tokens, logits = [], []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model(input_ids=torch.tensor([list(ids)]), use_cache=True)
-            rows = [out.logits[0, -1].float().numpy()]
-            chosen = [int(rows[0].argmax())]
-            while len(chosen) < steps:
-                out = model(input_ids=torch.tensor([[chosen[-1]]]), cache=out.cache, use_cache=True)
-                rows.append(out.logits[0, -1].float().numpy())
-                chosen.append(int(rows[-1].argmax()))
-            tokens.append(tuple(chosen))
-            logits.append(np.stack(rows).astype(np.float32))
-    del model
-    gc.collect()
-    return Reference(
-        f"transformers fp32 ({checkpoint})", "fp32", tuple(tuple(p) for p in prompts), tuple(tokens), tuple(logits)
-    )
-
-
-def read_reference(path: Path) -> Reference:
-    """A reference saved by :func:`save_reference` (polygraphy RunResults JSON)."""
-    runners, extra = read_run_results(path)
-    meta = extra.get(REFERENCE_KEY)
-    if not isinstance(meta, dict) or meta.get("format") != REFERENCE_FORMAT or not runners:
-        raise InvalidArgumentError(
-            f"{path} is RunResults JSON but not an stlm verify reference (no {REFERENCE_KEY!r} record)",
-            fix=TWO_STEP_FIX,
-        )
-    name, iterations = runners[0]
-    try:
-        logits = tuple(np.asarray(it[LOGITS], dtype=np.float32) for it in iterations)
-        prompts = tuple(tuple(int(t) for t in p) for p in meta["prompts"])
-        tokens = tuple(tuple(int(t) for t in p) for p in meta["tokens"])
-        klass = str(meta["accuracy_class"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"{path} has a malformed stlm verify record ({exc!r})", fix=TWO_STEP_FIX) from None
-    if not (len(prompts) == len(tokens) == len(logits)) or any(
-        len(t) != len(x) for t, x in zip(tokens, logits, strict=True)
-    ):
-        raise InvalidArgumentError(f"{path}: prompts, tokens and logits disagree in number", fix=TWO_STEP_FIX)
-    return Reference(f"reference {path} (runner {name}, {meta.get('source', '?')})", klass, prompts, tokens, logits)
-
-
-def save_reference(
-    path: Path,
-    reference: Reference,
-    package_logits: Sequence[np.ndarray],
-    *,
-    runner: str,
-    package_class: str,
-    source: str,
-) -> Path:
-    """Save ``package_logits`` (an ONNX package's, on ``reference``'s tokens) as a reference file."""
-    meta = {
-        "format": REFERENCE_FORMAT,
-        "version": 1,
-        "accuracy_class": package_class,
-        "source": source,
-        "verified_against": reference.source,
-        "prompts": [list(p) for p in reference.prompts],
-        "tokens": [list(t) for t in reference.tokens],
-        "outputs": {LOGITS: "(steps, vocab) float32 per prompt"},
-    }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return write_run_results(Path(path), [(runner, [{LOGITS: x} for x in package_logits])], extra={REFERENCE_KEY: meta})
-
-
-def package_logits(backend: Any, prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+def package_logits(backend: Backend[Any], prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
     """(len(tokens), vocab) logits of a package: prefill ``prompt``, then feed ``tokens[:-1]`` one by one."""
     cache = backend.new_cache(1, len(prompt) + len(tokens))
     rows = [np.array(backend.forward(cache, [list(prompt)])[0], dtype=np.float32)]
@@ -325,6 +227,48 @@ def _describe(manifest: Manifest) -> str:
     return manifest.variant.describe()
 
 
+def _reference(
+    reference: str | Path | Reference, package: Path, manifest: Manifest, prompts: int, steps: int
+) -> Reference:
+    """``reference`` as a :class:`Reference`: as given, read from a file, or run by transformers."""
+    if isinstance(reference, Reference):
+        return reference
+    if Path(reference).is_file():
+        return read_reference(Path(reference))
+    if manifest.kind == "tensorrt":
+        raise InvalidArgumentError(
+            f"{package} is a TensorRT engine package: it is compared with a reference saved "
+            "from its ONNX package, not with a checkpoint",
+            fix=TWO_STEP_FIX,
+        )
+    from stlm.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(package / manifest.tokenizer)
+    ids = [tokenizer.encode(p) or [manifest.generation.bos_token_id] for p in PROMPTS[:prompts]]
+    require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
+    from stlm.export.checkpoint import resolve_checkpoint
+
+    if load_model_config(resolve_checkpoint(reference)) != manifest.model:
+        raise PackageError(
+            f"{package} was exported from another model than {reference} (their configs differ)",
+            fix="pass the checkpoint the package was exported from",
+        )
+    return transformers_reference(reference, ids, steps)  # first, and freed: never beside the package in RAM
+
+
+def _check_verifiable(package: Path, manifest: Manifest, prompts: int, steps: int) -> None:
+    if not 1 <= prompts <= len(PROMPTS):
+        raise InvalidArgumentError(f"--prompts {prompts} is out of range", fix=f"pass 1..{len(PROMPTS)}")
+    if not 1 <= steps <= 256:
+        raise InvalidArgumentError(f"{steps} steps is out of range", fix="pass 1..256 steps")
+    if manifest.kind == "onnx" and manifest.variant.rotary == "plugin":
+        raise BackendUnavailableError(
+            f"{package} is a --target tensorrt ONNX graph (stlm::partial_rotary plugin nodes): it runs only as a "
+            "TensorRT engine",
+            fix=f"build it with `stlm build-engine {package} -o ENGINE`; to check it, {TWO_STEP_FIX}",
+        )
+
+
 def verify_package(
     reference: str | Path | Reference,
     package: str | Path,
@@ -339,66 +283,28 @@ def verify_package(
     (the package's logits) only when the package passes. Raises :class:`StlmError` subclasses for
     unusable inputs; a failed comparison is a report, not an error."""
     from stlm.runtime import Generator
-    from stlm.runtime.tokenizer import Tokenizer
 
-    if not 1 <= prompts <= len(PROMPTS):
-        raise InvalidArgumentError(f"--prompts {prompts} is out of range", fix=f"pass 1..{len(PROMPTS)}")
-    if not 1 <= steps <= 256:
-        raise InvalidArgumentError(f"{steps} steps is out of range", fix="pass 1..256 steps")
     package = Path(package)
     manifest = read_manifest(package)
-    if manifest.kind == "onnx" and manifest.variant.rotary == "plugin":
-        raise BackendUnavailableError(
-            f"{package} is a --target tensorrt ONNX graph (stlm::partial_rotary plugin nodes): it runs only as a "
-            "TensorRT engine",
-            fix=f"build it with `stlm build-engine {package} -o ENGINE`; to check it, {TWO_STEP_FIX}",
-        )
+    _check_verifiable(package, manifest, prompts, steps)
+    ref = _reference(reference, package, manifest, prompts, steps)
     package_class = manifest.variant.accuracy_class
-    from_file = not isinstance(reference, Reference) and Path(reference).is_file()
-    if isinstance(reference, Reference):
-        ref = reference
-    elif from_file:
-        ref = read_reference(Path(reference))
-    elif manifest.kind == "tensorrt":
-        raise InvalidArgumentError(
-            f"{package} is a TensorRT engine package: it is compared with a reference saved "
-            "from its ONNX package, not with a checkpoint",
-            fix=TWO_STEP_FIX,
-        )
-    else:
-        tokenizer = Tokenizer.from_file(package / manifest.tokenizer)
-        ids = [tokenizer.encode(p) or [manifest.generation.bos_token_id] for p in PROMPTS[:prompts]]
-        require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
-        from stlm.export.checkpoint import resolve_checkpoint
-
-        if load_model_config(resolve_checkpoint(reference)) != manifest.model:
-            raise PackageError(
-                f"{package} was exported from another model than {reference} (their configs differ)",
-                fix="pass the checkpoint the package was exported from",
-            )
-        ref = transformers_reference(reference, ids, steps)  # first, and freed: never beside the package in RAM
-    generator = Generator.load(package)
-    got = [package_logits(generator.backend, p, t) for p, t in zip(ref.prompts, ref.tokens, strict=True)]
+    backend = Generator.load(package).backend
+    got = [package_logits(backend, p, t) for p, t in zip(ref.prompts, ref.tokens, strict=True)]
     klass = looser(package_class, ref.accuracy_class)
     results, checks = compare(ref, got, TOLERANCES[klass])
     notes: list[str] = []
     if package_class != "fp32" and ref.source.startswith("transformers"):
         notes.append(f"a {package_class} package is compared with transformers in fp32 on the same weights")
     saved = None
-    if save_reference_to is not None:
-        if all(c.passed for c in checks):
-            saved = str(
-                save_reference(
-                    save_reference_to,
-                    ref,
-                    got,
-                    runner=f"stlm-{manifest.kind}-{package_class}",
-                    package_class=package_class,
-                    source=f"{package} ({_describe(manifest)})",
-                )
-            )
-        else:
-            notes.append(f"reference not written to {save_reference_to}: the package is beyond tolerance")
+    if save_reference_to is not None and all(c.passed for c in checks):
+        runner = f"stlm-{manifest.kind}-{package_class}"
+        source = f"{package} ({_describe(manifest)})"
+        saved = str(
+            save_reference(save_reference_to, ref, got, runner=runner, package_class=package_class, source=source)
+        )
+    elif save_reference_to is not None:
+        notes.append(f"reference not written to {save_reference_to}: the package is beyond tolerance")
     return VerifyReport(
         str(package), _describe(manifest), ref.source, klass, TOLERANCES[klass], checks, results, saved, tuple(notes)
     )

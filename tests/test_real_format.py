@@ -79,3 +79,37 @@ def test_published_format_exports_and_verifies(published: Path, tmp_path: Path, 
     assert result.exit_code == 0, result.output
     # bf16 weights are exact in fp32 (and in a bf16 package): only the bf16 KV cache rounds anything.
     assert f"tolerance class {dtype}" in result.output
+
+
+MAKE_CHECKPOINT = """
+import json, sys
+from stlm.cli import cli
+try:
+    cli(["-q", "make-checkpoint", sys.argv[1], "--preset", "tiny", "--dtype", "bf16", "--config-style", "4.38",
+         "--tokenizer", sys.argv[2]])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx"))}))
+"""
+
+
+def test_make_checkpoint_needs_no_torch_and_transformers_reads_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import StableLmForCausalLM
+
+    out = tmp_path / "ck"
+    proc = subprocess.run(
+        [sys.executable, "-c", MAKE_CHECKPOINT, str(out), str(neox_tokenizer())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}, proc.stderr
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = StableLmForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 50304
+    assert float(model.model.layers[0].input_layernorm.bias.detach().abs().max()) > 0  # random LayerNorm biases

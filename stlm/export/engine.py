@@ -312,14 +312,18 @@ def build_engine(
     serialized = _serialize(trt, graph, source, profiles, options, progress)
     seconds = time.perf_counter() - start
     manifest = _engine_manifest(source, onnx_dir, trt.__version__, gpu, profiles, options, plugin, seconds)
+    _write_package(out, serialized, onnx_dir / source.tokenizer, manifest, progress)
+    log.info("built %s → %s in %.1f s", onnx_dir, out, seconds)
+    return out
+
+
+def _write_package(out: Path, serialized: Any, tokenizer: Path, manifest: Manifest, progress: Progress | None) -> None:
+    """The engine package folder, written under a temporary name and renamed when complete."""
     if progress:
         progress("write", 0, 1)
     with staged_folder(out) as tmp:
         (tmp / ENGINE_NAME).write_bytes(serialized)
-        del serialized
-        shutil.copyfile(onnx_dir / source.tokenizer, tmp / source.tokenizer)
+        shutil.copyfile(tokenizer, tmp / manifest.tokenizer)
         write_manifest(tmp, manifest)
     if progress:
         progress("write", 1, 1)
-    log.info("built %s → %s in %.1f s", onnx_dir, out, seconds)
-    return out

@@ -18,6 +18,7 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.manifest import read_manifest
+from stlm.runtime.backend import Backend
 from stlm.variant import Variant
 
 
@@ -47,9 +48,47 @@ class BenchResult:
         """JSON form."""
         return {**asdict(self), "variant": self.variant.to_dict()}
 
+    def format(self) -> str:
+        """The human-readable report (``stlm bench``)."""
+        return "\n".join(
+            [
+                f"{self.backend}: {self.variant.describe()} | batch {self.batch}, prompt {self.prompt_len}, "
+                f"generate {self.gen_len}, {self.runs} runs",
+                f"time to first token  {self.ttft_ms:9.1f} ms   prefill {self.prefill_tok_s:9.1f} tok/s",
+                f"decode               {self.decode_tok_s:9.1f} tok/s  per token p50 {self.token_ms_p50:.2f} "
+                f"p90 {self.token_ms_p90:.2f} p99 {self.token_ms_p99:.2f} ms",
+                f"peak RSS             {self.peak_rss_mb:9.0f} MB",
+            ]
+        )
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_sizes(**sizes: int) -> None:
+    lows = {"batch": 1, "prompt_len": 1, "gen_len": 2, "runs": 1, "warmup": 0}
+    for name, value in sizes.items():
+        low = lows[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidArgumentError(
+                f"{name} must be an int ≥ {low}, got {value!r}",
+                fix=f"pass --{name.replace('_', '-')} {max(low, 1)} or more",
+            )
+
+
+def _timed_run(backend: Backend[Any], prompts: list[list[int]], gen_len: int) -> tuple[float, float, list[float]]:
+    """One prefill + greedy decode: (time to first token, decode seconds, each decode step's seconds)."""
+    cache = backend.new_cache(len(prompts), len(prompts[0]) + gen_len)
+    start = time.perf_counter()
+    tokens = backend.forward(cache, prompts).argmax(axis=-1)
+    first = time.perf_counter()
+    steps = []
+    for _ in range(gen_len - 1):
+        t0 = time.perf_counter()
+        tokens = backend.forward(cache, tokens[:, None].tolist()).argmax(axis=-1)
+        steps.append(time.perf_counter() - t0)
+    return first - start, time.perf_counter() - first, steps
 
 
 def run_benchmark(
@@ -64,18 +103,7 @@ def run_benchmark(
     seed: int = 0,
 ) -> BenchResult:
     """Benchmark ``package``: ``warmup`` unmeasured runs, then ``runs`` measured ones."""
-    for name, value, low in (
-        ("batch", batch, 1),
-        ("prompt_len", prompt_len, 1),
-        ("gen_len", gen_len, 2),
-        ("runs", runs, 1),
-        ("warmup", warmup, 0),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise InvalidArgumentError(
-                f"{name} must be an int ≥ {low}, got {value!r}",
-                fix=f"pass --{name.replace('_', '-')} {max(low, 1)} or more",
-            )
+    _check_sizes(batch=batch, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup)
     manifest = read_manifest(Path(package))
     if prompt_len + gen_len > manifest.generation.context_length:
         raise InvalidArgumentError(
@@ -85,29 +113,10 @@ def run_benchmark(
     from stlm.runtime.generator import Generator
 
     backend = Generator.load(package, threads=threads).backend
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(3, min(manifest.model.vocab_size, 50000), (batch, prompt_len)).tolist()
-    ttfts, prefills, decodes, steps = [], [], [], []
-    for run in range(warmup + runs):
-        cache = backend.new_cache(batch, prompt_len + gen_len)
-        start = time.perf_counter()
-        logits = backend.forward(cache, prompts)
-        tokens = logits.argmax(axis=-1)
-        first = time.perf_counter()
-        step_times = []
-        for _ in range(gen_len - 1):
-            t0 = time.perf_counter()
-            logits = backend.forward(cache, tokens[:, None].tolist())
-            tokens = logits.argmax(axis=-1)
-            step_times.append(time.perf_counter() - t0)
-        end = time.perf_counter()
-        del cache
-        if run >= warmup:
-            ttfts.append(first - start)
-            prefills.append(batch * prompt_len / (first - start))
-            decodes.append(batch * (gen_len - 1) / (end - first))
-            steps.extend(step_times)
-    ms = np.array(steps) * 1000.0
+    prompts = np.random.default_rng(seed).integers(3, min(manifest.model.vocab_size, 50000), (batch, prompt_len))
+    measured = [_timed_run(backend, prompts.tolist(), gen_len) for _ in range(warmup + runs)][warmup:]
+    ms = np.array([t for _, _, steps in measured for t in steps]) * 1000.0
+    ttft = float(np.median([first for first, _, _ in measured]))
     return BenchResult(
         backend=backend.name,
         package=str(package),
@@ -118,9 +127,9 @@ def run_benchmark(
         gen_len=gen_len,
         runs=runs,
         threads=threads,
-        ttft_ms=float(np.median(ttfts) * 1000.0),
-        prefill_tok_s=float(np.median(prefills)),
-        decode_tok_s=float(np.median(decodes)),
+        ttft_ms=ttft * 1000.0,
+        prefill_tok_s=float(np.median([batch * prompt_len / first for first, _, _ in measured])),
+        decode_tok_s=float(np.median([batch * (gen_len - 1) / decode for _, decode, _ in measured])),
         token_ms_p50=float(np.percentile(ms, 50)),
         token_ms_p90=float(np.percentile(ms, 90)),
         token_ms_p99=float(np.percentile(ms, 99)),

@@ -73,7 +73,7 @@ PRESETS: Final[dict[str, Shape]] = {
 }
 
 
-def _config(shape: Shape, vocab: int, dtype: DType, style: ConfigStyle) -> dict[str, Any]:
+def _config(shape: Shape, vocab: int, dtype: DType, style: str) -> dict[str, Any]:
     """config.json of ``shape`` in ``style``."""
     rope = {"rope_theta": shape.rope_theta, "partial_rotary_factor": shape.partial_rotary_factor}
     config: dict[str, Any] = {
@@ -234,7 +234,7 @@ def write_random_checkpoint(
     tokenizer: Path | None = None,
     seed: int = 0,
     dtype: str = "fp32",
-    config_style: ConfigStyle = "transformers-5",
+    config_style: str = "transformers-5",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a random-weight StableLM checkpoint of ``shape`` (a :class:`Shape` or a preset name) to
