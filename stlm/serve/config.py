@@ -24,7 +24,7 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _INF = math.inf
 _BOUNDS: dict[str, tuple[str, float, float, type]] = {
     "port": ("--port", 0, 65535, int),
-    "max_batch": ("--max-batch", 1, 65536, int),
+    "max_batch": ("--max-batch", 1, 1 << 20, int),
     "max_queue": ("--max-queue", 0, 1 << 20, int),
     "prefill_chunk": ("--prefill-chunk", 1, 1 << 20, int),
     "max_connections": ("--max-connections", 1, 1 << 20, int),

@@ -14,7 +14,8 @@ For each HTTP request :class:`Guard`
   the read fails with 413, and a body that does not arrive within the body timeout with 408;
   responses sent before the body was read whole close the connection;
 * answers an exception that escaped the app with a generic 500 naming the request id (the
-  details go to the log, never to the client).
+  details go to the log, never to the client), and a request cancelled by the server's shutdown
+  deadline with 503 (or, once its response has started, by ending the response).
 
 Errors raised inside ``receive`` are :class:`ApiError`\\ s; a route either lets them propagate
 (the app's handler answers them) or catches them like its own validation errors.
@@ -22,6 +23,7 @@ Errors raised inside ``receive`` are :class:`ApiError`\\ s; a route either lets 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -137,6 +139,16 @@ class _Body:
         return message
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "the server is shutting down and cancelled this request (fix: retry against another replica or after "
+        "the restart)",
+        type="server_error",
+        code="shutting_down",
+    )
+
+
 def _too_large(size: int, limit: int, qualifier: str = "") -> ApiError:
     return ApiError(
         413,
@@ -167,10 +179,11 @@ class Guard:
             time.monotonic() + self.policy.body_timeout,
             expected=(length.isdigit() and int(length) > 0) or "transfer-encoding" in headers,
         )
-        started = False
+        started = finished = False
 
         async def guarded_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, finished
+            finished = finished or (message["type"] == "http.response.body" and not message.get("more_body", False))
             if message["type"] == "http.response.start":
                 started = True
                 extra = [(b"x-request-id", rid.encode())]
@@ -185,6 +198,14 @@ class Guard:
             return
         try:
             await self.app(scope, body, guarded_send)
+        except asyncio.CancelledError:  # the server's shutdown deadline passed: end the response cleanly
+            log.warning(
+                "request %s (%s %s) cancelled: the server is shutting down", rid, scope.get("method"), scope.get("path")
+            )
+            if not started:
+                await send_error(guarded_send, _shutting_down())
+            elif not finished:
+                await guarded_send({"type": "http.response.body", "body": b"", "more_body": False})
         except Exception as exc:
             if started:  # the app answered (its handler logged it), or the response was cut: nothing to send
                 log.debug("request %s ended with %s after its response started", rid, type(exc).__name__)

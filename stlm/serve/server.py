@@ -51,7 +51,7 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         start = self.exit_requested or time.monotonic()
-        reserve = min(1.0, self.deadline / 4)  # for cancelling, stopping the scheduler and exiting
+        reserve = min(1.5, self.deadline / 3)  # for cancelling, stopping the scheduler and exiting
         remaining = max(0.0, start + self.deadline - reserve - time.monotonic())
         log.info("shutting down: in-flight requests have %.1fs to finish", remaining)
         self.config.timeout_graceful_shutdown = remaining  # type: ignore[assignment]  # uvicorn takes any number
