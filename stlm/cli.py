@@ -7,6 +7,7 @@ stdout carries only results (generated text, JSON); logs and progress go to stde
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,13 @@ def generate(
         click.echo(gen.generate(text, params))
 
 
+def _api_key(value: str | None) -> str | None:
+    """click reads an empty STLM_API_KEY as unset; an empty key must be refused, not ignored."""
+    if value is None and os.environ.get("STLM_API_KEY") == "":
+        return ""  # ServeConfig refuses it with the message for an empty key
+    return value
+
+
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--host", default=ServeConfig.host, show_default=True, help="Address to bind (loopback by default).")
@@ -249,6 +257,7 @@ def generate(
     "--api-key",
     default=None,
     envvar="STLM_API_KEY",
+    callback=lambda ctx, param, value: _api_key(value),
     help="Require 'Authorization: Bearer KEY' on every route but /health (or set STLM_API_KEY). Without a key "
     "only loopback Host names and application/json bodies are accepted.",
 )
@@ -306,7 +315,13 @@ def serve(package: Path, **options: Any) -> None:
     """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
     from stlm.serve.server import run_server
 
-    run_server(ServeConfig(package, **options))
+    if run_server(ServeConfig(package, **options)) is not None:
+        # stopped by SIGTERM/SIGINT and shut down within --shutdown-timeout: end the process now
+        # instead of after the interpreter's teardown (~0.5 s), so that it ends within the deadline
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command()

@@ -68,7 +68,7 @@ class CompletionService:
         backend = generator.backend.name
         check_kv_cache(generator.manifest, backend, config.max_batch, self.capacity, memory_budget(backend))
         self.encoder = PromptEncoder(generator.tokenizer, generator.manifest.generation.bos_token_id, self.capacity)
-        self.cpu = CpuPool(min(4, available_cpus()))
+        self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
         self.metrics = ServerMetrics()
         try:
             self.scheduler = Scheduler(

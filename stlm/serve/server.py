@@ -51,7 +51,7 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         start = self.exit_requested or time.monotonic()
-        reserve = min(1.5, self.deadline / 3)  # for cancelling, stopping the scheduler and exiting
+        reserve = min(1.0, self.deadline / 4)  # for cancelling, stopping the scheduler and exiting
         remaining = max(0.0, start + self.deadline - reserve - time.monotonic())
         log.info("shutting down: in-flight requests have %.1fs to finish", remaining)
         self.config.timeout_graceful_shutdown = remaining  # type: ignore[assignment]  # uvicorn takes any number
@@ -76,14 +76,15 @@ def _uvicorn_config(service: CompletionService, *, log_level: str, access_log: b
 
 def run_server(
     package: str | Path | ServeConfig, *, log_level: str = "info", access_log: bool = True, **options: Any
-) -> None:
+) -> int | None:
     """Serve ``package`` over HTTP until SIGINT/SIGTERM, then finish in-flight requests and return.
 
     ``options`` are :class:`ServeConfig` fields (or pass a whole ``ServeConfig``). Binds ``host``
     (loopback by default: pass ``0.0.0.0`` deliberately, with ``api_key``, to expose it).
     ``max_batch`` slots of ``max_context`` tokens (default ``min(context, 2048)``) run at once; up
     to ``max_queue`` more sequences wait, beyond which requests get 429. After a signal,
-    requests have ``shutdown_timeout`` seconds to finish before they are cancelled.
+    requests have ``shutdown_timeout`` seconds to finish before they are cancelled. Returns the
+    signal that stopped the server (None if it stopped otherwise).
     """
     config = package if isinstance(package, ServeConfig) else _config(Path(package), options)
     _check_bindable(config.host, config.port)
@@ -92,7 +93,7 @@ def run_server(
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", config.host)
     server = _Server(_uvicorn_config(service, log_level=log_level, access_log=access_log), config.shutdown_timeout)
     try:
-        _run_foreground(server)
+        stopped_by = _run_foreground(server)
     except SystemExit as exc:  # uvicorn exits when it cannot start (it logged why)
         raise StlmError(
             f"the server did not start on {config.host}:{config.port} (uvicorn exited with status {exc.code})",
@@ -100,6 +101,7 @@ def run_server(
         ) from None
     if service.scheduler.crashed is not None:
         raise StlmError(f"the scheduler crashed: {service.scheduler.crashed!r}", fix="see the log above")
+    return stopped_by
 
 
 def _config(package: Path, options: dict[str, Any]) -> ServeConfig:
@@ -131,7 +133,7 @@ def _check_bindable(host: str, port: int) -> None:
             ) from None
 
 
-def _run_foreground(server: _Server) -> None:
+def _run_foreground(server: _Server) -> int | None:
     """``server.run()``; a SIGINT/SIGTERM that uvicorn handled (graceful shutdown) ends it normally.
 
     uvicorn re-raises the signal it caught once it has shut down; while it runs, the handlers
@@ -140,7 +142,7 @@ def _run_foreground(server: _Server) -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         server.run()
-        return
+        return None
     caught: list[int] = []
     watched = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in watched}
@@ -152,8 +154,10 @@ def _run_foreground(server: _Server) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if caught:
-        log.info("stopped by %s", signal.Signals(caught[0]).name)
+    if not caught:
+        return None
+    log.info("stopped by %s", signal.Signals(caught[0]).name)
+    return caught[0]
 
 
 def _watchdog(server: _Server) -> None:
