@@ -345,3 +345,18 @@ def test_internal_errors_reach_the_log_not_the_client(
     assert rid in answer["error"]["message"] and "Gather" not in json.dumps(answer)
     logged = [r for r in server_log if rid in r.getMessage()]
     assert logged and logged[0].exc_info is not None and "Gather_3" in str(logged[0].exc_info[1])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (300 << 10) + b"\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n",
+    ],
+)
+def test_malformed_http_gets_a_json_400(server: BackgroundServer, raw: bytes) -> None:
+    status, headers, data = exchange(server.port, raw)
+    assert status == 400 and headers["connection"] == "close"
+    assert_error_body(strict_json(data), "invalid_http")

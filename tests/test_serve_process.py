@@ -224,6 +224,29 @@ def test_sigterm_ends_the_process_within_the_shutdown_deadline(inplace_package: 
         server.close()
 
 
+@pytest.mark.slow
+def test_a_second_signal_cancels_at_once(inplace_package: Path, tmp_path: Path) -> None:
+    server = ServeProcess(inplace_package, tmp_path / "log.txt", "--shutdown-timeout", "60", "--body-timeout", "60")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as unfinished:
+            head = request_bytes(
+                "POST", "/v1/completions", headers={"Content-Type": "application/json", "Content-Length": "1000"}
+            )
+            unfinished.sendall(head + b'{"prompt": ')
+            time.sleep(0.5)
+            start = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            server.proc.send_signal(signal.SIGINT)
+            code = server.proc.wait(90)
+            took = time.monotonic() - start
+            assert code == 0 and took < 10, (code, took, server.log())
+            assert read_response(unfinished, timeout=5)[0] == 503
+        assert "Traceback" not in server.log()
+    finally:
+        server.close()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stlm", "serve", *args],

@@ -61,6 +61,11 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """A malformed request (bad syntax, headers over 16 KB): an OpenAI-style 400, then close."""
+        error = ApiError(400, f"malformed HTTP request ({msg.rstrip('.')})", code="invalid_http")
+        self._write_error(error, b"400 Bad Request")
+
     # -- internals ----------------------------------------------------------------------------
     def _waiting(self) -> bool:
         """True while no request is being handled (waiting for headers, or idle)."""
@@ -108,16 +113,21 @@ class GuardedH11Protocol(H11Protocol):
             type="server_error",
             code="too_many_connections",
         )
+        self._write_error(error, b"503 Service Unavailable")
+
+    def _write_error(self, error: ApiError, status: bytes) -> None:
+        """Write a whole error response outside of any request cycle, and close."""
         body = jsonio.dumps(error.body())
         head = [
-            b"HTTP/1.1 503 Service Unavailable",
+            b"HTTP/1.1 " + status,
             b"content-type: application/json",
             b"content-length: " + str(len(body)).encode(),
             *(name + b": " + value for name, value in error.headers()),
             b"connection: close",
         ]
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.transport.close()
+        if not self.transport.is_closing():
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            self.transport.close()
 
 
 def protocol_class(header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:

@@ -10,6 +10,8 @@ the deadline with exit status 1.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -56,6 +58,14 @@ class _Server(uvicorn.Server):
         log.info("shutting down: in-flight requests have %.1fs to finish", remaining)
         self.config.timeout_graceful_shutdown = remaining  # type: ignore[assignment]  # uvicorn takes any number
         await super().shutdown(sockets)
+        if self.force_exit:  # a second signal: uvicorn neither cancelled the requests nor stopped the app
+            tasks = list(self.server_state.tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=reserve)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.lifespan.shutdown(), timeout=reserve)
 
 
 def _uvicorn_config(service: CompletionService, *, log_level: str, access_log: bool) -> uvicorn.Config:
