@@ -7,6 +7,7 @@ stdout carries only results (generated text, JSON); logs and progress go to stde
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from stlm.errors import StlmError
+from stlm.serve.config import ServeConfig
 
 
 class _StlmFailure(click.ClickException):
@@ -240,17 +242,35 @@ def generate(
         click.echo(gen.generate(text, params))
 
 
+def _api_key(value: str | None) -> str | None:
+    """click reads an empty STLM_API_KEY as unset; an empty key must be refused, not ignored."""
+    if value is None and os.environ.get("STLM_API_KEY") == "":
+        return ""  # ServeConfig refuses it with the message for an empty key
+    return value
+
+
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
+@click.option("--host", default=ServeConfig.host, show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=ServeConfig.port, show_default=True, type=int, help="TCP port (0: any free port).")
 @click.option(
-    "--api-key", default=None, envvar="STLM_API_KEY", help="Require 'Authorization: Bearer KEY' (or set STLM_API_KEY)."
+    "--api-key",
+    default=None,
+    envvar="STLM_API_KEY",
+    callback=lambda ctx, param, value: _api_key(value),
+    help="Require 'Authorization: Bearer KEY' on every route but /health (or set STLM_API_KEY). Without a key "
+    "only loopback Host names and application/json bodies are accepted.",
 )
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Sequences decoded together (cache slots).")
+@click.option(
+    "--max-batch",
+    default=ServeConfig.max_batch,
+    show_default=True,
+    type=int,
+    help="Sequences decoded together (cache slots).",
+)
 @click.option(
     "--max-queue",
-    default=64,
+    default=ServeConfig.max_queue,
     show_default=True,
     type=int,
     help="Sequences that may wait for a slot; beyond this requests get 429.",
@@ -263,31 +283,45 @@ def generate(
 )
 @click.option("--model-name", default=None, help="Model id clients pass [default: the package folder's name].")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads [default: ORT's].")
-def serve(
-    package: Path,
-    host: str,
-    port: int,
-    api_key: str | None,
-    max_batch: int,
-    max_queue: int,
-    max_context: int | None,
-    model_name: str | None,
-    threads: int | None,
-) -> None:
+@click.option(
+    "--max-connections",
+    default=ServeConfig.max_connections,
+    show_default=True,
+    type=int,
+    help="Open connections; past it the one waiting longest for headers is closed (or 503).",
+)
+@click.option(
+    "--header-timeout",
+    default=ServeConfig.header_timeout,
+    show_default=True,
+    type=float,
+    help="Seconds a connection has to send a request's headers.",
+)
+@click.option(
+    "--body-timeout",
+    default=ServeConfig.body_timeout,
+    show_default=True,
+    type=float,
+    help="Seconds a request has to send its whole body (else 408).",
+)
+@click.option(
+    "--shutdown-timeout",
+    default=ServeConfig.shutdown_timeout,
+    show_default=True,
+    type=float,
+    help="After SIGTERM/SIGINT, seconds in-flight requests have to finish before they are cancelled.",
+)
+def serve(package: Path, **options: Any) -> None:
     """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
-    from stlm.serve import run_server
+    from stlm.serve.server import run_server
 
-    run_server(
-        package,
-        host=host,
-        port=port,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_context=max_context,
-        model_name=model_name,
-        threads=threads,
-    )
+    if run_server(ServeConfig(package, **options)) is not None:
+        # stopped by SIGTERM/SIGINT and shut down within --shutdown-timeout: end the process now
+        # instead of after the interpreter's teardown (~0.5 s), so that it ends within the deadline
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command()
