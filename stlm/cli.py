@@ -313,7 +313,7 @@ def _api_key(value: str | None) -> str | None:
 )
 def serve(package: Path, **options: Any) -> None:
     """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
-    from stlm.serve.server import run_server
+    from stlm.serve import run_server  # needs the serve extra (a clear error without it)
 
     if run_server(ServeConfig(package, **options)) is not None:
         # stopped by SIGTERM/SIGINT and shut down within --shutdown-timeout: end the process now
