@@ -263,6 +263,25 @@ def generate(
 )
 @click.option("--model-name", default=None, help="Model id clients pass [default: the package folder's name].")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads [default: ORT's].")
+@click.option(
+    "--replicas",
+    default=None,
+    type=int,
+    help="Serve from N replicas on Ray Serve (each with its own scheduler and KV cache); needs stlm[ray].",
+)
+@click.option(
+    "--autoscale",
+    default=None,
+    metavar="MIN:MAX",
+    help="Ray Serve replicas scaled on load between MIN and MAX (target: --max-batch ongoing requests each).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster to join with --replicas/--autoscale (e.g. auto, HOST:6379) [default: the local one, or a new one].",
+)
+@click.option("--num-cpus", default=None, type=float, help="CPUs reserved per Ray Serve replica [default: 1].")
+@click.option("--num-gpus", default=None, type=float, help="GPUs per Ray Serve replica (1: one engine per GPU).")
 def serve(
     package: Path,
     host: str,
@@ -273,10 +292,23 @@ def serve(
     max_context: int | None,
     model_name: str | None,
     threads: int | None,
+    replicas: int | None,
+    autoscale: str | None,
+    ray_address: str | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
 ) -> None:
-    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
+    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching.
+
+    With --replicas or --autoscale, the same server runs as replicas on Ray Serve (pip install 'stlm[ray]').
+    """
     from stlm.serve import run_server
 
+    if any(v is not None for v in (replicas, autoscale, ray_address, num_cpus, num_gpus)):
+        from stlm.serve.ray import run_ray_server
+
+        run_ray_server(**click.get_current_context().params)
+        return
     run_server(
         package,
         host=host,

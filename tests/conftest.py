@@ -94,3 +94,15 @@ def checkpoint(checkpoints: dict[str, Path]) -> Path:
 def package(packages: dict[str, Path]) -> Path:
     """The head-dim-16 tiny package."""
     return packages["hd16"]
+
+
+@pytest.fixture(scope="session")
+def random_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random in-place package with its own small tokenizer (needs no ../shared)."""
+    from stlm.export.onnx_export import export_onnx
+    from stlm.export.random_checkpoint import make_random_checkpoint
+
+    base = tmp_path_factory.mktemp("random-package")
+    return export_onnx(
+        make_random_checkpoint(base / "checkpoint", preset="tiny", seed=3), base / "tiny", kv_cache="inplace"
+    )

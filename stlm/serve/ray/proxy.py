@@ -1,0 +1,98 @@
+"""Ray Serve's HTTP proxy, taught to answer a lost replica with a retryable OpenAI-style error.
+
+When the replica holding a request dies (OOM kill, node loss, crash), Ray's proxy gets an actor
+error and sends nothing, so the client would read uvicorn's bare ``500 Internal Server Error``
+(or a stream cut mid-way). :class:`LostReplicaMiddleware` turns that into what the single-process
+server sends for a request it could not finish: a ``503`` with an OpenAI error body
+(``code: replica_unavailable``) and ``Retry-After``, or, once a stream has started, a final SSE
+``error`` event. Clients (the ``openai`` package retries 5xx by default) send the request again
+and Ray routes it to a live replica.
+
+Ray loads it in every proxy from the environment (set by :func:`stlm.serve.ray.driver.serve_on_ray`
+for the Ray instance it starts, and in the KubeRay manifest)::
+
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=stlm.serve.ray.proxy:proxy_middlewares
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stlm.serve.protocol import ApiError
+
+__all__ = ["CALLBACK_ENV", "CALLBACK_PATH", "LostReplicaMiddleware", "proxy_middlewares"]
+
+log = logging.getLogger(__name__)
+
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+CALLBACK_PATH = "stlm.serve.ray.proxy:proxy_middlewares"
+RETRY_AFTER_S = 1
+LOST = (
+    "the server replica handling this request stopped before it finished (it is being replaced); "
+    "the request was not completed: retry it"
+)
+
+
+def _lost_error() -> ApiError:
+    return ApiError(503, LOST, type="server_error", code="replica_unavailable")
+
+
+class LostReplicaMiddleware:
+    """Pure ASGI middleware around Ray's proxy: completes responses the proxy left unanswered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = {"started": False, "finished": False, "sse": False, "gone": False, "done_event": False}
+
+        async def watched() -> Message:
+            message = await receive()
+            state["gone"] |= message["type"] == "http.disconnect"
+            return message
+
+        async def tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                state["started"] = True
+                state["sse"] = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body":
+                state["finished"] = not message.get("more_body", False)
+                state["done_event"] = message.get("body", b"").endswith(b"data: [DONE]\n\n")
+            await send(message)
+
+        await self.app(scope, watched, tracked)
+        if state["finished"] or state["gone"]:  # done, or nobody left to answer
+            return
+        log.warning("%s %s: the replica was lost before the response ended", scope.get("method"), scope.get("path"))
+        body = json.dumps(_lost_error().body()).encode()
+        if not state["started"]:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", str(RETRY_AFTER_S).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        elif state["sse"] and not state["done_event"]:  # a stream cut before its [DONE] event
+            await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n"})
+        else:
+            await send({"type": "http.response.body", "body": b""})
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """The callback Ray Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
+    return [Middleware(LostReplicaMiddleware)]
