@@ -29,7 +29,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from stlm.errors import BackendUnavailableError, InvalidArgumentError, StlmError
+from stlm.errors import BackendUnavailableError, InvalidArgumentError
 from stlm.serve.app import CompletionService, ServeConfig, create_app, load_service
 from stlm.serve.ray.metrics import MetricsExporter, probe
 
@@ -42,6 +42,7 @@ __all__ = [
     "build_app",
     "deployment_options",
     "import_serve",
+    "parse_app_args",
     "parse_autoscale",
 ]
 
@@ -194,10 +195,11 @@ def import_serve() -> Any:
 
 
 def bind(config: ServeConfig, options: RayOptions) -> Any:
-    """The Ray Serve application (``Deployment.bind()``) of ``config`` spread per ``options``."""
+    """The Ray Serve application (``Deployment.bind()``) of ``config`` spread per ``options``.
+
+    ``config.package`` is a path on the nodes that run replicas (it is not read here).
+    """
     serve = import_serve()
-    if not Path(config.package).is_dir():
-        raise StlmError(f"the package {config.package} is not a folder", fix="pass the folder `stlm export` wrote")
     deployment = serve.deployment(serve.ingress(_replica_app)(StlmReplica))
     return deployment.options(**deployment_options(config, options)).bind(
         replica_config(config, options), options.metrics_interval_s
@@ -211,11 +213,19 @@ _OPTION_KEYS = {"replicas", "autoscale", "num_cpus", "num_gpus", "shutdown_timeo
 def build_app(args: Mapping[str, Any]) -> Any:
     """Ray Serve application builder: ``serve run stlm.serve.ray.deployment:build_app package=PKG ...``.
 
-    ``args`` (strings from ``serve run``, or typed values from a config file's ``args``): ``package``
-    (required), any ``stlm serve`` setting (``max_batch``, ``max_queue``, ``max_context``,
-    ``prefill_chunk``, ``model_name``, ``threads``) and ``replicas``, ``autoscale`` (``"MIN:MAX"``),
-    ``num_cpus``, ``num_gpus``, ``shutdown_timeout``. The API key comes from ``STLM_API_KEY`` in
-    the replicas' environment (a Kubernetes Secret), never from the config file.
+    ``args`` as read by :func:`parse_app_args` (a KubeRay ``RayService``'s ``serveConfigV2`` passes
+    them as the application's ``args``).
+    """
+    return bind(*parse_app_args(args))
+
+
+def parse_app_args(args: Mapping[str, Any]) -> tuple[ServeConfig, RayOptions]:
+    """The settings of :func:`build_app`'s ``args`` (strings from ``serve run``, or typed values).
+
+    ``package`` (required), any ``stlm serve`` setting (``max_batch``, ``max_queue``,
+    ``max_context``, ``prefill_chunk``, ``model_name``, ``threads``) and ``replicas``,
+    ``autoscale`` (``"MIN:MAX"``), ``num_cpus``, ``num_gpus``, ``shutdown_timeout``. The API key
+    comes from ``STLM_API_KEY`` in the replicas' environment (a Kubernetes Secret), never from args.
     """
     unknown = set(args) - _CONFIG_KEYS - _OPTION_KEYS - {"package"}
     if "package" not in args or unknown:
@@ -233,11 +243,18 @@ def build_app(args: Mapping[str, Any]) -> Any:
         num_gpus=_typed("num_gpus", args["num_gpus"]) if "num_gpus" in args else None,
         shutdown_timeout=_typed("shutdown_timeout", args.get("shutdown_timeout", 30.0)),
     )
-    return bind(config, options)
+    return config, options
+
+
+_OPTION_TYPES: dict[str, type] = {"replicas": int, "num_cpus": float, "num_gpus": float, "shutdown_timeout": float}
 
 
 def _typed(key: str, value: Any) -> Any:
-    kind = {"model_name": str, "num_cpus": float, "num_gpus": float, "shutdown_timeout": float}.get(key, int)
+    """``value`` (a string from ``serve run``, or typed from a config file) as ``key``'s type."""
+    declared = _OPTION_TYPES.get(key) or str({f.name: f.type for f in fields(ServeConfig)}[key])
+    kind: Any = (
+        declared if isinstance(declared, type) else float if "float" in declared else int if "int" in declared else str
+    )
     try:
         return kind(value)
     except (TypeError, ValueError):
