@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -57,6 +59,7 @@ class Cluster:
     address: str
     package: Path
     descendants: set[int]
+    ray_tmp: Path
 
 
 def free_port() -> int:
@@ -123,13 +126,22 @@ def package(random_package: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def ray_tmp() -> Iterator[Path]:
+    """Ray's temp dir for this module (sessions, logs, sockets): short, private, removed after."""
+    path = Path(tempfile.mkdtemp(prefix="stlm-ray-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(package: Path, ray_tmp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     port = free_port()
     log = tmp_path_factory.mktemp("ray-log") / "serve.log"
     command = [sys.executable, "-m", "stlm", "serve", str(package), "--replicas", "2", "--num-cpus", "0.5"]
     command += ["--port", str(port), "--api-key", KEY, "--ray-address", "local", *SETTINGS]
     with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        env = {**ENV, "RAY_TMPDIR": str(ray_tmp)}
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -141,7 +153,7 @@ def cluster(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         match = re.search(r"Ray at (\S+);", log.read_text(errors="replace"))
         assert match, log.read_text()[-2000:]
         assert http(f"{url}/health", key=None)[0] == 200 and len(replica_pids()) == 2
-        yield Cluster(url, process, log, match[1], package, descendants_of(process.pid))
+        yield Cluster(url, process, log, match[1], package, descendants_of(process.pid), ray_tmp)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -271,14 +283,16 @@ def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(cluster: Clus
     wait_for(lambda: http(f"{cluster.url}/health", key=None)[0] == 200, 60, "health after replacement")
 
 
-def _ray_metrics() -> list[str]:
-    """Sample lines ``ray_stlm_*`` from every Ray metrics endpoint (Prometheus file_sd of this session)."""
-    try:
-        groups = json.loads(Path("/tmp/ray/prom_metrics_service_discovery.json").read_text())
-    except (OSError, ValueError):
-        return []
+def _ray_metrics(ray_tmp: Path) -> list[str]:
+    """Sample lines ``ray_stlm_*`` from every Ray metrics endpoint (the Prometheus file_sd Ray writes)."""
+    targets = set()
+    for discovery in ray_tmp.rglob("prom_metrics_service_discovery.json"):
+        try:
+            targets |= {t for group in json.loads(discovery.read_text()) for t in group["targets"]}
+        except (OSError, ValueError):
+            continue
     lines = []
-    for target in (t for group in groups for t in group["targets"]):
+    for target in sorted(targets):
         try:
             with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
                 lines += [x for x in response.read().decode().splitlines() if x.startswith("ray_stlm_")]
@@ -295,12 +309,14 @@ def test_metrics_of_every_replica_reach_prometheus(cluster: Cluster) -> None:
     def per_replica() -> set[str]:
         return {
             m[1]
-            for line in _ray_metrics()
+            for line in _ray_metrics(cluster.ray_tmp)
             if line.startswith("ray_stlm_slots_total{") and (m := re.search(r'replica="([^"]+)"', line))
         }
 
     wait_for(lambda: len(per_replica()) >= len(live), 120, "ray_stlm_slots_total of every replica", interval=3)
-    served = [x for x in _ray_metrics() if x.startswith("ray_stlm_requests_total{") and 'status="200"' in x]
+    served = [
+        x for x in _ray_metrics(cluster.ray_tmp) if x.startswith("ray_stlm_requests_total{") and 'status="200"' in x
+    ]
     assert sum(float(x.rsplit(" ", 1)[1]) for x in served) > 0
 
 
