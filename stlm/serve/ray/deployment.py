@@ -51,9 +51,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "stlm"
 DEPLOYMENT_NAME = "stlm"
 INSTALL_FIX = "pip install 'stlm[ray]'"
-# Ray Serve's default autoscaling reacts within seconds to load and waits minutes before it
-# removes a replica; stlm keeps Ray's defaults except for the target (see deployment_options).
-HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_PERIOD_S = 10.0  # how often Ray calls StlmReplica.check_health (Ray's default)
 
 
 @dataclass(frozen=True)
@@ -176,8 +174,8 @@ class StlmReplica:
         self.exporter.start()
 
     async def check_health(self) -> None:
-        """Raise unless the app's own ``GET /health`` answers 200."""
-        self.exporter.start()
+        """Raise unless the app's own ``GET /health`` answers 200 (Ray then replaces the replica)."""
+        self.exporter.start()  # no-op once running (the constructor starts it where a loop runs)
         status, body = await probe(self.asgi_app, "/health")
         if status != 200:
             raise RuntimeError(f"GET /health answered {status}: {body!r}")

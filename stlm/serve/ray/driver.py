@@ -111,9 +111,9 @@ def _deploy(serve: Any, ray: Any, application: Any, config: ServeConfig) -> None
         serve.run(application, name=APP_NAME, route_prefix="/")
     except (RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         log.debug("deploying on Ray Serve failed", exc_info=exc)
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise StlmError(
-            f"the Ray Serve deployment failed to start ({type(exc).__name__}: {first})",
+            f"the Ray Serve deployment failed to start ({type(exc).__name__}: {last})",
             fix="see the Ray log above (is stlm installed and the package present on every node, do the resources fit?)",
         ) from None
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from dataclasses import dataclass
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +42,17 @@ def _lost_error() -> ApiError:
     return ApiError(503, LOST, type="server_error", code="replica_unavailable")
 
 
+@dataclass
+class _Progress:
+    """What the proxy has sent of one response, and whether the client is gone."""
+
+    started: bool = False
+    finished: bool = False
+    sse: bool = False
+    done_event: bool = False
+    client_gone: bool = False
+
+
 class LostReplicaMiddleware:
     """Pure ASGI middleware around Ray's proxy: completes responses the proxy left unanswered."""
 
@@ -52,45 +63,44 @@ class LostReplicaMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state: dict[str, Any] = {"started": False, "finished": False, "sse": False, "gone": False, "done_event": False}
+        progress = _Progress()
 
         async def watched() -> Message:
             message = await receive()
-            state["gone"] |= message["type"] == "http.disconnect"
+            progress.client_gone |= message["type"] == "http.disconnect"
             return message
 
         async def tracked(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers", []))
-                state["started"] = True
-                state["sse"] = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+                progress.started = True
+                progress.sse = (
+                    dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream")
+                )
             elif message["type"] == "http.response.body":
-                state["finished"] = not message.get("more_body", False)
-                state["done_event"] = message.get("body", b"").endswith(b"data: [DONE]\n\n")
+                progress.finished = not message.get("more_body", False)
+                progress.done_event = message.get("body", b"").endswith(b"data: [DONE]\n\n")
             await send(message)
 
         await self.app(scope, watched, tracked)
-        if state["finished"] or state["gone"]:  # done, or nobody left to answer
-            return
-        log.warning("%s %s: the replica was lost before the response ended", scope.get("method"), scope.get("path"))
-        body = json.dumps(_lost_error().body()).encode()
-        if not state["started"]:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"retry-after", str(RETRY_AFTER_S).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-        elif state["sse"] and not state["done_event"]:  # a stream cut before its [DONE] event
-            await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n"})
-        else:
-            await send({"type": "http.response.body", "body": b""})
+        if not (progress.finished or progress.client_gone):  # done, or nobody left to answer
+            await _complete(scope, send, progress)
+
+
+async def _complete(scope: Scope, send: Send, progress: _Progress) -> None:
+    log.warning("%s %s: the replica was lost before the response ended", scope.get("method"), scope.get("path"))
+    body = json.dumps(_lost_error().body()).encode()
+    if not progress.started:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_S).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif progress.sse and not progress.done_event:  # a stream cut before its [DONE] event
+        await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n"})
+    else:
+        await send({"type": "http.response.body", "body": b""})
 
 
 def proxy_middlewares() -> list[Middleware]:
