@@ -32,6 +32,8 @@ import pytest
 # Joining stlm serve's Ray instance (token auth by default, token in ~/.ray/auth_token) from this
 # process takes RAY_AUTH_MODE=token, read when ray is imported.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray on loopback only (as `stlm serve --replicas` starts it): no traffic to the machine's network address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'stlm[ray]')")
 
 import openai

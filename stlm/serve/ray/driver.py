@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -21,6 +22,8 @@ __all__ = ["run_ray_server", "serve_on_ray"]
 log = logging.getLogger(__name__)
 
 LOCAL_ADDRESSES = (None, "auto", "local")
+# Ray takes the machine's network address as its node address unless this is "0" (then loopback).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # run_server settings with no meaning on Ray Serve (its proxy logs and serves HTTP)
 _PROXY_SETTINGS = {"log_level", "access_log"}
 
@@ -73,6 +76,11 @@ def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Ev
     requests for up to ``options.shutdown_timeout`` s); Serve and Ray stop too if this call
     started them. ``stop`` (default: SIGINT/SIGTERM in the main thread) ends the serving.
     """
+    if options.address is None and "ray" not in sys.modules:
+        # A Ray instance started by this call serves one machine: like the HTTP server, its own
+        # services (GCS, raylets, workers, dashboard) stay on loopback. Ray reads this when it is
+        # imported; a multi-node cluster is started with `ray start` and joined with --ray-address.
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     serve = import_serve()
     import ray
 
