@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from stlm.errors import StlmError
+from stlm.extras import require_extra
 from stlm.serve.config import ServeConfig
 
 
@@ -311,8 +312,51 @@ def _api_key(value: str | None) -> str | None:
     type=float,
     help="After SIGTERM/SIGINT, seconds in-flight requests have to finish before they are cancelled.",
 )
-def serve(package: Path, **options: Any) -> None:
-    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
+@click.option(
+    "--replicas",
+    default=None,
+    type=int,
+    help="Serve from N replicas on Ray Serve (each with its own scheduler and KV cache); needs stlm[ray].",
+)
+@click.option(
+    "--autoscale",
+    default=None,
+    metavar="MIN:MAX",
+    help="Ray Serve replicas scaled on load between MIN and MAX (target: --max-batch ongoing requests each).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster to join with --replicas/--autoscale (e.g. auto, HOST:6379) [default: the local one, or a new one].",
+)
+@click.option("--num-cpus", default=None, type=float, help="CPUs reserved per Ray Serve replica [default: 1].")
+@click.option("--num-gpus", default=None, type=float, help="GPUs per Ray Serve replica (1: one engine per GPU).")
+def serve(
+    package: Path,
+    replicas: int | None,
+    autoscale: str | None,
+    ray_address: str | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    **options: Any,
+) -> None:
+    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching.
+
+    With --replicas or --autoscale, the same server runs as replicas on Ray Serve (pip install 'stlm[ray]').
+    """
+    ray = {
+        "replicas": replicas,
+        "autoscale": autoscale,
+        "ray_address": ray_address,
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+    }
+    if any(v is not None for v in ray.values()):
+        require_extra("ray", feature="serving on Ray Serve (--replicas/--autoscale)")
+        from stlm.serve.ray import run_ray_server
+
+        run_ray_server(package, **ray, **options)
+        return
     from stlm.serve import run_server  # needs the serve extra (a clear error without it)
 
     if run_server(ServeConfig(package, **options)) is not None:
