@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from stlm.cli_serve import serve
 from stlm.errors import StlmError
 from stlm.tensorrt.profiles import DEFAULT_MAX_BATCH
 from stlm.testing.checkpoint import CONFIG_STYLES, PRESETS
@@ -243,56 +244,6 @@ def generate(
 
 
 @cli.command()
-@click.argument("package", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
-@click.option(
-    "--api-key", default=None, envvar="STLM_API_KEY", help="Require 'Authorization: Bearer KEY' (or set STLM_API_KEY)."
-)
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Sequences decoded together (cache slots).")
-@click.option(
-    "--max-queue",
-    default=64,
-    show_default=True,
-    type=int,
-    help="Sequences that may wait for a slot; beyond this requests get 429.",
-)
-@click.option(
-    "--max-context",
-    default=None,
-    type=int,
-    help="Tokens per slot (prompt + completion) [default: min(model context, 2048)].",
-)
-@click.option("--model-name", default=None, help="Model id clients pass [default: the package folder's name].")
-@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads [default: ORT's].")
-def serve(
-    package: Path,
-    host: str,
-    port: int,
-    api_key: str | None,
-    max_batch: int,
-    max_queue: int,
-    max_context: int | None,
-    model_name: str | None,
-    threads: int | None,
-) -> None:
-    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
-    from stlm.serve import run_server
-
-    run_server(
-        package,
-        host=host,
-        port=port,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_context=max_context,
-        model_name=model_name,
-        threads=threads,
-    )
-
-
-@cli.command()
 @click.argument("reference")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--prompts", default=4, show_default=True, type=int, help="How many of the fixed prompts to run (1-8).")
@@ -388,6 +339,9 @@ def bench(
         package, batch=batch, prompt_len=prompt_len, gen_len=gen_len, runs=runs, warmup=warmup, threads=threads
     )
     click.echo(json.dumps(r.to_dict()) if as_json else r.format())
+
+
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """stlm.runtime.sampling: parameters, logits processors and sampling on hand-made logits.
 
-Expected values are computed independently here (float64, full sorts), never by calling the
-code under test.
+Expected values come from the definition (float64, full sorts: stlm.runtime.sampling.reference),
+never from the fast path under test.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from stlm.runtime.sampling import (
     top_k_mask,
     top_p_mask,
 )
+from stlm.runtime.sampling.reference import reference_distribution
 
 
 def ids_of(mask: np.ndarray) -> set[int]:
@@ -33,36 +34,9 @@ def logits_of(probs: list[float]) -> np.ndarray:
     return np.log(np.asarray(probs, dtype=np.float64)).astype(np.float32)
 
 
-def reference_dist(
-    logits: np.ndarray,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-) -> np.ndarray:
-    """The final sampling distribution by the definitions: float64, full stable ranking."""
-    n = logits.shape[0]
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.lexsort((np.arange(n), -z))  # probability desc, id asc
-    keep = np.ones(n, dtype=bool)
-    if 0 < top_k < n:
-        keep[:] = False
-        keep[order[:top_k]] = True
-    if top_p < 1.0:
-        q = np.where(keep, p, 0.0)
-        q /= q.sum()
-        cut = int(np.argmax(np.cumsum(q[order]) >= top_p * (1 - 1e-9)))  # documented tolerance
-        nucleus = np.zeros(n, dtype=bool)
-        nucleus[order[: cut + 1]] = True
-        keep &= nucleus
-    if min_p > 0.0:
-        q = np.where(keep, p, 0.0)
-        keep &= q >= min_p * q.max()
-    q = np.where(keep, p, 0.0)
-    return q / q.sum()
+def reference_dist(logits: np.ndarray, **params: float) -> np.ndarray:
+    """The final sampling distribution by its definition (the sort-based oracle beside the fast path)."""
+    return reference_distribution(logits, SamplingParams(**params))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- parameters

@@ -337,7 +337,9 @@ class _Poisoned:
         self.inner.release(cache, row)
 
 
-def test_a_failing_request_does_not_affect_others(inplace_package: Path, generator: Generator) -> None:
+def test_a_failing_request_does_not_affect_others(
+    inplace_package: Path, generator: Generator, caplog: pytest.LogCaptureFixture
+) -> None:
     doomed = generator.encode_prompt("this request is doomed")
     poisoned = Generator(_Poisoned(generator.backend, doomed), generator.tokenizer, generator.manifest)  # type: ignore[arg-type]
     config = ServeConfig(inplace_package, port=0, max_batch=4, max_queue=16, max_context=256, prefill_chunk=16)
@@ -351,8 +353,12 @@ def test_a_failing_request_does_not_affect_others(inplace_package: Path, generat
             assert good.result() == expected
             with pytest.raises(openai.InternalServerError) as err:
                 bad.result()
-            assert err.value.body["type"] == "server_error" and "NaN" in err.value.body["message"]
-            with pytest.raises(openai.APIError, match="NaN"):
+            # the client learns a request id, never the exception; the log has both
+            assert err.value.body["type"] == "server_error" and "NaN" not in err.value.body["message"]
+            rid = err.value.response.headers["x-request-id"]
+            assert rid in err.value.body["message"]
+            assert any(rid in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)
+            with pytest.raises(openai.APIError, match="internal error while handling request req-"):
                 bad_stream.result()
         wait_for(lambda: metrics(server)["stlm_slots_in_use"] == 0)
         assert metrics(server)['stlm_requests_total{status="500"}'] == 2

@@ -58,3 +58,12 @@ class Backend(Protocol[CacheT]):
     def release(self, cache: CacheT, row: int) -> None:
         """Empty ``row`` so a new sequence can start in it."""
         ...
+
+
+def last_position_logits(rows: Sequence[np.ndarray], vocab: int) -> np.ndarray:
+    """(batch, vocab) float32: each row's last logits of ``forward_all``'s output (zeros for an idle row)."""
+    logits = np.zeros((len(rows), vocab), dtype=np.float32)
+    for r, row in enumerate(rows):
+        if len(row):
+            logits[r] = row[-1]
+    return logits

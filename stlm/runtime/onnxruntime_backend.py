@@ -29,6 +29,7 @@ from stlm.contract import ATTENTION_MASK, LOGITS
 from stlm.dtypes import ONNX_BFLOAT16, numpy_dtype
 from stlm.errors import BackendUnavailableError
 from stlm.manifest import Manifest
+from stlm.runtime.backend import last_position_logits
 from stlm.runtime.ort_session import CUDA_PROVIDER, device_for, open_session, providers_for
 from stlm.runtime.steps import InplaceCall, check_capacity, check_feed, concat_step, plan_inplace_step
 from stlm.tensorrt.gpu import GPU_FIX
@@ -120,12 +121,7 @@ class OnnxRuntimeBackend:
 
     def forward(self, cache: Cache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """One step over every row; logits after each row's last token (see :class:`~stlm.runtime.backend.Backend`)."""
-        rows = self._step(cache, tokens, every_position=False)
-        logits = np.zeros((cache.batch, self.manifest.model.vocab_size), dtype=np.float32)
-        for r, row in enumerate(rows):
-            if len(row):
-                logits[r] = row[-1]
-        return logits
+        return last_position_logits(self._step(cache, tokens, every_position=False), self.manifest.model.vocab_size)
 
     def forward_all(self, cache: Cache, tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """One step over every row; every fed position's logits, (len(tokens[row]), vocab) per row."""

@@ -31,6 +31,7 @@ from stlm.contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, LOGITS_INDEX
 from stlm.dtypes import TENSORRT_NAME, numpy_dtype
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.manifest import Manifest
+from stlm.runtime.backend import last_position_logits
 from stlm.runtime.steps import check_capacity, check_feed, concat_step
 from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
 from stlm.tensorrt.engine_manifest import (
@@ -195,11 +196,7 @@ class TensorRTBackend:
 
     def forward(self, cache: TrtCache, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Append ``tokens[row]`` to each row; return the logits after each row's last token (batch, vocab)."""
-        logits = np.zeros((cache.batch, self.manifest.model.vocab_size), dtype=np.float32)
-        for r, row in enumerate(self._run(cache, tokens, every_position=False)):
-            if len(row):
-                logits[r] = row[-1]
-        return logits
+        return last_position_logits(self._run(cache, tokens, every_position=False), self.manifest.model.vocab_size)
 
     def forward_all(self, cache: TrtCache, tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Append ``tokens[row]`` to each row; every fed position's logits, (len(tokens[row]), vocab) per row."""

@@ -1,4 +1,4 @@
-"""Choosing the next token from one row of logits: parameters, logits processors, sampling.
+"""Choosing the next token from one row of logits: logits processors and the fast sampler.
 
 Everything here is a pure function of its arguments; randomness comes only from an explicit
 ``numpy.random.Generator`` (see :func:`make_rng`).
@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
+from stlm.runtime.sampling.params import SamplingParams, checked
 
 __all__ = [
-    "SamplingParams",
     "apply_repetition_penalty",
     "apply_temperature",
     "log_softmax",
-    "make_rng",
     "min_p_mask",
     "sample_token",
     "top_k_mask",
@@ -61,88 +59,12 @@ _STRIDE = 16
 _BLOCK = 512
 # min-p preselects with a threshold this much looser (in log space) than the exact float64 test.
 _MIN_P_SLACK = 1e-3
-
-
-# name -> (expected, fix, kind, low, high, low excluded); kind "int" rejects floats and bools
-_INF = math.inf
-_RULES: dict[str, tuple[str, str, str, float, float, bool]] = {
-    "max_new_tokens": ("an int >= 1", "ask for e.g. max_new_tokens=64", "int", 1, _INF, False),
-    "temperature": ("a finite float >= 0 (0 = greedy)", "use 0 for greedy or e.g. 0.7", "float", 0, _INF, False),
-    "top_k": ("an int >= 0 (0 = off)", "use top_k=0 (off) or e.g. 50", "int", 0, _INF, False),
-    "top_p": ("a float in (0, 1] (1 = off)", "use top_p=1.0 (off) or e.g. 0.95", "float", 0, 1, True),
-    "min_p": ("a float in [0, 1] (0 = off)", "use min_p=0.0 (off) or e.g. 0.05", "float", 0, 1, False),
-    "repetition_penalty": ("a finite float > 0 (1 = off)", "use 1.0 (off) or e.g. 1.1", "float", 0, _INF, True),
-    "seed": ("None or an int >= 0", "pass e.g. seed=0, or None for a random seed", "int", 0, _INF, False),
-}
-
-
-def _checked(name: str, value: object) -> Any:
-    """``value`` as the int/float ``_RULES[name]`` allows, or an InvalidArgumentError naming it."""
-    expected, fix, kind, lo, hi, lo_open = _RULES[name]
-    types = (int, np.integer) if kind == "int" else (int, float, np.integer, np.floating)
-    if not isinstance(value, bool) and isinstance(value, types):
-        x = int(value) if kind == "int" else float(value)
-        if math.isfinite(x) and lo <= x <= hi and not (lo_open and x == lo):
-            return x
-    raise InvalidArgumentError(f"{name}={value!r} is invalid: expected {expected}", fix=fix)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens; validated on construction (:class:`InvalidArgumentError` if bad).
-
-    ``temperature=0`` is greedy (top-k/top-p/min-p/seed are then irrelevant). ``top_k=0``,
-    ``top_p=1`` and ``min_p=0`` switch their filter off. ``stop`` accepts a list (stored as a
-    tuple) or a single str (one stop string). ``max_new_tokens`` is checked against the context
-    length by the generator.
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
-            value = getattr(self, name)
-            if not (name == "seed" and value is None):
-                object.__setattr__(self, name, _checked(name, value))
-        object.__setattr__(self, "stop", _check_stop(self.stop))
-        if not isinstance(self.logprobs, bool | np.bool_):
-            raise InvalidArgumentError(
-                f"logprobs={self.logprobs!r} is invalid: expected a bool", fix="pass logprobs=True or logprobs=False"
-            )
-        object.__setattr__(self, "logprobs", bool(self.logprobs))
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding is greedy (``temperature == 0``)."""
-        return self.temperature == 0.0
-
-
-def _check_stop(stop: object) -> tuple[str, ...]:
-    expected = "expected a list or tuple of non-empty str"
-    fix = 'pass a list of non-empty strings, e.g. stop=["\\n\\n", "User:"]'
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, list | tuple):
-        raise InvalidArgumentError(f"stop={stop!r} is invalid: {expected}", fix=fix)
-    for item in stop:
-        if not isinstance(item, str) or not item:
-            raise InvalidArgumentError(
-                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str ({expected})", fix=fix
-            )
-    return tuple(stop)
-
-
-def make_rng(seed: int | None) -> np.random.Generator:
-    """A PCG64 generator: reproducible for an int seed >= 0, fresh OS entropy for None."""
-    return np.random.default_rng(None if seed is None else _checked("seed", seed))
+# 1/temperature is clamped to [1/_INV_T_LIMIT, _INV_T_LIMIT]: beyond it float32 products overflow
+# (0 * inf = NaN). A temperature below 1e-30 samples like 1e-30 (the top logit; equal top logits
+# drawn at random), one above 1e30 like 1e30 (uniform over every finite logit).
+_INV_T_LIMIT = 1e30
+# Penalised logits are clipped to the finite float32 range, so no penalty makes them inf.
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_logits(logits: Any) -> np.ndarray:
@@ -192,22 +114,29 @@ def apply_repetition_penalty(
     if the logit is > 0, else ``logit * penalty``; penalised once however often the id occurs.
     """
     x = _check_logits(logits)
-    penalty = _checked("repetition_penalty", penalty)
+    penalty = checked("repetition_penalty", penalty)
     if previous_ids is None or penalty == 1.0:
         return x
     ids = _check_previous(previous_ids, x.shape[0])
     if ids.size == 0:
         return x
     out = x.copy()
-    seen = x[ids]  # duplicates read the original value, so repeats are penalised once
-    out[ids] = np.where(seen > 0, seen / np.float32(penalty), seen * np.float32(penalty))
+    seen = x[ids].astype(np.float64)  # duplicates read the original value, so repeats are penalised once
+    # float64 with the float32-rounded penalty gives the float32 result exactly (as transformers);
+    # a penalty float32 cannot hold (beyond ~1e±38) is used as is, and the result clipped
+    with np.errstate(over="ignore", under="ignore"):
+        p32 = float(np.float32(penalty))
+        p = p32 if 0.0 < p32 < math.inf else penalty
+        penalised = np.where(seen > 0, seen / p, seen * p)
+    finite = np.isfinite(seen)
+    out[ids] = np.where(finite, np.clip(penalised, -_F32_MAX, _F32_MAX), penalised)
     return out
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """``logits / temperature`` (temperature > 0; greedy is handled by :func:`sample_token`)."""
     x = _check_logits(logits)
-    t = _checked("temperature", temperature)
+    t = checked("temperature", temperature)
     if t == 0.0:
         raise InvalidArgumentError(
             "temperature=0 is invalid here: expected a float > 0",
@@ -272,7 +201,7 @@ def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
     ids are kept, so ``k=1`` keeps the greedy token.
     """
     x = _check_logits(logits)
-    k = _checked("top_k", k)
+    k = checked("top_k", k)
     n = x.shape[0]
     if k == 0 or k >= n:
         return np.ones(n, dtype=bool)
@@ -338,7 +267,7 @@ def top_p_mask(logits: np.ndarray, top_p: float) -> np.ndarray:
     ``top_p=1`` keeps everything.
     """
     x = _check_logits(logits)
-    p = _checked("top_p", top_p)
+    p = checked("top_p", top_p)
     if p == 1.0:
         return np.ones(x.shape[0], dtype=bool)
     return _mask_from(_nucleus(x, _finite_max(x), 1.0, p), x.shape[0])
@@ -350,7 +279,7 @@ def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
     The ratio ``p / p_max = exp(logit - max_logit)`` is evaluated in float64.
     """
     x = _check_logits(logits)
-    mp = _checked("min_p", min_p)
+    mp = checked("min_p", min_p)
     if mp == 0.0:
         return np.ones(x.shape[0], dtype=bool)
     return _mask_from(_min_p_candidates(x, _finite_max(x), 1.0, mp), x.shape[0])
@@ -359,7 +288,10 @@ def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
 def _min_p_candidates(x: np.ndarray, m: float, inv_t: float, min_p: float) -> np.ndarray:
     """Ids (ascending) with ``exp((x - m) * inv_t) >= min_p``, exact in float64."""
     loose = m + (math.log(min_p) - _MIN_P_SLACK) / inv_t
-    ids = np.flatnonzero(x >= np.float32(loose))
+    threshold = np.float32(loose)
+    if float(threshold) > loose:  # rounded up: could drop a candidate the float64 test keeps
+        threshold = np.nextafter(threshold, np.float32(-np.inf))
+    ids = np.flatnonzero(x >= threshold)
     ratio = np.exp((x[ids].astype(np.float64) - m) * inv_t)
     return ids[ratio >= min_p]
 
@@ -383,7 +315,8 @@ def _draw_full(x: np.ndarray, m: float, inv_t: float, rng: np.random.Generator) 
     """
     w = x - np.float32(m)
     if inv_t != 1.0:
-        w *= np.float32(inv_t)
+        with np.errstate(over="ignore"):  # -> -inf, whose exp is the 0 it stands for
+            w *= np.float32(inv_t)
     np.exp(w, out=w)
     sums = _block_sums(w, _BLOCK)
     block, _ = _draw(sums, rng)
@@ -416,7 +349,7 @@ def sample_token(
         np.exp(shifted, out=shifted)
         return token, -math.log(float(shifted.sum()))  # x[token] == m
 
-    inv_t = 1.0 / params.temperature
+    inv_t = min(max(1.0 / params.temperature, 1.0 / _INV_T_LIMIT), _INV_T_LIMIT)
     k = params.top_k if 0 < params.top_k < n else 0
     if k:
         order = _ranked_top(x, k)

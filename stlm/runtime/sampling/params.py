@@ -1,0 +1,107 @@
+"""Sampling parameters: :class:`SamplingParams` (validated on construction) and :func:`make_rng`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from stlm.errors import InvalidArgumentError
+
+__all__ = ["SamplingParams", "checked", "make_rng"]
+
+
+class _Rule(NamedTuple):
+    """What one numeric parameter accepts: ints only (bools and floats refused) or any real number,
+    in ``[low, high]`` (``low`` itself excluded when ``low_open``)."""
+
+    expected: str
+    fix: str
+    integer: bool
+    low: float
+    high: float
+    low_open: bool = False
+
+
+_RULES: dict[str, _Rule] = {
+    "max_new_tokens": _Rule("an int >= 1", "ask for e.g. max_new_tokens=64", True, 1, math.inf),
+    "temperature": _Rule("a finite float >= 0 (0 = greedy)", "use 0 for greedy or e.g. 0.7", False, 0, math.inf),
+    "top_k": _Rule("an int >= 0 (0 = off)", "use top_k=0 (off) or e.g. 50", True, 0, math.inf),
+    "top_p": _Rule("a float in (0, 1] (1 = off)", "use top_p=1.0 (off) or e.g. 0.95", False, 0, 1, low_open=True),
+    "min_p": _Rule("a float in [0, 1] (0 = off)", "use min_p=0.0 (off) or e.g. 0.05", False, 0, 1),
+    "repetition_penalty": _Rule(
+        "a finite float > 0 (1 = off)", "use 1.0 (off) or e.g. 1.1", False, 0, math.inf, low_open=True
+    ),
+    "seed": _Rule("None or an int >= 0", "pass e.g. seed=0, or None for a random seed", True, 0, math.inf),
+}
+
+
+def checked(name: str, value: object) -> Any:
+    """``value`` as the int/float ``_RULES[name]`` allows, or an InvalidArgumentError naming it."""
+    rule = _RULES[name]
+    types = (int, np.integer) if rule.integer else (int, float, np.integer, np.floating)
+    if not isinstance(value, bool) and isinstance(value, types):
+        x = int(value) if rule.integer else float(value)
+        if math.isfinite(x) and rule.low <= x <= rule.high and not (rule.low_open and x == rule.low):
+            return x
+    raise InvalidArgumentError(f"{name}={value!r} is invalid: expected {rule.expected}", fix=rule.fix)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; validated on construction (:class:`InvalidArgumentError` if bad).
+
+    ``temperature=0`` is greedy (top-k/top-p/min-p/seed are then irrelevant). ``top_k=0``,
+    ``top_p=1`` and ``min_p=0`` switch their filter off. ``stop`` accepts a list (stored as a
+    tuple) or a single str (one stop string). ``max_new_tokens`` is checked against the context
+    length by the generator.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if not (name == "seed" and value is None):
+                object.__setattr__(self, name, checked(name, value))
+        object.__setattr__(self, "stop", _check_stop(self.stop))
+        if not isinstance(self.logprobs, bool | np.bool_):
+            raise InvalidArgumentError(
+                f"logprobs={self.logprobs!r} is invalid: expected a bool", fix="pass logprobs=True or logprobs=False"
+            )
+        object.__setattr__(self, "logprobs", bool(self.logprobs))
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (``temperature == 0``)."""
+        return self.temperature == 0.0
+
+
+def _check_stop(stop: object) -> tuple[str, ...]:
+    expected = "expected a list or tuple of non-empty str"
+    fix = 'pass a list of non-empty strings, e.g. stop=["\\n\\n", "User:"]'
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, list | tuple):
+        raise InvalidArgumentError(f"stop={stop!r} is invalid: {expected}", fix=fix)
+    for item in stop:
+        if not isinstance(item, str) or not item:
+            raise InvalidArgumentError(
+                f"stop={stop!r} is invalid: the entry {item!r} is not a non-empty str ({expected})", fix=fix
+            )
+    return tuple(stop)
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """A PCG64 generator: reproducible for an int seed >= 0, fresh OS entropy for None."""
+    return np.random.default_rng(None if seed is None else checked("seed", seed))
