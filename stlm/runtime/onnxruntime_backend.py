@@ -111,8 +111,12 @@ class OnnxRuntimeBackend:
         lengths = np.zeros(batch, dtype=np.int64)
         if self.manifest.variant.inplace:
             shape = (batch, self._heads, capacity + SLACK, self._head_dim)
+            zeros = np.zeros(shape, self._kv_dtype)  # zeroed: a padded slot must never hold NaN garbage
+            # On the CPU an OrtValue wraps the numpy memory itself, so each tensor needs its own array.
             buffers = [
-                ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype), self.device, self.device_id)
+                ort.OrtValue.ortvalue_from_numpy(
+                    zeros if self.device == "cuda" else np.zeros_like(zeros), self.device, self.device_id
+                )
                 for _ in self._past
             ]
             return InplaceCache(buffers, lengths, capacity)

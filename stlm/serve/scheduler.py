@@ -35,6 +35,7 @@ import numpy as np
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend
 from stlm.runtime.sequence import Completion, SequenceState, check_fits
+from stlm.serve.config import ServeConfig
 from stlm.serve.metrics import ServerMetrics
 
 __all__ = ["Job", "QueueFullError", "Scheduler", "SchedulerStoppedError", "StepOutput"]
@@ -115,7 +116,7 @@ class Scheduler:
         max_batch: int,
         capacity: int,
         max_queue: int,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = ServeConfig.prefill_chunk,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.backend = backend
