@@ -291,8 +291,8 @@ def verify_package(
     package_class = manifest.variant.accuracy_class
     backend = Generator.load(package).backend
     got = [package_logits(backend, p, t) for p, t in zip(ref.prompts, ref.tokens, strict=True)]
-    klass = looser(package_class, ref.accuracy_class)
-    results, checks = compare(ref, got, TOLERANCES[klass])
+    compared_as = looser(package_class, ref.accuracy_class)
+    results, checks = compare(ref, got, TOLERANCES[compared_as])
     notes: list[str] = []
     if package_class != "fp32" and ref.source.startswith("transformers"):
         notes.append(f"a {package_class} package is compared with transformers in fp32 on the same weights")
@@ -306,5 +306,13 @@ def verify_package(
     elif save_reference_to is not None:
         notes.append(f"reference not written to {save_reference_to}: the package is beyond tolerance")
     return VerifyReport(
-        str(package), _describe(manifest), ref.source, klass, TOLERANCES[klass], checks, results, saved, tuple(notes)
+        str(package),
+        _describe(manifest),
+        ref.source,
+        compared_as,
+        TOLERANCES[compared_as],
+        checks,
+        results,
+        saved,
+        tuple(notes),
     )

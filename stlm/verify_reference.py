@@ -107,14 +107,16 @@ def read_reference(path: Path) -> Reference:
         logits = tuple(np.asarray(it[LOGITS], dtype=np.float32) for it in iterations)
         prompts = tuple(tuple(int(t) for t in p) for p in meta["prompts"])
         tokens = tuple(tuple(int(t) for t in p) for p in meta["tokens"])
-        klass = str(meta["accuracy_class"])
+        saved_class = str(meta["accuracy_class"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"{path} has a malformed stlm verify record ({exc!r})", fix=TWO_STEP_FIX) from None
     if not (len(prompts) == len(tokens) == len(logits)) or any(
         len(t) != len(x) for t, x in zip(tokens, logits, strict=True)
     ):
         raise InvalidArgumentError(f"{path}: prompts, tokens and logits disagree in number", fix=TWO_STEP_FIX)
-    return Reference(f"reference {path} (runner {name}, {meta.get('source', '?')})", klass, prompts, tokens, logits)
+    return Reference(
+        f"reference {path} (runner {name}, {meta.get('source', '?')})", saved_class, prompts, tokens, logits
+    )
 
 
 def save_reference(
