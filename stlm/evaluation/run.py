@@ -1,0 +1,187 @@
+"""Run lm-evaluation-harness on a package: one call for the CLI, one for per-item comparisons.
+
+:func:`evaluate` wraps ``lm_eval.simple_evaluate`` for any lm-eval model (``stlm`` on a package,
+``hf`` on a checkpoint, ``local-completions`` against ``stlm serve``): it finds tasks (built-in and
+``include_path`` folders), sets the seeds, and writes the results JSON as lm-eval's own CLI does.
+:func:`item_results` turns the logged samples into per-item records (log-likelihoods, greedy flags,
+generations, metrics), so two models are compared item by item with :func:`evaluate_items`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lm_eval import simple_evaluate
+from lm_eval.loggers import EvaluationTracker
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import make_table
+
+import stlm.evaluation.lm  # noqa: F401 - registers the "stlm" model
+from stlm.errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ItemResult", "evaluate", "evaluate_items", "evaluate_package", "item_results", "results_table"]
+
+#: lm-eval's default seeds (python random, numpy, torch, few-shot sampler), but torch's is left unset:
+#: the stlm model does not use torch, and setting it would import torch (seconds). Pass it for torch models.
+DEFAULT_SEEDS: tuple[int | None, int | None, int | None, int | None] = (0, 1234, None, 1234)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One task item's outcome: per request (choice) the log-likelihood and greedy flag, or the generation."""
+
+    task: str
+    doc_id: int
+    target: Any
+    loglikelihoods: tuple[float, ...] = ()
+    greedy: tuple[bool, ...] = ()
+    generations: tuple[str, ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _task_manager(
+    tasks: Sequence[str], include_path: Sequence[str | Path], include_defaults: bool | None
+) -> TaskManager:
+    """lm-eval's TaskManager; built-in tasks are indexed (~45 s) only when a task needs them."""
+    paths = [str(Path(p)) for p in include_path]
+    for p in paths:
+        if not Path(p).is_dir():
+            raise InvalidArgumentError(f"include_path {p!r} is not a folder", fix="pass a folder of task YAML files")
+    if paths and include_defaults is None:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return TaskManager(include_path=paths or None, include_defaults=include_defaults is not False)
+
+
+def evaluate(
+    model: str,
+    model_args: str | dict[str, Any],
+    tasks: Sequence[str],
+    *,
+    include_path: Sequence[str | Path] = (),
+    include_defaults: bool | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str | None = None,
+    max_batch_size: int | None = None,
+    device: str | None = None,
+    seeds: Sequence[int | None] = DEFAULT_SEEDS,
+    gen_kwargs: str | dict[str, Any] | None = None,
+    log_samples: bool = False,
+    output_path: str | Path | None = None,
+    bootstrap_iters: int = 100000,
+    **options: Any,
+) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` with task lookup, seeds and lm-eval's results files.
+
+    ``output_path``: a folder (results go to ``<folder>/<model name>/results_<time>.json``) or a
+    ``.json`` file name (``<stem>_<time>.json``), as ``lm_eval --output_path``; with ``log_samples``
+    the per-item samples are written next to it. Returns simple_evaluate's results dict (with
+    ``"samples"`` when ``log_samples``). Other ``options`` go to simple_evaluate unchanged.
+    """
+    keep_samples = bool(options.pop("keep_samples", False))
+    if not tasks:
+        raise InvalidArgumentError("no task given", fix="name at least one task, e.g. --tasks hellaswag")
+    if len(seeds) != 4:
+        raise InvalidArgumentError(f"seeds={seeds!r}: expected 4 values", fix="pass (python, numpy, torch, fewshot)")
+    missing = [t for t in tasks if t not in (manager := _task_manager(tasks, include_path, include_defaults)).all_tasks]
+    if missing:
+        raise InvalidArgumentError(
+            f"unknown task(s) {missing}",
+            fix="check the names (`lm-eval ls tasks`), or pass --include_path with the folder of your task YAMLs",
+        )
+    tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
+    results = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        max_batch_size=max_batch_size,
+        device=device,
+        limit=limit,
+        gen_kwargs=gen_kwargs,
+        log_samples=log_samples or keep_samples,
+        evaluation_tracker=tracker,
+        task_manager=manager,
+        random_seed=seeds[0],
+        numpy_random_seed=seeds[1],
+        torch_random_seed=seeds[2],
+        fewshot_random_seed=seeds[3],
+        bootstrap_iters=bootstrap_iters,
+        **options,
+    )
+    if results is None:  # only on non-zero ranks of a distributed run
+        return {}
+    if tracker is not None:
+        samples: dict[str, Any] = results.get("samples") or {} if log_samples else {}
+        tracker.save_results_aggregated(
+            results={k: v for k, v in results.items() if k != "samples"}, samples=samples or None
+        )
+        for task_name, task_samples in samples.items():
+            tracker.save_results_samples(task_name=task_name, samples=task_samples)
+    return dict(results)
+
+
+def evaluate_package(package: str | Path, tasks: Sequence[str], **options: Any) -> dict[str, Any]:
+    """:func:`evaluate` with the ``stlm`` model on ``package``; ``model_args`` adds model arguments."""
+    extra = options.pop("model_args", None) or {}
+    if isinstance(extra, str):
+        from lm_eval.utils import simple_parse_args_string
+
+        extra = simple_parse_args_string(extra)
+    return evaluate("stlm", {"pretrained": str(package), **extra}, tasks, **options)
+
+
+def item_results(results: dict[str, Any]) -> dict[str, list[ItemResult]]:
+    """Per-item records of each task, ordered by doc id (needs results logged with samples)."""
+    if "samples" not in results:
+        raise InvalidArgumentError(
+            "these results hold no samples", fix="run the evaluation with log_samples=True (or evaluate_items)"
+        )
+    out: dict[str, list[ItemResult]] = {}
+    for task, samples in results["samples"].items():
+        records = []
+        for s in sorted(samples, key=lambda s: s["doc_id"]):
+            raw = [r[0] for r in s["resps"]]
+            scored = all(isinstance(r, tuple | list) and len(r) == 2 for r in raw)
+            records.append(
+                ItemResult(
+                    task=task,
+                    doc_id=int(s["doc_id"]),
+                    target=s["target"],
+                    loglikelihoods=tuple(float(r[0]) for r in raw) if scored else (),
+                    greedy=tuple(bool(r[1]) for r in raw) if scored else (),
+                    generations=() if scored else tuple(str(r) for r in raw),
+                    metrics={m: s[m] for m in s.get("metrics", ()) if m in s},
+                )
+            )
+        out[task] = records
+    return out
+
+
+def evaluate_items(
+    model: str, model_args: str | dict[str, Any], tasks: Sequence[str], **options: Any
+) -> tuple[dict[str, Any], dict[str, list[ItemResult]]]:
+    """Run :func:`evaluate` with samples and return ``(results, item_results(results))``.
+
+    The same call with ``model="stlm"`` (``model_args={"package": PKG}``), ``model="hf"``
+    (``{"pretrained": CHECKPOINT, "dtype": "float32"}``) or ``model="local-completions"`` (a served
+    package) gives records that compare item by item.
+    """
+    options.setdefault("bootstrap_iters", 0)
+    results = evaluate(model, model_args, tasks, keep_samples=True, **options)
+    return results, item_results(results)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """lm-eval's markdown table of the results (and of the groups, when there are any)."""
+    table = make_table(results)
+    return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
