@@ -34,7 +34,9 @@ DEFAULT_SEEDS: tuple[int | None, int | None, int | None, int | None] = (0, 1234,
 
 @dataclass(frozen=True)
 class ItemResult:
-    """One task item's outcome: per request (choice) the log-likelihood and greedy flag, or the generation."""
+    """One task item's outcome: per request (choice) the log-likelihood and greedy flag, the rolling
+    log-likelihood of a whole text (``loglikelihood_rolling``: no greedy flag), or the generation
+    (the raw text, before the task's filters; ``metrics`` are after them)."""
 
     task: str
     doc_id: int
@@ -151,15 +153,20 @@ def item_results(results: dict[str, Any]) -> dict[str, list[ItemResult]]:
         records = []
         for s in sorted(samples, key=lambda s: s["doc_id"]):
             raw = [r[0] for r in s["resps"]]
-            scored = all(isinstance(r, tuple | list) and len(r) == 2 for r in raw)
+            pairs = all(isinstance(r, tuple | list) and len(r) == 2 for r in raw)  # loglikelihood
+            rolling = all(isinstance(r, int | float) for r in raw)  # loglikelihood_rolling
             records.append(
                 ItemResult(
                     task=task,
                     doc_id=int(s["doc_id"]),
                     target=s["target"],
-                    loglikelihoods=tuple(float(r[0]) for r in raw) if scored else (),
-                    greedy=tuple(bool(r[1]) for r in raw) if scored else (),
-                    generations=() if scored else tuple(str(r) for r in raw),
+                    loglikelihoods=tuple(float(r[0]) for r in raw)
+                    if pairs
+                    else tuple(map(float, raw))
+                    if rolling
+                    else (),
+                    greedy=tuple(bool(r[1]) for r in raw) if pairs else (),
+                    generations=() if pairs or rolling else tuple(str(r) for r in raw),
                     metrics={m: s[m] for m in s.get("metrics", ()) if m in s},
                 )
             )
@@ -185,3 +192,20 @@ def results_table(results: dict[str, Any]) -> str:
     """lm-eval's markdown table of the results (and of the groups, when there are any)."""
     table = make_table(results)
     return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+
+
+def parse_seeds(text: str) -> tuple[int | None, int | None, int | None, int | None]:
+    """lm-eval's ``--seed``: one int for all four seeds, or four comma-separated ints / ``None``."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [None if p.lower() == "none" else int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1 and values[0] is not None:
+        values *= 4
+    if len(values) != 4:
+        raise InvalidArgumentError(
+            f"--seed {text!r} is invalid: expected one int or four comma-separated ints/None",
+            fix="pass e.g. --seed 42 or --seed 0,1234,None,1234 (python, numpy, torch, few-shot)",
+        )
+    return values[0], values[1], values[2], values[3]

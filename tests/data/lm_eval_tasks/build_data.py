@@ -4,7 +4,7 @@
 
 Writes ``stlm_shakespeare_mc.jsonl`` (which line comes next: the true line of a sonnet or three
 distractors) and ``stlm_shakespeare_gen.jsonl`` (the next word of a line of The Tempest or
-Macbeth). The texts are public domain; the trained tiny model never saw them. Deterministic (seeded).
+Macbeth) and ``stlm_shakespeare_ppl.jsonl`` (four passages for perplexity). The texts are public domain; the trained tiny model never saw them. Deterministic (seeded).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CORPUS = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[2] / ".." / "shared" / "corpora" / "shakespeare-heldout"
-MC_ITEMS, GEN_ITEMS = 32, 32
+MC_ITEMS, GEN_ITEMS, PPL_DOCS = 32, 32, 4
 
 
 def sonnet_lines(text: str) -> list[list[str]]:
@@ -106,9 +106,25 @@ def generation(rng: random.Random) -> list[dict[str, object]]:
     return items
 
 
+def documents(rng: random.Random) -> list[dict[str, object]]:
+    """Whole passages (a sonnet or a run of speeches) for loglikelihood_rolling (perplexity)."""
+    sonnets = sonnet_lines((CORPUS / "sonnets.txt").read_text(encoding="utf-8"))
+    picks = [("sonnets", "\n".join(sonnets[i])) for i in rng.sample(range(len(sonnets)), PPL_DOCS // 2)]
+    for play in ("tempest.txt", "macbeth.txt"):
+        turns = speeches((CORPUS / play).read_text(encoding="utf-8"))
+        k = rng.randrange(len(turns) - 8)
+        picks.append((play.removesuffix(".txt"), "\n\n".join(f"{who}\n{said}" for who, said in turns[k : k + 8])))
+    return [{"id": n, "source": src, "text": text} for n, (src, text) in enumerate(picks)]
+
+
 def main() -> None:
     rng = random.Random(20240607)
-    for name, rows in (("stlm_shakespeare_mc", multiple_choice(rng)), ("stlm_shakespeare_gen", generation(rng))):
+    tasks = {
+        "stlm_shakespeare_mc": multiple_choice(rng),
+        "stlm_shakespeare_gen": generation(rng),
+        "stlm_shakespeare_ppl": documents(rng),
+    }
+    for name, rows in tasks.items():
         path = HERE / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         print(f"wrote {path} ({len(rows)} items)")

@@ -28,3 +28,8 @@ def load_mc(**_: Any) -> Any:
 def load_gen(**_: Any) -> Any:
     """stlm_shakespeare_gen: the next word of a line (generated until the newline)."""
     return _load("stlm_shakespeare_gen.jsonl")
+
+
+def load_ppl(**_: Any) -> Any:
+    """stlm_shakespeare_ppl: whole passages scored with loglikelihood_rolling."""
+    return _load("stlm_shakespeare_ppl.jsonl")
