@@ -192,7 +192,11 @@ def test_truncation_empty_context_and_bos_as_hf(
     np.testing.assert_allclose(
         got_r, hf.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)), atol=TOLERANCE
     )
-    gens = [(LONG, {"until": ["\n"], "max_gen_toks": 5}), ("Hello", {"until": ["."], "max_gen_toks": 5}), ("Hi", {"max_gen_toks": 4, "do_sample": False})]
+    gens = [
+        (LONG, {"until": ["\n"], "max_gen_toks": 5}),
+        ("Hello", {"until": ["."], "max_gen_toks": 5}),
+        ("Hi", {"max_gen_toks": 4, "do_sample": False}),
+    ]
     gen_requests = _requests("generate_until", [(c, dict(k)) for c, k in gens])
     assert ours.generate_until(gen_requests) == hf.generate_until(
         _requests("generate_until", [(c, dict(k)) for c, k in gens])

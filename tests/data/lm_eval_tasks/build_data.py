@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CORPUS = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[2] / ".." / "shared" / "corpora" / "shakespeare-heldout"
+CORPUS = (
+    Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[2].parent / "shared" / "corpora" / "shakespeare-heldout"
+)
 MC_ITEMS, GEN_ITEMS, PPL_DOCS = 32, 32, 4
 
 
@@ -80,7 +82,7 @@ def speeches(text: str) -> list[tuple[str, str]]:
     for block in re.split(r"\n\s*\n", text):
         lines = block.strip().splitlines()
         if len(lines) >= 2 and re.fullmatch(r"[A-Z][A-Z ]+\.", lines[0].strip()):
-            out.append((lines[0].strip(), "\n".join(l.rstrip() for l in lines[1:])))
+            out.append((lines[0].strip(), "\n".join(x.rstrip() for x in lines[1:])))
     return out
 
 
