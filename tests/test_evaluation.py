@@ -288,10 +288,15 @@ def test_cli_eval_writes_lm_eval_results(packages: dict[str, Path], tmp_path: Pa
     ],
 )
 def test_cli_eval_mistakes_exit_2(packages: dict[str, Path], args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from stlm.cli import cli
+
     base = ["eval", str(packages["hd16-inplace"]), "--tasks", "stlm_shakespeare_mc", "--include_path", str(TASK_DIR)]
-    proc = _stlm(*base, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error:") and message in proc.stderr and "Traceback" not in proc.stderr
+    result = CliRunner().invoke(cli, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and message in result.output and result.exception is not None
+    assert isinstance(result.exception, SystemExit)
 
 
 ISOLATION = """
