@@ -83,7 +83,7 @@ def subject(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return {"checkpoint": TRAINED, "packages": packages, "trained": True}
 
 
-def _run(model: str, args: dict[str, Any], limit: int | None = None) -> tuple[dict[str, Any], Items]:
+def _run(model: str, args: str | dict[str, Any], limit: int | None = None) -> tuple[dict[str, Any], Items]:
     return evaluate_items(model, args, TASKS, include_path=[TASK_DIR], batch_size=8, limit=limit)
 
 
@@ -149,7 +149,8 @@ def test_inplace_package_scores_items_as_hf(
 
 
 def test_concat_package_scores_items_as_hf(subject: dict[str, Any], hf_reference: tuple[dict[str, Any], Items]) -> None:
-    _, items = _run("stlm", {"package": str(subject["packages"]["concat"]), "max_length": MAX_LENGTH}, limit=6)
+    args = f"package={subject['packages']['concat']},max_length={MAX_LENGTH}"  # lm-eval's string form
+    _, items = _run("stlm", args, limit=6)
     assert [len(items[t]) for t in TASKS] == [6, 6, 4]
     _assert_items_equal(items, hf_reference[1])
 
