@@ -51,15 +51,35 @@ def _task_manager(
     tasks: Sequence[str], include_path: Sequence[str | Path], include_defaults: bool | None
 ) -> TaskManager:
     """lm-eval's TaskManager; built-in tasks are indexed (~45 s) only when a task needs them."""
+    if not tasks:
+        raise InvalidArgumentError("no task given", fix="name at least one task, e.g. --tasks hellaswag")
     paths = [str(Path(p)) for p in include_path]
     for p in paths:
         if not Path(p).is_dir():
             raise InvalidArgumentError(f"include_path {p!r} is not a folder", fix="pass a folder of task YAML files")
+    manager = None
     if paths and include_defaults is None:
         local = TaskManager(include_path=paths, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
-            return local
-    return TaskManager(include_path=paths or None, include_defaults=include_defaults is not False)
+        manager = local if all(t in local.all_tasks for t in tasks) else None
+    if manager is None:
+        manager = TaskManager(include_path=paths or None, include_defaults=include_defaults is not False)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise InvalidArgumentError(
+            f"unknown task(s) {missing}",
+            fix="check the names (`lm-eval ls tasks`), or pass --include_path with the folder of your task YAMLs",
+        )
+    return manager
+
+
+def _save(tracker: EvaluationTracker, results: dict[str, Any], log_samples: bool) -> None:
+    """Write the results (and the samples, when logged) as lm-eval's CLI does."""
+    samples: dict[str, Any] = results.get("samples") or {} if log_samples else {}
+    tracker.save_results_aggregated(
+        results={k: v for k, v in results.items() if k != "samples"}, samples=samples or None
+    )
+    for task_name, task_samples in samples.items():
+        tracker.save_results_samples(task_name=task_name, samples=task_samples)
 
 
 def evaluate(
@@ -69,47 +89,30 @@ def evaluate(
     *,
     include_path: Sequence[str | Path] = (),
     include_defaults: bool | None = None,
-    num_fewshot: int | None = None,
-    limit: int | float | None = None,
-    batch_size: int | str | None = None,
-    max_batch_size: int | None = None,
-    device: str | None = None,
     seeds: Sequence[int | None] = DEFAULT_SEEDS,
-    gen_kwargs: str | dict[str, Any] | None = None,
     log_samples: bool = False,
     output_path: str | Path | None = None,
-    bootstrap_iters: int = 100000,
     **options: Any,
 ) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` with task lookup, seeds and lm-eval's results files.
 
-    ``output_path``: a folder (results go to ``<folder>/<model name>/results_<time>.json``) or a
-    ``.json`` file name (``<stem>_<time>.json``), as ``lm_eval --output_path``; with ``log_samples``
-    the per-item samples are written next to it. Returns simple_evaluate's results dict (with
-    ``"samples"`` when ``log_samples``). Other ``options`` go to simple_evaluate unchanged.
+    ``include_path``: folders of task YAMLs (``include_defaults``: also lm-eval's built-in tasks;
+    default: only when a task is not found in the folders). ``seeds``: python, numpy, torch and
+    few-shot seeds. ``output_path``: a folder (results go to ``<folder>/<model name>/results_<time>.json``)
+    or a ``.json`` file name (``<stem>_<time>.json``), as ``lm_eval --output_path``; with
+    ``log_samples`` the per-item samples are written next to it. Other ``options`` (``num_fewshot``,
+    ``limit``, ``batch_size``, ``device``, ``gen_kwargs``, ...) go to simple_evaluate unchanged.
+    Returns simple_evaluate's results dict (with ``"samples"`` when ``log_samples``).
     """
     keep_samples = bool(options.pop("keep_samples", False))
-    if not tasks:
-        raise InvalidArgumentError("no task given", fix="name at least one task, e.g. --tasks hellaswag")
     if len(seeds) != 4:
         raise InvalidArgumentError(f"seeds={seeds!r}: expected 4 values", fix="pass (python, numpy, torch, fewshot)")
-    missing = [t for t in tasks if t not in (manager := _task_manager(tasks, include_path, include_defaults)).all_tasks]
-    if missing:
-        raise InvalidArgumentError(
-            f"unknown task(s) {missing}",
-            fix="check the names (`lm-eval ls tasks`), or pass --include_path with the folder of your task YAMLs",
-        )
+    manager = _task_manager(tasks, include_path, include_defaults)
     tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
     results = simple_evaluate(
         model=model,
         model_args=model_args,
         tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        max_batch_size=max_batch_size,
-        device=device,
-        limit=limit,
-        gen_kwargs=gen_kwargs,
         log_samples=log_samples or keep_samples,
         evaluation_tracker=tracker,
         task_manager=manager,
@@ -117,18 +120,12 @@ def evaluate(
         numpy_random_seed=seeds[1],
         torch_random_seed=seeds[2],
         fewshot_random_seed=seeds[3],
-        bootstrap_iters=bootstrap_iters,
         **options,
     )
     if results is None:  # only on non-zero ranks of a distributed run
         return {}
     if tracker is not None:
-        samples: dict[str, Any] = results.get("samples") or {} if log_samples else {}
-        tracker.save_results_aggregated(
-            results={k: v for k, v in results.items() if k != "samples"}, samples=samples or None
-        )
-        for task_name, task_samples in samples.items():
-            tracker.save_results_samples(task_name=task_name, samples=task_samples)
+        _save(tracker, dict(results), log_samples)
     return dict(results)
 
 
