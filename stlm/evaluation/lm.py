@@ -73,6 +73,7 @@ def _batch_size(batch_size: int | str | None, max_batch_size: int | None) -> int
 
 
 def _load_generator(package: str | Path, device: str | None, threads: int | None) -> Generator:
+    # After the refactor merge: Generator.load(package, device=device, threads=threads).
     if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda"):
         raise InvalidArgumentError(f"device={device!r} is invalid: expected 'cpu' or 'cuda'", fix="pass device=cpu")
     if device is None or device == "cpu":
@@ -301,7 +302,11 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 
 def _logits_one_token_at_a_time(generator: Generator, token_ids: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Every position's logits by feeding one token per step (until Generator.logits exists)."""
+    """Every position's logits by feeding one token per step.
+
+    Temporary: used only while ``Generator.logits`` (the refactor branch's logits_index mechanism)
+    is not in this tree; delete it once that is merged.
+    """
     backend = generator.backend
     longest = max(len(t) for t in token_ids)
     cache = backend.new_cache(len(token_ids), longest)
