@@ -42,6 +42,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -410,8 +411,9 @@ class Cell:
 
 def measure(
     llama: LlamaCpp, models: dict[str, tuple[Path, Path]], batches: list[int], rounds: int, s: Settings
-) -> list[Cell]:
-    """``rounds`` rounds; in each, every (precision, batch) runs both sides back to back, the first side alternating."""
+) -> Iterator[tuple[int, list[Cell]]]:
+    """``rounds`` rounds; in each, every (precision, batch) runs both sides back to back, the first side
+    alternating. Yields (rounds done, cells) after each round."""
     cells = [Cell(name, PRECISIONS[name].gguf_type, batch) for name in models for batch in batches]
     for r in range(rounds):
         for cell in cells:
@@ -430,7 +432,7 @@ def measure(
             cell.load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
             for side in (run_llama, run_stlm) if r % 2 == 0 else (run_stlm, run_llama):
                 side()
-    return cells
+        yield r + 1, cells
 
 
 # ---------------------------------------------------------------- greedy agreement
@@ -502,7 +504,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"stlm vs llama.cpp — tokens/s, medians of {s['rounds']} rounds; ratio = stlm / llama.cpp "
         f"(> 1: stlm faster), per-round ratios in brackets. Prefill: {p}-token prompt; decode: {g} tokens "
-        f"after it; {s['threads']} threads.",
+        f"after it; {s['threads']} thread(s).",
         "",
         "| stlm / llama.cpp | batch | prefill stlm | prefill llama.cpp | prefill ratio | decode stlm "
         "| decode llama.cpp | decode ratio |",
@@ -544,7 +546,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 (32 with --quick)")
     p.add_argument("--gen-len", type=int, default=None, help="default 128 (16 with --quick)")
     p.add_argument("--reps", type=int, default=None, help="runs per measurement (default 3; 1 with --quick)")
-    p.add_argument("--threads", type=int, default=None, help="default: all cores")
+    p.add_argument(
+        "--threads", type=int, default=None, help="default: all cores (1 is steadier on a shared, busy machine)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: small checkpoint, short prompt, 1 round")
     p.add_argument("--check-greedy", type=int, default=0, metavar="N", help="compare N greedy tokens (f32 vs fp32)")
     p.add_argument("--check-prompt", default="ROMEO:\nBut soft, what light through yonder window breaks?\n")
@@ -614,14 +618,14 @@ def bench_all(a: argparse.Namespace) -> dict[str, Any]:
         tokenizer = checkpoint / "tokenizer.json"
         report["greedy_check"] = check_greedy(llama, tokenizer, f32, fp32, a.check_prompt, a.check_greedy)
     s = Settings(a.prompt_len, a.gen_len, threads, a.reps)
-    cells = measure(llama, models, a.batches, a.rounds, s)
-    report["settings"] = {**dataclasses.asdict(s), "rounds": a.rounds, "batches": a.batches}
-    report["results"] = [c.summary() for c in cells]
     saved = a.workdir / "last-report.json"
-    tmp = atomic_output(saved)
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(saved)
-    log.info("report saved to %s", saved)
+    for done, cells in measure(llama, models, a.batches, a.rounds, s):  # saved after every round
+        report["settings"] = {**dataclasses.asdict(s), "rounds": done, "batches": a.batches}
+        report["results"] = [c.summary() for c in cells]
+        tmp = atomic_output(saved)
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(saved)
+        log.info("report of %d round(s) saved to %s", done, saved)
     return report
 
 
