@@ -344,6 +344,11 @@ def bench(
 cli.add_command(serve)
 
 
+from stlm.cli_eval import eval_command  # noqa: E402 - the command lives with its options
+
+cli.add_command(eval_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="stlm")
