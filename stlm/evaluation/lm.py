@@ -73,12 +73,9 @@ def _batch_size(batch_size: int | str | None, max_batch_size: int | None) -> int
 
 
 def _load_generator(package: str | Path, device: str | None, threads: int | None) -> Generator:
-    # After the refactor merge: Generator.load(package, device=device, threads=threads).
     if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda"):
         raise InvalidArgumentError(f"device={device!r} is invalid: expected 'cpu' or 'cuda'", fix="pass device=cpu")
-    if device is None or device == "cpu":
-        return Generator.load(package, threads=threads)
-    return Generator.load(package, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], threads=threads)
+    return Generator.load(package, device="cpu" if device is None else str(device).split(":")[0], threads=threads)
 
 
 @register_model("stlm")
@@ -218,11 +215,8 @@ class StlmLM(TemplateLM):
         return totals
 
     def _logits(self, token_ids: list[tuple[int, ...]]) -> list[np.ndarray]:
-        """Float32 logits of every position of each sequence."""
-        logits = getattr(self.generator, "logits", None)
-        if logits is not None:
-            return list(logits([list(t) for t in token_ids]))
-        return _logits_one_token_at_a_time(self.generator, token_ids)
+        """Float32 logits of every position of each sequence (teacher-forced, chunked)."""
+        return self.generator.logits([list(t) for t in token_ids])
 
     # -- generation -------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -299,23 +293,3 @@ class StlmLM(TemplateLM):
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     """``params`` with a per-request seed unless the task gave one (reproducible sampling)."""
     return params if params.seed is not None else dataclasses.replace(params, seed=seed)
-
-
-def _logits_one_token_at_a_time(generator: Generator, token_ids: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Every position's logits by feeding one token per step.
-
-    Temporary: used only while ``Generator.logits`` (the refactor branch's logits_index mechanism)
-    is not in this tree; delete it once that is merged.
-    """
-    backend = generator.backend
-    longest = max(len(t) for t in token_ids)
-    cache = backend.new_cache(len(token_ids), longest)
-    out: list[np.ndarray] = [np.empty(0)] * len(token_ids)
-    for step in range(longest):
-        logits = backend.forward(cache, [[t[step]] if step < len(t) else [] for t in token_ids])
-        for row, seq in enumerate(token_ids):
-            if step == 0:
-                out[row] = np.empty((len(seq), logits.shape[-1]), np.float32)
-            if step < len(seq):
-                out[row][step] = logits[row]
-    return out
