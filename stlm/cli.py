@@ -84,8 +84,8 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option(
     "--quantize",
     default=None,
-    help="Weight-only quantization of the linear layers: int8 or int4 "
-    "(ONNX Runtime MatMulNBits, blocks of 32; the LM head stays at 8 bits).",
+    help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits): int8 or int4 "
+    "(blocks of 32, LM head at 8 bits), or PRESET[:key=value,...] — see docs/quality.md.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(

@@ -37,7 +37,7 @@ from stlm.contract import (
 from stlm.dtypes import DType
 from stlm.export.onnx_builder import NP_DTYPE, ONNX_ELEM, GraphBuilder, InitializerStore
 from stlm.export.precision import Precision
-from stlm.export.quantize import QUANT_BITS, quantize_blockwise
+from stlm.export.quantize import Quantization, quantize_weight
 from stlm.export.rotary import gqa_rotary_layout, rope_tables, rotary_caches, rotary_plain
 from stlm.export.weights import SafetensorsCheckpoint
 
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 
 Rotary = Literal["plain", "plugin", "native"]
 TENSORRT_ROTARIES = ("plugin", "native")
-# MatMulNBits compute type: 4 = int8 activations × quantized weights (MLAS' fastest CPU path).
-ACCURACY_LEVEL = 4
-# With --quantize int4 the LM head stays at 8 bits: it decides every token, and int8 keeps it close.
-LM_HEAD_BITS = 8
 Progress = Callable[[str, int, int], None]
 
 
@@ -66,23 +62,26 @@ def _weights_nk(ckpt: SafetensorsCheckpoint, names: Sequence[str]) -> np.ndarray
     return np.concatenate([ckpt.read(n, np.float32) for n in names], axis=0)
 
 
-def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bits: int | None) -> str:
-    """``x @ weight.T``: a MatMul on a (in, out) initializer, or MatMulNBits on ``bits``-bit blocks."""
-    if bits is None:
+def _linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, quant: Quantization | None) -> str:
+    """``x @ weight.T``: a MatMul on a (in, out) initializer, or MatMulNBits on ``quant``'s blocks."""
+    if quant is None:
         return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(weight.T)))
-    q = quantize_blockwise(weight, bits)
+    q = quantize_weight(weight, quant.bits, method=quant.method, block_size=quant.block_size, symmetric=quant.symmetric)
+    inputs = [x, g.store.add(f"{name}.q{quant.bits}", q.packed), g.weight(f"{name}.scales", q.scales)]
+    if q.zero_points is not None:  # uint8: packed like B; float (hqq): one per scale, in the scales' dtype
+        zp = f"{name}.zero_points"
+        inputs.append(
+            g.store.add(zp, q.zero_points) if q.zero_points.dtype == np.uint8 else g.weight(zp, q.zero_points)
+        )
     return g.op(
         "MatMulNBits",
-        x,
-        g.store.add(f"{name}.q{bits}", q.packed),
-        g.weight(f"{name}.scales", q.scales),
-        g.store.add(f"{name}.zero_points", q.zero_points),
+        *inputs,
         domain="com.microsoft",
         K=q.k,
         N=q.n,
-        bits=bits,
+        bits=quant.bits,
         block_size=q.block_size,
-        accuracy_level=ACCURACY_LEVEL,
+        accuracy_level=quant.accuracy_level,
     )
 
 
@@ -117,11 +116,11 @@ def _attention(
     rope: tuple[str, str],
     allowed: str,
     rotary: Rotary,
-    bits: int | None,
+    quant: Quantization | None,
 ) -> str:
     p = f"model.layers.{i}.self_attn"
     dtype = g.compute
-    qkv = _linear(g, h, f"{p}.qkv_proj.weight", _weights_nk(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"]), bits)
+    qkv = _linear(g, h, f"{p}.qkv_proj.weight", _weights_nk(ckpt, [f"{p}.{n}_proj.weight" for n in "qkv"]), quant)
     if cfg.use_qkv_bias:
         bias = np.concatenate([ckpt.read(f"{p}.{n}_proj.bias", np.float32) for n in "qkv"])
         qkv = g.op("Add", qkv, g.weight(f"{p}.qkv_proj.bias", bias))
@@ -162,7 +161,7 @@ def _attention(
     probs = g.op("Softmax", scores, axis=-1)
     ctx = g.op("MatMul", probs, v_all)
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.hidden_size]))
-    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
+    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), quant)
 
 
 def _attention_inplace(
@@ -174,7 +173,7 @@ def _attention_inplace(
     kv: np.dtype,
     caches: tuple[str, str],
     perm: np.ndarray,
-    bits: int | None,
+    quant: Quantization | None,
 ) -> str:
     """Attention through ONNX Runtime's GroupQueryAttention: KV (in dtype ``kv``, which the op also
     computes in) written in place, rotary fused."""
@@ -189,7 +188,7 @@ def _attention_inplace(
         permuted(f"{p}.k_proj.weight", cfg.num_kv_heads),
         ckpt.read(f"{p}.v_proj.weight", np.float32),
     ]
-    qkv = _linear(g, h, f"{p}.qkv_proj.weight", np.concatenate(weights), bits)
+    qkv = _linear(g, h, f"{p}.qkv_proj.weight", np.concatenate(weights), quant)
     if cfg.use_qkv_bias:
         biases = [
             permuted(f"{p}.q_proj.bias", cfg.num_heads),
@@ -231,7 +230,7 @@ def _attention_inplace(
     )
     if kv != g.compute:
         ctx = g.op("Cast", ctx, to=ONNX_ELEM[g.compute.name])
-    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), bits)
+    return _linear(g, ctx, f"{p}.o_proj.weight", _weights_nk(ckpt, [f"{p}.o_proj.weight"]), quant)
 
 
 def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
@@ -241,14 +240,16 @@ def _last_valid(g: GraphBuilder, x: str, cfg: ModelConfig) -> str:
     return g.op("GatherElements", x, index, axis=1)
 
 
-def _mlp(g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, bits: int | None) -> str:
+def _mlp(
+    g: GraphBuilder, h: str, i: int, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, quant: Quantization | None
+) -> str:
     p = f"model.layers.{i}.mlp"
     gate_up = _linear(
-        g, h, f"{p}.gate_up_proj.weight", _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), bits
+        g, h, f"{p}.gate_up_proj.weight", _weights_nk(ckpt, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]), quant
     )
     gate, up = g.op("Split", gate_up, g.const([cfg.intermediate_size] * 2), axis=2, outputs=2)
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), bits)
+    return _linear(g, act, f"{p}.down_proj.weight", _weights_nk(ckpt, [f"{p}.down_proj.weight"]), quant)
 
 
 def _causal_padding_mask(g: GraphBuilder) -> str:
@@ -273,7 +274,7 @@ def build_decoder(
     data_path: Path | None,
     rotary: Rotary = "plain",
     kv_cache: str = "concat",
-    quantize: str | None = None,
+    quantize: Quantization | None = None,
     precision: Precision | None = None,
     progress: Progress | None = None,
 ) -> onnx.ModelProto:
@@ -284,9 +285,8 @@ def build_decoder(
     ``data_path`` set: weights go to that external data file; None: weights are inline.
     ``kv_cache``: 'concat' (portable ONNX ops, present = past + new) or 'inplace' (ONNX Runtime's
     GroupQueryAttention over a preallocated buffer shared by past and present).
-    ``quantize``: None, 'int8' or 'int4' weight-only MatMulNBits for the linear layers.
+    ``quantize``: weight-only MatMulNBits for the linear layers (:class:`stlm.export.quantize.Quantization`).
     """
-    bits = QUANT_BITS[quantize] if quantize else None
     inplace = kv_cache == "inplace"
     assert not (inplace and rotary != "plain"), "the TensorRT rotaries are for the concat graph"
     plan = precision or Precision(dtype, dtype, dtype)
@@ -305,17 +305,18 @@ def build_decoder(
         for i in range(cfg.num_layers):
             if progress:
                 progress("layers", i, cfg.num_layers)
+            layer_quant = quantize.for_layer(i, cfg.num_layers) if quantize else None
             h = _layer_norm(g, x, ckpt, f"model.layers.{i}.input_layernorm", cfg)
             if inplace:
-                attn = _attention_inplace(g, h, i, ckpt, cfg, NP_DTYPE[plan.kv], caches, perm, bits)
+                attn = _attention_inplace(g, h, i, ckpt, cfg, NP_DTYPE[plan.kv], caches, perm, layer_quant)
             else:
-                attn = _attention(g, h, i, ckpt, cfg, rope, allowed, rotary, bits)
+                attn = _attention(g, h, i, ckpt, cfg, rope, allowed, rotary, layer_quant)
             if cfg.use_parallel_residual:
-                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, bits))
+                x = g.op("Add", g.op("Add", x, attn), _mlp(g, h, i, ckpt, cfg, layer_quant))
             else:
                 x = g.op("Add", x, attn)
                 h2 = _layer_norm(g, x, ckpt, f"model.layers.{i}.post_attention_layernorm", cfg)
-                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, bits))
+                x = g.op("Add", x, _mlp(g, h2, i, ckpt, cfg, layer_quant))
         if progress:
             progress("layers", cfg.num_layers, cfg.num_layers)
         if inplace:
@@ -325,7 +326,7 @@ def build_decoder(
             "model.embed_tokens.weight" if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else "lm_head.weight"
         )
         logits = _linear(
-            g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]), None if bits is None else max(bits, LM_HEAD_BITS)
+            g, x, "lm_head.weight", _weights_nk(ckpt, [head_name]), quantize.for_lm_head() if quantize else None
         )
         if plan.compute != "fp32":
             g.op("Cast", logits, to=TensorProto.FLOAT, out_names=[LOGITS])
@@ -345,7 +346,7 @@ def build_decoder(
         initializer=store.tensors,
     )
     imports = [helper.make_opsetid("", opset)]
-    if inplace or bits:
+    if inplace or quantize:
         imports.append(helper.make_opsetid("com.microsoft", 1))
     if rotary == "plugin":
         from stlm.plugins.partial_rotary.spec import ONNX_DOMAIN

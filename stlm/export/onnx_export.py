@@ -17,8 +17,6 @@ from stlm.dtypes import DType, parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import (
-    ACCURACY_LEVEL,
-    LM_HEAD_BITS,
     TENSORRT_ROTARIES,
     Progress,
     Rotary,
@@ -26,7 +24,7 @@ from stlm.export.graph import (
     estimate_weight_bytes,
 )
 from stlm.export.precision import plan_precision
-from stlm.export.quantize import BLOCK_SIZE, QUANT_BITS
+from stlm.export.quantize import parse_quantization
 from stlm.export.staging import staged_folder
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
@@ -116,11 +114,7 @@ def export_onnx(
             "the TensorRT target needs --kv-cache concat (got inplace)",
             fix="pass --kv-cache concat with --target tensorrt",
         )
-    if quantize is not None and quantize not in QUANT_BITS:
-        raise InvalidArgumentError(
-            f"unknown quantization {quantize!r}; expected one of {', '.join(QUANT_BITS)}",
-            fix="pass --quantize int8 or --quantize int4, or omit it",
-        )
+    quantization = None if quantize is None else parse_quantization(quantize)
     if quantize is not None and tensorrt:
         raise InvalidArgumentError(
             f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT target does not take",
@@ -140,7 +134,7 @@ def export_onnx(
             opset=opset,
             rotary=rotary,
             kv_cache=kv_cache,
-            quantize=quantize,
+            quantize=quantization,
             precision=precision,
             progress=progress,
             data_path=tmp / DATA_NAME if external else None,
@@ -175,15 +169,7 @@ def export_onnx(
                 "target": "tensorrt" if tensorrt else "onnxruntime",
                 "rotary": rotary,
                 "kv_cache": kv_cache,
-                "quantization": None
-                if quantize is None
-                else {
-                    "method": "MatMulNBits",
-                    "bits": QUANT_BITS[quantize],
-                    "block_size": BLOCK_SIZE,
-                    "lm_head_bits": max(QUANT_BITS[quantize], LM_HEAD_BITS),
-                    "accuracy_level": ACCURACY_LEVEL,
-                },
+                "quantization": None if quantization is None else quantization.to_dict(),
                 "external_data": external,
                 **precision.to_variant(),
             },
