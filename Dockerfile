@@ -1,44 +1,65 @@
 # syntax=docker/dockerfile:1
-# stlm with TensorRT 11 for NVIDIA GPUs of compute capability 8.0 and newer (A100, A10, L4, H100).
+# stlm on NVIDIA GPUs of compute capability 8.0 and newer (A100, A10, L4, H100/H200), one CUDA
+# major: CUDA 13 (host driver >= 580; NVIDIA's compatibility table: CUDA 13.x needs driver >= 580).
 #
-#   docker build -t stlm-gpu .
+#   docker build --target gpu -t stlm-gpu .
 #   docker run --rm --gpus all -v "$PWD:/work" stlm-gpu build-engine /work/onnx -o /work/engine
+#   docker run --rm --gpus all --entrypoint /opt/stlm-src/scripts/gpu_check.sh stlm-gpu   # acceptance run
 #
-# Base: NGC TensorRT 26.08 (TensorRT 11.2, CUDA 13, Ubuntu 24.04, Python 3.12; the host needs a
-# driver that supports CUDA 13). Any NGC `tensorrt:<yy.mm>-py3` tag with TensorRT 11 works:
+# Stage `gpu` (this one, first): export, build engines, generate, serve, and the GPU checks:
+# TensorRT 11, onnxruntime-gpu (CUDA 13), the CUDA 13 build of torch + triton (the plugin's JIT
+# path and scripts/gpu_check.sh), pytest. The slim serving image is a separate, later stage.
+#
+# Base: NGC's TensorRT image (CUDA 13, Ubuntu 24.04, Python 3.12, TensorRT 11). Any NGC
+# `tensorrt:<yy.mm>-py3` tag with TensorRT 11 and CUDA 13 works:
 #   docker run --rm nvcr.io/nvidia/tensorrt:26.08-py3 python3 -c "import tensorrt; print(tensorrt.__version__)"
-# Without NGC access, use a CUDA 13 base image (nvidia/cuda:13.x-cudnn-runtime-ubuntu24.04) and let
-# pip install TensorRT 11 from PyPI through the `gpu` extra (remove the constraints step below).
+# Without NGC access: --build-arg BASE_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04; the
+# `gpu` extra then installs TensorRT 11 (CUDA 13 wheels) from PyPI (the constraints are empty).
 ARG BASE_IMAGE=nvcr.io/nvidia/tensorrt:26.08-py3
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS gpu
 
-# The export needs torch only on the CPU (checkpoint tooling); its CPU build keeps the image small.
-# Set TORCH_INDEX=https://pypi.org/simple for the CUDA build (the plugin's JIT path and its GPU tests).
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# CUDA 13 builds of torch (with its triton) for the export and the plugin's JIT kernels.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+# The ONNX Runtime CUDA build for CUDA 13; it replaces the CPU `onnxruntime` (same module).
+ARG ONNXRUNTIME_GPU=onnxruntime-gpu==1.31.1
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/stlm \
     PATH=/opt/stlm/bin:${PATH}
 
-# A venv that sees the image's TensorRT (system site-packages), pinned to it so that pip does
-# not fetch another TensorRT from PyPI for the `gpu` extra's `tensorrt>=11`.
-RUN python3 -m venv --system-site-packages /opt/stlm
-RUN python3 -c "import tensorrt; print('TensorRT', tensorrt.__version__)" \
- && python3 -m pip freeze | { grep -iE '^tensorrt([-_][a-z0-9_-]+)?==' || true; } > /opt/stlm/constraints.txt \
- && cat /opt/stlm/constraints.txt
+# `python3 -m venv` needs python3-venv (ensurepip) on Ubuntu images.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv python3-pip \
+ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/stlm-src
 COPY pyproject.toml README.md ./
-COPY stlm ./stlm
-RUN pip install --extra-index-url "${TORCH_INDEX}" -c /opt/stlm/constraints.txt ".[gpu,export,plugins]"
+COPY scripts ./scripts
 
-# `onnxruntime` (base dependency) and `onnxruntime-gpu` (gpu extra) install the same module:
-# keep only the GPU build. Its CUDA major must match the image's; if `stlm generate` logs that the
-# CUDA provider could not start, ONNX packages run on the CPU (TensorRT engines are unaffected).
-RUN pip uninstall -y onnxruntime \
- && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.20" \
- && python -c "import onnxruntime, tensorrt, stlm; print('stlm', stlm.__version__, '| TensorRT', tensorrt.__version__, '| ONNX Runtime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+# A venv that sees the image's TensorRT (system site-packages). The image's TensorRT distributions
+# (and polygraphy) are pinned, read from importlib.metadata (robust to `name @ file://` lines and
+# any other `pip freeze` format), so pip never fetches another TensorRT build from PyPI for the
+# `gpu` extra's `tensorrt>=11,<12`.
+RUN python3 -m venv --system-site-packages /opt/stlm \
+ && python3 scripts/pin_installed.py 'tensorrt(-.*)?|polygraphy' > /opt/stlm/constraints.txt \
+ && echo "constraints:" && cat /opt/stlm/constraints.txt
+
+COPY stlm ./stlm
+COPY tests ./tests
+RUN pip install --extra-index-url "${TORCH_INDEX}" -c /opt/stlm/constraints.txt ".[gpu,export,plugins,serve,test]"
+
+# The swap pip cannot express ("onnxruntime-gpu instead of onnxruntime"): both install the
+# `onnxruntime` module, so remove the CPU build first, then install the CUDA 13 build pinned.
+RUN pip uninstall -y onnxruntime onnxruntime-gpu \
+ && pip install -c /opt/stlm/constraints.txt "${ONNXRUNTIME_GPU}" \
+ && python -c "import sys; from stlm.gpu_env import installed_distributions, onnxruntime_conflict; \
+p = onnxruntime_conflict(installed_distributions()); sys.exit(p and p.problem)" \
+ && python -c "import onnxruntime, tensorrt, torch, triton, stlm; \
+assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers(); \
+assert (torch.version.cuda or '').startswith('13'), ('torch must be a CUDA 13 build', torch.version.cuda); \
+print('stlm', stlm.__version__, '| TensorRT', tensorrt.__version__, '| onnxruntime', onnxruntime.__version__, \
+'| torch', torch.__version__, '| triton', triton.__version__)"
 
 WORKDIR /work
 ENTRYPOINT ["stlm"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,13 +181,28 @@ def test_triton_kernel_interpreted(
 
 
 def _ptxas(ptx: str, target: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    ptxas = shutil.which("ptxas")
+    from stlm.plugins.partial_rotary.aot import find_ptxas
+
+    ptxas = find_ptxas()  # PATH, else the one in triton's wheel
     if ptxas is None:
-        pytest.skip("ptxas is not on PATH")
+        pytest.skip("no ptxas: none on PATH and the triton wheel has none")
     source = tmp_path / f"partial_rotary_{target}.ptx"
     source.write_text(ptx)
     return subprocess.run([ptxas, "--gpu-name", target, str(source), "-o", str(tmp_path / "out.cubin")],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_ptxas_is_found_in_the_triton_wheel_without_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    triton = pytest.importorskip("triton")
+    from stlm.plugins.partial_rotary.aot import find_ptxas
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ptxas here
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    found = find_ptxas()
+    assert found is not None, "triton's wheel bundles ptxas"
+    assert Path(found).resolve().is_relative_to(Path(triton.__file__).resolve().parent)
+    proc = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Cuda compilation tools" in proc.stdout
 
 
 @pytest.mark.parametrize("arch,dtype", [(80, "fp16"), (80, "fp32"), (80, "bf16"), (90, "fp16"), (90, "bf16")])
@@ -199,12 +213,53 @@ def test_compile_ptx_assembles(arch: int, dtype: str, tmp_path: Path) -> None:
     name, params = entry_params(compiled.ptx)
     assert name == compiled.kernel_name and dtype in name
     assert len(params) == NUM_KERNEL_PARAMS  # TensorRT passes q, k, position_ids, 3 int32 scalars, q_out, k_out
-    assert compiled.ptx_target == ("sm_90a" if arch == 90 else "sm_80")
+    assert compiled.ptx_target == f"sm_{arch}"  # never sm_90a: that PTX loads only on sm_90 exactly
+    assert f"\n.target sm_{arch}\n" in compiled.ptx
     assert ".version 8.0" in compiled.ptx
     assert f".reqntid {compiled.block[0]}" in compiled.ptx and compiled.shared_mem == 0
     assert compiled.grid(2, 512, 32, 32) == (1024, 8, 1)
     proc = _ptxas(compiled.ptx, compiled.ptx_target, tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("arch", [90, 100, 120])
+def test_ptx_for_sm90_and_later_runs_on_later_gpus(arch: int, tmp_path: Path) -> None:
+    """PTX for sm_NN must assemble for sm_NN and every later architecture (what the driver's JIT does
+    on a newer GPU); Triton's own target sm_NNa would be refused there."""
+    from stlm.plugins.partial_rotary.aot import compile_ptx
+
+    compiled = compile_ptx("bf16", arch=arch)
+    assert compiled.ptx_target == f"sm_{arch}"
+    for later in sorted({arch, 100, 120} - {a for a in (100, 120) if a < arch}):
+        proc = _ptxas(compiled.ptx, f"sm_{later}", tmp_path)
+        assert proc.returncode == 0, (later, proc.stderr)
+    arch_specific = compiled.ptx.replace(f".target sm_{arch}", f".target sm_{arch}a")
+    proc = _ptxas(arch_specific, "sm_120" if arch < 120 else "sm_121", tmp_path)
+    assert proc.returncode != 0, "the test must be able to fail: sm_NNa PTX does not run on later GPUs"
+
+
+def test_portable_target_rewrite() -> None:
+    from stlm.plugins.partial_rotary.aot import portable_target
+
+    assert portable_target(".version 8.0\n.target sm_90a\n.address_size 64\n") == (
+        ".version 8.0\n.target sm_90\n.address_size 64\n",
+        "sm_90",
+    )
+    assert portable_target(".target sm_100f, debug\n")[1] == "sm_100"
+    assert portable_target(".target sm_80\n") == (".target sm_80\n", "sm_80")
+    with pytest.raises(ValueError):
+        portable_target(".version 8.0\n")
+
+
+def test_hardware_compat_refused_for_sm90_ptx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stlm.plugins.partial_rotary.plugin import ARCH_ENV, check_hardware_compat
+
+    check_hardware_compat("ampere_plus")  # default sm_80 PTX: portable to every Ampere-or-newer GPU
+    monkeypatch.setenv(ARCH_ENV, "90")
+    check_hardware_compat("none")
+    with pytest.raises(InvalidArgumentError, match="ampere_plus") as err:
+        check_hardware_compat("ampere_plus")
+    assert ARCH_ENV in str(err.value) and "fix:" in str(err.value)
 
 
 def test_every_tactic_tile_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,6 +397,33 @@ def test_register_plugin_without_tensorrt() -> None:
         register_plugin()
     with pytest.raises(BackendUnavailableError):  # still raising on a second call: nothing half-registered
         register_plugin()
+    assert register_plugin(required=False) is False  # an AOT engine runs without the registration
+
+
+def test_register_plugin_not_required_tolerates_a_tensorrt_that_cannot_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT installed but unusable (its native library missing, or too old for tensorrt.plugin):
+    required=False logs and returns False; required=True raises BackendUnavailableError."""
+    import types
+
+    from stlm.plugins.partial_rotary import plugin
+
+    broken = types.ModuleType("tensorrt")
+    broken.__path__ = []  # a package whose native part fails to load
+    monkeypatch.setitem(sys.modules, "tensorrt", broken)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", None)  # import tensorrt.plugin -> ImportError
+    monkeypatch.setattr(plugin, "_registered", False)
+    assert plugin.register_plugin(required=False) is False
+    with pytest.raises(BackendUnavailableError, match=r"tensorrt\.plugin"):
+        plugin.register_plugin(required=True)
+    old = types.ModuleType("tensorrt.plugin")  # TensorRT 10.0-10.9: tensorrt.plugin without aot_impl
+    old.register = old.impl = old.autotune = lambda *a, **k: None  # type: ignore[attr-defined]
+    broken.__version__ = "10.3.0"  # type: ignore[attr-defined]
+    broken.plugin = old  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", old)
+    assert plugin.register_plugin(required=False) is False
+    with pytest.raises(BackendUnavailableError, match=r"10\.3\.0 lacks tensorrt\.plugin\.aot_impl"):
+        plugin.register_plugin()
+    assert plugin._registered is False
 
 
 # ---------------------------------------------------------------- GPU

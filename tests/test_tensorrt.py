@@ -352,16 +352,30 @@ def test_tensorrt_backend_module_imports_without_torch_or_tensorrt() -> None:
 
 
 # -- the TensorRT backend's own logic, on stand-ins for TensorRT and CUDA -------------------------
-@pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path) -> tuple[Path, Any]:
-    """An engine folder whose "engine" runs ``package`` with ONNX Runtime on host "device" memory."""
+FAKE_BUILD = dict(max_batch=3, max_seq_len=64, prefill_chunk=8)
+
+
+def _install_fake_gpu(
+    monkeypatch: pytest.MonkeyPatch, onnx_package: Path, profiles: list[Profile] | None = None
+) -> FakeCudart:
+    """Replace cuda-python and TensorRT; the fake engine is "built" from ``onnx_package`` with
+    ``profiles`` (by default what `stlm build-engine` makes for FAKE_BUILD), not read from a manifest."""
     import stlm.runtime.gpu as gpu
 
     cudart = FakeCudart()
-    engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", max_batch=3, prefill_chunk=8)
+    if profiles is None:
+        context = read_manifest(onnx_package).generation.context_length
+        profiles = engine_profiles(**FAKE_BUILD, context_length=context)  # type: ignore[arg-type]
     monkeypatch.setattr(gpu, "_cudart", cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cudart, read_manifest(engine), package))
-    return engine, cudart
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cudart, onnx_package, profiles))
+    return cudart
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path) -> tuple[Path, Any]:
+    """An engine folder whose "engine" runs ``package`` with ONNX Runtime on host "device" memory."""
+    engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", **FAKE_BUILD)
+    return engine, _install_fake_gpu(monkeypatch, package)
 
 
 def test_tensorrt_backend_matches_onnxruntime_on_fake_gpu(fake_gpu: tuple[Path, Any], package: Path) -> None:
@@ -370,13 +384,14 @@ def test_tensorrt_backend_matches_onnxruntime_on_fake_gpu(fake_gpu: tuple[Path, 
     from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from stlm.runtime.tensorrt_backend import TensorRTBackend
 
-    engine, _cudart = fake_gpu
+    engine, cudart = fake_gpu
     trt_backend = TensorRTBackend(engine, read_manifest(engine))
     ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
-    assert read_manifest(package).variant["kv_cache"] == "concat"
-    ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3)
+    assert read_manifest(package).variant["kv_cache"] == "concat" and read_manifest(package).dtype == "fp32"
+    ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3, tol=1e-5)
     assert trt_cache.columns == 40 and trt_cache.width < 40 < ort_cache.mask.shape[1]
     assert set(trt_backend.engine.context.switches) == {0, 1}
+    assert cudart.pending() == 0 and sys.modules["tensorrt"].errors == []
 
 
 def test_tensorrt_generator_on_fake_gpu(fake_gpu: tuple[Path, Any], package: Path) -> None:
@@ -412,6 +427,90 @@ def test_tensorrt_backend_refuses_other_tensorrt_version(fake_gpu: tuple[Path, A
     assert code == 2 and "TensorRT 11.2.1" in output and "TensorRT 11.3.0" in output
     assert f"-o {engine}" in output and "Traceback" not in output
     with pytest.raises(EngineCompatibilityError):
+        TensorRTBackend(engine, read_manifest(engine))
+
+
+def test_fake_stream_work_completes_only_on_synchronize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake is as lazy as a real stream: nothing queued is done before cudaStreamSynchronize."""
+    import numpy as np
+
+    import stlm.runtime.gpu as gpu
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(gpu, "_cudart", cudart)
+    stream, buf = gpu.Stream(), gpu.DeviceBuffer(1024)
+    assert not isinstance(stream.stream, int) and isinstance(stream.handle, int)
+    assert buf.ptr % 256 == 0
+    host = np.arange(16, dtype=np.int64)
+    stream.htod(buf.ptr, host)
+    assert (cudart.view(buf.ptr, (16,), np.int64) != host).all()  # still the allocation's garbage
+    back = np.zeros(16, dtype=np.int64)
+    stream.dtoh(back, buf.ptr)
+    host[:] = -1  # changed before the sync: what the copy sees, as with pinned memory
+    assert not back.any() and cudart.pending() == 2
+    stream.synchronize()
+    assert (back == -1).all() and cudart.pending() == 0
+    with pytest.raises(AssertionError, match="outside every allocation"):
+        stream.htod(buf.ptr + 1000, host)
+
+
+def test_fake_engine_is_strict_about_ranks_addresses_and_streams(
+    monkeypatch: pytest.MonkeyPatch, package: Path
+) -> None:
+    import stlm.runtime.gpu as gpu
+
+    cudart = _install_fake_gpu(monkeypatch, package)
+    trt = sys.modules["tensorrt"]
+    engine = trt.Runtime(None).deserialize_cuda_engine(b"fake engine")
+    assert trt.Runtime(None).deserialize_cuda_engine(b"other bytes") is None
+    context = engine.create_execution_context()
+    stream = gpu.Stream()
+    assert context.set_optimization_profile_async(0, stream.handle)
+    assert not context.set_input_shape(INPUT_IDS, (1, 1, 1))  # rank 3 for a rank-2 input: refused, not truncated
+    assert not context.set_input_shape(INPUT_IDS, (1,))
+    assert not context.set_input_shape(INPUT_IDS, (1, 2))  # decode profile: one token
+    assert context.set_input_shape(INPUT_IDS, (1, 1))
+    assert not context.set_tensor_address(INPUT_IDS, gpu.DeviceBuffer(512).ptr + 8)  # unaligned
+    with pytest.raises(TypeError, match="not an int"):
+        context.execute_async_v3(stream.stream)  # the cudaStream_t object, not its handle
+    with pytest.raises(TypeError):
+        context.set_optimization_profile_async(1, stream.stream)
+    assert not context.execute_async_v3(stream.handle)  # shapes and addresses missing
+    assert engine.get_tensor_dtype(past_name(0, "key")) == trt.DataType.FLOAT
+    assert engine.num_optimization_profiles == 2 and len(trt.errors) == 5
+    assert cudart.pending() == 0
+
+
+def test_tensorrt_backend_refuses_an_engine_whose_dtypes_differ_from_its_manifest(
+    monkeypatch: pytest.MonkeyPatch, checkpoint: Path, package: Path, tmp_path: Path
+) -> None:
+    """The engine (built from an fp16 package) is asked for its tensor types: an fp32 manifest is refused."""
+    from stlm.export.onnx_export import export_onnx
+    from stlm.runtime.tensorrt_backend import TensorRTBackend
+
+    fp16 = export_onnx(checkpoint, tmp_path / "fp16", dtype="fp16", kv_cache="concat")
+    engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", **FAKE_BUILD)
+    _install_fake_gpu(monkeypatch, fp16)
+    with pytest.raises(PackageError, match="float16") as err:
+        TensorRTBackend(engine, read_manifest(engine))
+    assert "--overwrite" in str(err.value)
+
+
+@pytest.mark.parametrize("build", [dict(max_batch=3, max_seq_len=64, prefill_chunk=16), "decode only"])
+def test_tensorrt_backend_refuses_an_engine_with_other_profiles(
+    monkeypatch: pytest.MonkeyPatch, package: Path, tmp_path: Path, build: Any
+) -> None:
+    """Profiles come from the engine: a manifest that records other ones is refused at load."""
+    from stlm.runtime.tensorrt_backend import TensorRTBackend
+
+    engine = make_engine_folder(package, tmp_path / "engine", engine=b"fake engine", **FAKE_BUILD)
+    context = read_manifest(package).generation.context_length
+    if build == "decode only":
+        profiles = engine_profiles(**FAKE_BUILD, context_length=context)[:1]  # type: ignore[arg-type]
+    else:
+        profiles = engine_profiles(**build, context_length=context)
+    _install_fake_gpu(monkeypatch, package, profiles)
+    with pytest.raises(PackageError, match="optimization profile"):
         TensorRTBackend(engine, read_manifest(engine))
 
 
@@ -468,7 +567,9 @@ def test_engine_logits_match_onnxruntime(engine_dir: Path, package: Path) -> Non
     trt_backend = TensorRTBackend(engine_dir, read_manifest(engine_dir))
     ort_backend = OnnxRuntimeBackend(package, read_manifest(package))
     assert read_manifest(package).variant["kv_cache"] == "concat"
-    ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3)
+    # fp32 engine vs fp32 ONNX Runtime on the CPU: only summation order (and, unless the build clears
+    # BuilderFlag.TF32, TF32 tensor-core matmuls) differ: the fp32 class of stlm.tolerance.
+    ort_cache, trt_cache = drive([ort_backend, trt_backend], batch=3, capacity=12, steps=60, seed=3, tol=1e-3)
     assert trt_cache.columns == 40 and ort_cache.mask.shape[1] > 60
     assert trt_cache.width < 40  # the cache was compacted on the device, more than once
 

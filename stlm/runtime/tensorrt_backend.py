@@ -29,7 +29,7 @@ import numpy as np
 from stlm.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.export.engine_manifest import check_engine_compat, rebuild_command
-from stlm.export.profiles import PREFILL, Profile, select_profile
+from stlm.export.profiles import PREFILL, Profile, profile_shapes, select_profile
 from stlm.manifest import Manifest
 from stlm.runtime.gpu import DeviceBuffer, Stream, aligned, gpu_info
 from stlm.runtime.trt_common import import_tensorrt, make_logger, register_rotary_plugin
@@ -37,6 +37,14 @@ from stlm.runtime.trt_common import import_tensorrt, make_logger, register_rotar
 log = logging.getLogger(__name__)
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "BOOL": "bool",
+}
 
 
 @dataclass
@@ -133,12 +141,36 @@ class TensorRTBackend:
         )
 
     def _check_io(self, folder: Path) -> None:
-        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        wanted = {s.name for s in self.manifest.contract.inputs} | {s.name for s in self.manifest.contract.outputs}
-        if names != wanted or len(self._profiles) != 2 or self.engine.num_optimization_profiles != 2:
+        """The engine's own tensors, dtypes and profiles must be the ones its manifest records."""
+        engine, contract = self.engine, self.manifest.contract
+        specs = {s.name: s for s in (*contract.inputs, *contract.outputs)}
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        problems = []
+        if names != set(specs):
+            problems.append(
+                f"tensors differ: missing {sorted(set(specs) - names)[:3]}, extra {sorted(names - set(specs))[:3]}"
+            )
+        elif len(self._profiles) != 2 or engine.num_optimization_profiles != len(self._profiles):
+            problems.append(
+                f"{engine.num_optimization_profiles} optimization profiles, the manifest records {len(self._profiles)}"
+            )
+        else:
+            for name, spec in specs.items():
+                got = getattr(engine.get_tensor_dtype(name), "name", "?")
+                if _TRT_DTYPES.get(got) != spec.dtype:
+                    problems.append(
+                        f"{name} is {_TRT_DTYPES.get(got, got)} in the engine, {spec.dtype} in the manifest"
+                    )
+            for i, profile in enumerate(self._profiles):
+                for name, shapes in profile_shapes(contract, profile).items():
+                    got_shapes = [tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(name, i)]
+                    if got_shapes != list(shapes):
+                        problems.append(
+                            f"optimization profile {i} of {name} is {got_shapes}, the manifest records {list(shapes)}"
+                        )
+        if problems:
             raise PackageError(
-                f"the engine in {folder} does not match its manifest (tensors or optimization profiles "
-                f"differ: missing {sorted(wanted - names)[:3]}, extra {sorted(names - wanted)[:3]})",
+                f"the engine in {folder} does not match its manifest: {'; '.join(problems[:3])}",
                 fix=f"rebuild it: {self._rebuild} --overwrite",
             )
 

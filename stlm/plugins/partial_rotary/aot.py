@@ -11,12 +11,21 @@ Two rewrites make Triton's PTX fit that launch:
   removed (an error is raised if the body referenced them, i.e. if the kernel needed scratch).
 * The entry is renamed to a name unique to the dtype / shapes / tile / theta, because Triton
   names every specialisation after the Python function and TensorRT identifies kernels by name.
+* Triton targets ``sm_90a`` (``sm_100a``, ...) for compute capability 9.0 and later: PTX for an
+  architecture-specific target loads only on exactly that architecture. The target is rewritten
+  to the portable ``sm_90`` (which the driver JIT-compiles for sm_90 and every later GPU), and the
+  PTX is assembled for it with ``ptxas`` (Triton's own, or one on PATH) to prove that the kernel
+  uses no architecture-specific instruction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -67,6 +76,7 @@ class CompiledPartialRotary:
     num_warps: int
     shared_mem: int
     ptx_target: str
+    """The PTX ``.target``: ``sm_{arch}`` (never an architecture-specific ``sm_90a``)."""
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -133,6 +143,70 @@ def rename_entry(ptx: str, old: str, new: str) -> str:
     return re.sub(rf"(?<![\w$]){re.escape(old)}(?=_param_\d|[^\w$]|$)", new, ptx)
 
 
+_TARGET_RE = re.compile(r"^(\.target\s+)sm_(\d+)[af]?\b", re.M)
+
+
+def portable_target(ptx: str) -> tuple[str, str]:
+    """Rewrite an architecture-specific ``.target sm_NNa``/``sm_NNf`` to ``sm_NN`` (pure).
+
+    Returns the PTX and its target. ``sm_NNa`` PTX loads only on compute capability N.N; ``sm_NN``
+    PTX is JIT-compiled by the driver for N.N and every later architecture.
+    """
+    match = _TARGET_RE.search(ptx)
+    if match is None:
+        raise ValueError("no .target directive in the PTX")
+    return _TARGET_RE.sub(lambda m: f"{m.group(1)}sm_{m.group(2)}", ptx, count=1), f"sm_{match.group(2)}"
+
+
+def find_ptxas() -> str | None:
+    """A ``ptxas`` executable: ``$TRITON_PTXAS_PATH``, one on PATH, or the one in Triton's wheel."""
+    for candidate in (os.environ.get("TRITON_PTXAS_PATH"), shutil.which("ptxas")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    try:
+        from triton import knobs
+
+        path = str(knobs.nvidia.ptxas.path)
+    except Exception:  # noqa: BLE001 - any triton without a bundled ptxas (or another layout)
+        return None
+    return path if os.access(path, os.X_OK) else None
+
+
+def assemble_ptx(ptx: str, target: str, *, timeout: float = 120.0) -> str | None:
+    """Assemble ``ptx`` for ``target`` with :func:`find_ptxas`; the error text, or None if it assembles.
+
+    Raises :class:`BackendUnavailableError` when no ptxas can be found.
+    """
+    ptxas = find_ptxas()
+    if ptxas is None:
+        raise BackendUnavailableError(
+            "no ptxas found to check the partial_rotary PTX (not on PATH, not in the triton wheel)",
+            fix="pip install 'triton>=3.2' (its wheel bundles ptxas), or set TRITON_PTXAS_PATH",
+        )
+    with tempfile.TemporaryDirectory(prefix="stlm-ptxas-") as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write(ptx)
+        cmd = [ptxas, "--gpu-name", target, source, "-o", os.path.join(tmp, "kernel.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    return None if proc.returncode == 0 else (proc.stderr or proc.stdout or f"exit status {proc.returncode}").strip()
+
+
+def _make_portable(ptx: str, arch: int, triton_version: str) -> tuple[str, str]:
+    """:func:`portable_target`, proven by assembling the PTX for the portable target (arch >= 90 only)."""
+    rewritten, target = portable_target(ptx)
+    if rewritten == ptx:
+        return ptx, target
+    error = assemble_ptx(rewritten, target)
+    if error is not None:
+        raise BackendUnavailableError(
+            f"triton {triton_version} emitted sm_{arch}-specific PTX for the partial_rotary kernel, which does not "
+            f"assemble for the portable {target} ({error[:300]})",
+            fix="leave STLM_PARTIAL_ROTARY_SM unset: the default sm_80 PTX runs on every GPU from Ampere on",
+        )
+    return rewritten, target
+
+
 def compile_ptx(
     dtype: str,
     *,
@@ -191,7 +265,10 @@ def compile_ptx(
         ) from exc
     if entry != name or len(params) != NUM_KERNEL_PARAMS:
         raise BackendUnavailableError(f"unexpected PTX entry {entry!r} with {len(params)} parameters after rewriting")
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    try:
+        ptx, target = _make_portable(ptx, arch, triton.__version__)
+    except ValueError as exc:
+        raise BackendUnavailableError(f"triton {triton.__version__} produced PTX without a target: {exc}") from exc
     return CompiledPartialRotary(
         kernel_name=name,
         ptx=ptx,
@@ -203,7 +280,7 @@ def compile_ptx(
         block_h=block_h,
         num_warps=int(metadata.num_warps),
         shared_mem=int(metadata.shared),
-        ptx_target=target.group(1).rstrip(",") if target else f"sm_{arch}",
+        ptx_target=target,
     )
 
 

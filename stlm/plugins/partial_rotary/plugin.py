@@ -16,7 +16,8 @@ The ONNX node's ``aot`` attribute (or the network flags ``PREFER_AOT_PYTHON_PLUG
 
 The AOT PTX targets ``sm_80`` by default: PTX is JIT-compiled by the driver for the GPU that loads
 the engine, so it runs on Ampere and every later GPU; set ``STLM_PARTIAL_ROTARY_SM`` (e.g. 90)
-to target another architecture.
+to target another architecture (the PTX then runs on that architecture and every later one, never
+on an older one: :func:`check_hardware_compat` refuses ``--hardware-compat ampere_plus`` then).
 
 This module deliberately has no ``from __future__ import annotations``: ``tensorrt.plugin``
 validates the decorated functions' annotations with ``issubclass`` and needs real classes.
@@ -77,9 +78,9 @@ def _import_tensorrt() -> tuple[Any, Any]:
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
-    except ImportError as exc:
+    except (ImportError, OSError, RuntimeError) as exc:  # OSError/RuntimeError: its native libraries do not load
         raise BackendUnavailableError(
-            "TensorRT's Python package with the tensorrt.plugin module is not installed (or cannot load)",
+            f"TensorRT's Python package with the tensorrt.plugin module is not installed or cannot load ({exc})",
             fix="on a machine with an NVIDIA GPU, pip install 'stlm[gpu]' (TensorRT 11), then call register_plugin()",
         ) from exc
     needed = ("register", "impl", "aot_impl", "autotune", "KernelLaunchParams", "SymIntExprs", "SymInt32")
@@ -101,20 +102,47 @@ def _qdp_registry() -> dict[str, Any]:
     return QDP_REGISTRY if isinstance(QDP_REGISTRY, dict) else {}
 
 
-def register_plugin() -> None:
+def register_plugin(*, required: bool = True) -> bool:
     """Register ``stlm::partial_rotary`` with TensorRT (idempotent; call before parsing/building/loading).
 
-    Raises :class:`BackendUnavailableError` when TensorRT (with ``tensorrt.plugin``) is missing.
+    Returns whether the plugin is registered. Without TensorRT's ``tensorrt.plugin`` layer (not
+    installed, its native libraries do not load, or a TensorRT too old for AOT plugins) this raises
+    :class:`BackendUnavailableError` when ``required``, else logs why and returns False (an engine
+    whose plugin kernel is AOT PTX runs without the registration). A definition TensorRT's own
+    validator rejects is a bug in this module and always raises.
     """
     global _registered
     with _lock:
         if _registered:
-            return
-        trt, trtp = _import_tensorrt()
+            return True
+        try:
+            trt, trtp = _import_tensorrt()
+        except BackendUnavailableError as exc:
+            if required:
+                raise
+            _log.info("%s not registered (not needed for AOT engines): %s", PLUGIN_ID, exc.problem)
+            return False
         if PLUGIN_ID not in _qdp_registry():  # e.g. defined by another copy of this module
             _define(trt, trtp)
         _registered = True
         _log.info("registered TensorRT plugin %s (version 1)", PLUGIN_ID)
+        return True
+
+
+def check_hardware_compat(level: str) -> None:
+    """Refuse a hardware-compatibility level the AOT PTX cannot honour.
+
+    ``ampere_plus`` promises an engine for every GPU of compute capability >= 8.0, but PTX compiled
+    for ``sm_90`` (``STLM_PARTIAL_ROTARY_SM=90``) or later does not load on Ampere GPUs.
+    """
+    arch = aot_arch()
+    if level == "ampere_plus" and arch > DEFAULT_AOT_ARCH:
+        raise InvalidArgumentError(
+            f"--hardware-compat ampere_plus with {ARCH_ENV}={arch}: the {PLUGIN_ID} kernel would be PTX for "
+            f"sm_{arch}, which Ampere GPUs (compute capability 8.x) cannot load",
+            fix=f"unset {ARCH_ENV} (the default sm_80 PTX runs on every GPU from Ampere on), "
+            "or build with --hardware-compat none",
+        )
 
 
 def _trt_dtype_name(trt: Any, dtype: Any) -> DType:

@@ -2,8 +2,10 @@
 
 The TensorRT ONNX parser maps an unknown op to a plugin (its "fallback plugin importer") by
 looking up the creator ``(op_type, plugin_version, plugin_namespace)``, where ``plugin_version``
-and ``plugin_namespace`` are STRING node attributes (defaults ``"1"`` and ``""``; when the
-namespace lookup fails it retries with the node's domain). For a ``tensorrt.plugin``
+and ``plugin_namespace`` are STRING node attributes (defaults ``"1"`` and ``""``). Only recent
+parsers retry a failed lookup with the node's domain as the namespace (onnx-tensorrt's main
+branch does; its 10.0/10.1 release branches do not), so the node always carries
+``plugin_namespace`` and never relies on that retry. For a ``tensorrt.plugin``
 ("quickly deployable") plugin the INT attribute ``aot`` picks the implementation:
 ``aot=1`` -> ``QuickPluginCreationRequest.kSTRICT_AOT`` (the PTX from ``@trtp.aot_impl`` is baked
 into the engine), ``aot=0`` -> ``kSTRICT_JIT`` (the Python ``@trtp.impl`` runs at inference).
@@ -12,8 +14,10 @@ plugin fields (INT -> int32, FLOAT -> float32; ``tensorrt.plugin`` converts them
 registered ``int`` / ``float``); the other attributes are not passed to the plugin.
 
 Sources: NVIDIA/TensorRT ``samples/python/quickly_deployable_plugins/README.md`` ("ONNX model with
-a plugin", "ONNX model with an AOT plugin") and onnx/onnx-tensorrt ``onnxOpImporters.cpp``
-(``FallbackPluginImporter``) / ``importerUtils.cpp`` (``attrs.get<int>("aot", 0)``).
+a plugin", "ONNX model with an AOT plugin") and onnx/onnx-tensorrt ``onnxOpImporters.cpp`` /
+``onnxOpCheckers.cpp`` (``FallbackPluginImporter``: ``importPluginCreator(ctx, op_type,
+plugin_version, plugin_namespace)``, then, on main only, ``node.domain()``) and
+``importerUtils.cpp`` (``attrs.get<int>("aot", 0)``).
 
 This module imports ``onnx`` only inside the node builders.
 """
@@ -39,7 +43,8 @@ PLUGIN_ID: Final = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 """The id given to ``tensorrt.plugin.register`` ("namespace::name")."""
 
 ONNX_DOMAIN: Final = PLUGIN_NAMESPACE
-"""Domain of the TensorRT-target node. TensorRT ignores it when ``plugin_namespace`` matches."""
+"""Domain of the TensorRT-target node (for the ONNX checker). TensorRT finds the plugin by the
+``plugin_namespace`` attribute; only recent parsers fall back to the domain when that fails."""
 ONNX_DOMAIN_VERSION: Final = 1
 
 ORT_DOMAIN: Final = "ai.onnx.contrib"
