@@ -224,6 +224,14 @@ class Quantization:
         """The quantization of the LM head."""
         return replace(self, bits=self.lm_head_bits)
 
+    @property
+    def fast_cpu_kernels(self) -> bool:
+        """Whether every MatMulNBits runs on ONNX Runtime's fast CPU kernels: int8 activations (accuracy level 4)
+        and integer zero points (not HQQ's float ones at 4 bits). Measured: fp32 activations decode ~3× slower
+        at 4 bits and ~20× slower at 8 bits, float zero points ~5× slower (docs/quality.md)."""
+        hqq_float = self.method == "hqq" and 4 in (self.bits, self.lm_head_bits, self.edge_bits)
+        return self.accuracy_level == 4 and not hqq_float
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return asdict(self)
@@ -240,7 +248,7 @@ _KEYS: Final = {
 #: --quantize presets. ``int4`` is the default int4 chosen by mean KLD on the trained model (docs/quality.md).
 PRESETS: Final[dict[str, Quantization]] = {
     "int8": Quantization(bits=8, lm_head_bits=8),
-    "int4": Quantization(bits=4),
+    "int4": Quantization(bits=4, edge_bits=8),
     "int4-rtn": Quantization(bits=4),
     "int4-sym": Quantization(bits=4, symmetric=True),
     "int4-hqq": Quantization(method="hqq", bits=4),
