@@ -53,10 +53,10 @@ class BaseRows:
 
 
 def log_sum_exp(logits: np.ndarray) -> np.ndarray:
-    """``log(sum(exp(logits)))`` over the last axis, in float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    top = x.max(axis=-1, keepdims=True)
-    return (top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True)))[..., 0]
+    """``log(sum(exp(logits)))`` over the last axis as float64 (exponentials in the logits' dtype, summed in float64)."""
+    top = logits.max(axis=-1, keepdims=True)
+    total = np.exp(logits - top).sum(axis=-1, dtype=np.float64)
+    return np.asarray(top[..., 0].astype(np.float64) + np.log(total))
 
 
 def score_positions(logits: np.ndarray, targets: np.ndarray) -> PositionScores:
