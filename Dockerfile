@@ -64,3 +64,50 @@ print('stlm', stlm.__version__, '| TensorRT', tensorrt.__version__, '| onnxrunti
 WORKDIR /work
 ENTRYPOINT ["stlm"]
 CMD ["--help"]
+
+# -----------------------------------------------------------------------------------------------
+# serve: a slim image that serves a package with `stlm serve` (ONNX Runtime on the CPU; no torch,
+# no exporter), as one process or as Ray Serve replicas (the `ray` extra; also the image of the
+# KubeRay RayService in deploy/). Runs as an unprivileged user.
+#
+#   docker build --target serve -t stlm-serve .
+#   docker run --rm -p 8000:8000 -v "$PWD/my-package:/models/stlm:ro" -e STLM_API_KEY=secret stlm-serve
+#   docker run --rm -p 8000:8000 -v ... stlm-serve /models/stlm --replicas 2 --num-cpus 2
+#
+# STLM_EXTRAS=serve builds it without Ray (smaller). The healthcheck polls /health on port 8000.
+FROM python:3.12-slim AS serve
+
+ARG STLM_EXTRAS=serve,ray
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    VIRTUAL_ENV=/opt/stlm \
+    PATH=/opt/stlm/bin:${PATH}
+
+# wget: the health probes KubeRay adds to Ray containers use it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python -m venv /opt/stlm
+WORKDIR /opt/stlm-src
+COPY pyproject.toml README.md ./
+COPY stlm ./stlm
+# DL3013: this installs the source tree itself; its dependency floors live in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ".[${STLM_EXTRAS}]" \
+ && python -c "import importlib.util as u, stlm; assert u.find_spec('torch') is None, 'torch in the serve image'; print('stlm', stlm.__version__)"
+
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/stlm stlm
+USER 10001:10001
+WORKDIR /home/stlm
+ENV HOME=/home/stlm
+
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8000/health"]
+ENTRYPOINT ["stlm", "serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["/models/stlm"]

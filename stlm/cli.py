@@ -7,6 +7,7 @@ stdout carries only results (generated text, JSON); logs and progress go to stde
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import click
 
 from stlm.errors import StlmError
+from stlm.extras import require_extra
+from stlm.serve.config import ServeConfig
 
 
 class _StlmFailure(click.ClickException):
@@ -240,17 +243,35 @@ def generate(
         click.echo(gen.generate(text, params))
 
 
+def _api_key(value: str | None) -> str | None:
+    """click reads an empty STLM_API_KEY as unset; an empty key must be refused, not ignored."""
+    if value is None and os.environ.get("STLM_API_KEY") == "":
+        return ""  # ServeConfig refuses it with the message for an empty key
+    return value
+
+
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port).")
+@click.option("--host", default=ServeConfig.host, show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=ServeConfig.port, show_default=True, type=int, help="TCP port (0: any free port).")
 @click.option(
-    "--api-key", default=None, envvar="STLM_API_KEY", help="Require 'Authorization: Bearer KEY' (or set STLM_API_KEY)."
+    "--api-key",
+    default=None,
+    envvar="STLM_API_KEY",
+    callback=lambda ctx, param, value: _api_key(value),
+    help="Require 'Authorization: Bearer KEY' on every route but /health (or set STLM_API_KEY). Without a key "
+    "only loopback Host names and application/json bodies are accepted.",
 )
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Sequences decoded together (cache slots).")
+@click.option(
+    "--max-batch",
+    default=ServeConfig.max_batch,
+    show_default=True,
+    type=int,
+    help="Sequences decoded together (cache slots).",
+)
 @click.option(
     "--max-queue",
-    default=64,
+    default=ServeConfig.max_queue,
     show_default=True,
     type=int,
     help="Sequences that may wait for a slot; beyond this requests get 429.",
@@ -263,31 +284,88 @@ def generate(
 )
 @click.option("--model-name", default=None, help="Model id clients pass [default: the package folder's name].")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads [default: ORT's].")
+@click.option(
+    "--max-connections",
+    default=ServeConfig.max_connections,
+    show_default=True,
+    type=int,
+    help="Open connections; past it the one waiting longest for headers is closed (or 503).",
+)
+@click.option(
+    "--header-timeout",
+    default=ServeConfig.header_timeout,
+    show_default=True,
+    type=float,
+    help="Seconds a connection has to send a request's headers.",
+)
+@click.option(
+    "--body-timeout",
+    default=ServeConfig.body_timeout,
+    show_default=True,
+    type=float,
+    help="Seconds a request has to send its whole body (else 408).",
+)
+@click.option(
+    "--shutdown-timeout",
+    default=ServeConfig.shutdown_timeout,
+    show_default=True,
+    type=float,
+    help="After SIGTERM/SIGINT, seconds in-flight requests have to finish before they are cancelled.",
+)
+@click.option(
+    "--replicas",
+    default=None,
+    type=int,
+    help="Serve from N replicas on Ray Serve (each with its own scheduler and KV cache); needs stlm[ray].",
+)
+@click.option(
+    "--autoscale",
+    default=None,
+    metavar="MIN:MAX",
+    help="Ray Serve replicas scaled on load between MIN and MAX (target: --max-batch ongoing requests each).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster to join with --replicas/--autoscale (e.g. auto, HOST:6379) [default: the local one, or a new one].",
+)
+@click.option("--num-cpus", default=None, type=float, help="CPUs reserved per Ray Serve replica [default: 1].")
+@click.option("--num-gpus", default=None, type=float, help="GPUs per Ray Serve replica (1: one engine per GPU).")
 def serve(
     package: Path,
-    host: str,
-    port: int,
-    api_key: str | None,
-    max_batch: int,
-    max_queue: int,
-    max_context: int | None,
-    model_name: str | None,
-    threads: int | None,
+    replicas: int | None,
+    autoscale: str | None,
+    ray_address: str | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    **options: Any,
 ) -> None:
-    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching."""
-    from stlm.serve import run_server
+    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching.
 
-    run_server(
-        package,
-        host=host,
-        port=port,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        max_context=max_context,
-        model_name=model_name,
-        threads=threads,
-    )
+    With --replicas or --autoscale, the same server runs as replicas on Ray Serve (pip install 'stlm[ray]').
+    """
+    ray = {
+        "replicas": replicas,
+        "autoscale": autoscale,
+        "ray_address": ray_address,
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+    }
+    if any(v is not None for v in ray.values()):
+        require_extra("ray", feature="serving on Ray Serve (--replicas/--autoscale)")
+        from stlm.serve.ray import run_ray_server
+
+        run_ray_server(package, **ray, **options)
+        return
+    from stlm.serve import run_server  # needs the serve extra (a clear error without it)
+
+    if run_server(ServeConfig(package, **options)) is not None:
+        # stopped by SIGTERM/SIGINT and shut down within --shutdown-timeout: end the process now
+        # instead of after the interpreter's teardown (~0.5 s), so that it ends within the deadline
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command()

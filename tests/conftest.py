@@ -99,6 +99,18 @@ def package(packages: dict[str, Path]) -> Path:
     return packages["hd16"]
 
 
+@pytest.fixture(scope="session")
+def random_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random in-place package with its own small tokenizer (needs no ../shared)."""
+    from stlm.export.onnx_export import export_onnx
+    from stlm.export.random_checkpoint import make_random_checkpoint
+
+    base = tmp_path_factory.mktemp("random-package")
+    return export_onnx(
+        make_random_checkpoint(base / "checkpoint", preset="tiny", seed=3), base / "tiny", kv_cache="inplace"
+    )
+
+
 # -- skip policy -------------------------------------------------------------------------------
 # With STLM_ONLY_GPU_SKIPS=1 (set by .ci/run) the run fails when a test that is not marked `gpu`
 # skips: everything but the GPU checks must run on a CPU machine from a public clone.

@@ -310,7 +310,7 @@ def test_greedy_same_alone_and_in_a_batch(
 
 
 def test_a_failing_request_does_not_affect_others(
-    server: BackgroundServer, client: openai.OpenAI, generator: Generator
+    server: BackgroundServer, client: openai.OpenAI, generator: Generator, caplog: pytest.LogCaptureFixture
 ) -> None:
     doomed = generator.encode_prompt("this request is doomed")
     expected = greedy(client, PROMPTS[2], 32).choices[0].text
@@ -328,8 +328,12 @@ def test_a_failing_request_does_not_affect_others(
             assert good.result() == expected
             with pytest.raises(openai.InternalServerError) as err:
                 bad.result()
-            assert err.value.body["type"] == "server_error" and "injected failure" in err.value.body["message"]
-            with pytest.raises(openai.APIError, match="injected failure"):
+            # the client learns a request id, never the exception; the log has both
+            assert err.value.body["type"] == "server_error" and "injected" not in err.value.body["message"]
+            rid = err.value.response.headers["x-request-id"]
+            assert rid in err.value.body["message"]
+            assert any(rid in r.getMessage() and "injected failure" in r.getMessage() for r in caplog.records)
+            with pytest.raises(openai.APIError, match="internal error while handling request req-"):
                 bad_stream.result()
     finally:
         server.service.scheduler.fault_hook = None

@@ -61,6 +61,12 @@ _STRIDE = 16
 _BLOCK = 512
 # min-p preselects with a threshold this much looser (in log space) than the exact float64 test.
 _MIN_P_SLACK = 1e-3
+# 1/temperature is clamped to [1/_INV_T_LIMIT, _INV_T_LIMIT]: beyond it float32 products overflow
+# (0 * inf = NaN). A temperature below 1e-30 samples like 1e-30 (the top logit; equal top logits
+# drawn at random), one above 1e30 like 1e30 (uniform over every finite logit).
+_INV_T_LIMIT = 1e30
+# Penalised logits are clipped to the finite float32 range, so no penalty makes them inf.
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 # name -> (expected, fix, kind, low, high, low excluded); kind "int" rejects floats and bools
@@ -199,8 +205,15 @@ def apply_repetition_penalty(
     if ids.size == 0:
         return x
     out = x.copy()
-    seen = x[ids]  # duplicates read the original value, so repeats are penalised once
-    out[ids] = np.where(seen > 0, seen / np.float32(penalty), seen * np.float32(penalty))
+    seen = x[ids].astype(np.float64)  # duplicates read the original value, so repeats are penalised once
+    # float64 with the float32-rounded penalty gives the float32 result exactly (as transformers);
+    # a penalty float32 cannot hold (beyond ~1e±38) is used as is, and the result clipped
+    with np.errstate(over="ignore", under="ignore"):
+        p32 = float(np.float32(penalty))
+        p = p32 if 0.0 < p32 < math.inf else penalty
+        penalised = np.where(seen > 0, seen / p, seen * p)
+    finite = np.isfinite(seen)
+    out[ids] = np.where(finite, np.clip(penalised, -_F32_MAX, _F32_MAX), penalised)
     return out
 
 
@@ -359,7 +372,10 @@ def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
 def _min_p_candidates(x: np.ndarray, m: float, inv_t: float, min_p: float) -> np.ndarray:
     """Ids (ascending) with ``exp((x - m) * inv_t) >= min_p``, exact in float64."""
     loose = m + (math.log(min_p) - _MIN_P_SLACK) / inv_t
-    ids = np.flatnonzero(x >= np.float32(loose))
+    threshold = np.float32(loose)
+    if float(threshold) > loose:  # rounded up: could drop a candidate the float64 test keeps
+        threshold = np.nextafter(threshold, np.float32(-np.inf))
+    ids = np.flatnonzero(x >= threshold)
     ratio = np.exp((x[ids].astype(np.float64) - m) * inv_t)
     return ids[ratio >= min_p]
 
@@ -383,7 +399,8 @@ def _draw_full(x: np.ndarray, m: float, inv_t: float, rng: np.random.Generator) 
     """
     w = x - np.float32(m)
     if inv_t != 1.0:
-        w *= np.float32(inv_t)
+        with np.errstate(over="ignore"):  # -> -inf, whose exp is the 0 it stands for
+            w *= np.float32(inv_t)
     np.exp(w, out=w)
     sums = _block_sums(w, _BLOCK)
     block, _ = _draw(sums, rng)
@@ -416,7 +433,7 @@ def sample_token(
         np.exp(shifted, out=shifted)
         return token, -math.log(float(shifted.sum()))  # x[token] == m
 
-    inv_t = 1.0 / params.temperature
+    inv_t = min(max(1.0 / params.temperature, 1.0 / _INV_T_LIMIT), _INV_T_LIMIT)
     k = params.top_k if 0 < params.top_k < n else 0
     if k:
         order = _ranked_top(x, k)

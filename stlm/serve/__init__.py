@@ -6,18 +6,39 @@ Runtime-side: like :mod:`stlm.runtime` it never imports torch or transformers. T
 
     run_server("stablelm-onnx", port=8000, max_batch=8)     # blocks until SIGINT/SIGTERM
 
-Modules: :mod:`~stlm.serve.scheduler` (continuous batching), :mod:`~stlm.serve.protocol`
-(OpenAI request/response bodies), :mod:`~stlm.serve.app` (ASGI routes), :mod:`~stlm.serve.metrics`
-(Prometheus text), :mod:`~stlm.serve.server` (uvicorn).
+Modules: :mod:`~stlm.serve.config` (:class:`ServeConfig`, every default), :mod:`~stlm.serve.scheduler`
+(continuous batching), :mod:`~stlm.serve.protocol` (OpenAI request/response bodies),
+:mod:`~stlm.serve.app` (ASGI routes), :mod:`~stlm.serve.guard` (limits every route gets),
+:mod:`~stlm.serve.metrics` (Prometheus text), :mod:`~stlm.serve.server` (uvicorn).
+
+Names are imported on first use, so ``from stlm.serve.config import ServeConfig`` (the CLI's
+defaults) does not need the web framework installed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from stlm.extras import require_extra
 
-require_extra("serve", feature="the HTTP server (stlm.serve: `stlm serve`)")
+if TYPE_CHECKING:
+    from stlm.serve.app import CompletionService, create_app, load_service
+    from stlm.serve.config import ServeConfig
+    from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
+    from stlm.serve.server import BackgroundServer, run_server
 
-from stlm.serve.app import CompletionService, ServeConfig, create_app, load_service  # noqa: E402 - after the extra check
-from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError  # noqa: E402 - after the extra check
-from stlm.serve.server import BackgroundServer, run_server  # noqa: E402 - after the extra check
+_WHERE = {
+    "BackgroundServer": "server",
+    "CompletionService": "app",
+    "QueueFullError": "scheduler",
+    "Scheduler": "scheduler",
+    "SchedulerStoppedError": "scheduler",
+    "ServeConfig": "config",
+    "create_app": "app",
+    "load_service": "app",
+    "run_server": "server",
+}
 
 __all__ = [
     "BackgroundServer",
@@ -30,3 +51,11 @@ __all__ = [
     "load_service",
     "run_server",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stlm.serve' has no attribute {name!r}")
+    if _WHERE[name] != "config":  # the configuration is plain data; the rest needs the web framework
+        require_extra("serve", feature="the HTTP server (stlm.serve: `stlm serve`)")
+    return getattr(importlib.import_module(f"stlm.serve.{_WHERE[name]}"), name)

@@ -5,60 +5,50 @@ Routes: ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models`
 :class:`~stlm.serve.scheduler.Job`\\ s; the scheduler thread posts their step outputs to the event
 loop, and the response streams or collects them. A client that disconnects cancels its jobs, which
 frees their slots at the scheduler's next step.
+
+Every route sits behind :class:`~stlm.serve.guard.Guard` (request ids, API key / Host checks,
+body limits, generic 500s). CPU work — parsing a body, tokenizing prompts — runs on
+:class:`~stlm.serve.offload.CpuPool` threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from stlm.errors import InvalidArgumentError, PackageError, StlmError
 from stlm.runtime.generator import Generator
 from stlm.runtime.sequence import SequenceState
-from stlm.serve import protocol
+from stlm.serve import jsonio, protocol
+from stlm.serve.apierror import ApiError
+from stlm.serve.config import ServeConfig, available_cpus
+from stlm.serve.guard import Guard, GuardPolicy, internal_error, request_id
 from stlm.serve.metrics import CONTENT_TYPE, Gauge, ServerMetrics
-from stlm.serve.protocol import ApiError, CompletionRequest
+from stlm.serve.offload import CpuPool
+from stlm.serve.prompts import PromptEncoder
+from stlm.serve.protocol import CompletionRequest
+from stlm.serve.resources import check_kv_cache, memory_budget
 from stlm.serve.scheduler import Job, QueueFullError, Scheduler, SchedulerStoppedError, StepOutput
 
 __all__ = ["CompletionService", "ServeConfig", "create_app", "load_service"]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_CONTEXT = 2048
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything ``stlm serve`` is configured with (see :func:`stlm.serve.run_server`)."""
-
-    package: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_batch: int = 8
-    max_queue: int = 64
-    max_context: int | None = None
-    prefill_chunk: int = 256
-    model_name: str | None = None
-    threads: int | None = None
 
 
 class CompletionService:
@@ -75,15 +65,26 @@ class CompletionService:
                 f"--max-context {config.max_context} is invalid: expected 2..{context} (the model's context)",
                 fix=f"pass --max-context ≤ {context}",
             )
+        backend = generator.backend.name
+        check_kv_cache(generator.manifest, backend, config.max_batch, self.capacity, memory_budget(backend))
+        self.encoder = PromptEncoder(generator.tokenizer, generator.manifest.generation.bos_token_id, self.capacity)
+        self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
         self.metrics = ServerMetrics()
-        self.scheduler = Scheduler(
-            generator.backend,
-            max_batch=config.max_batch,
-            capacity=self.capacity,
-            max_queue=config.max_queue,
-            prefill_chunk=config.prefill_chunk,
-            metrics=self.metrics,
-        )
+        try:
+            self.scheduler = Scheduler(
+                generator.backend,
+                max_batch=config.max_batch,
+                capacity=self.capacity,
+                max_queue=config.max_queue,
+                prefill_chunk=config.prefill_chunk,
+                metrics=self.metrics,
+            )
+        except (MemoryError, ValueError) as exc:  # the estimate passed but the allocation failed
+            raise InvalidArgumentError(
+                f"cannot allocate the KV cache of --max-batch {config.max_batch} × --max-context {self.capacity} "
+                f"({type(exc).__name__}: {str(exc)[:200]})",
+                fix="pass a smaller --max-batch or --max-context",
+            ) from None
         s = self.scheduler
         self.metrics.bind_gauges(
             [
@@ -95,6 +96,11 @@ class CompletionService:
             ]
         )
 
+    def prepare(self, raw: bytes) -> tuple[CompletionRequest, list[SequenceState]]:
+        """Parse a request body and tokenize its prompts (CPU work: call it off the event loop)."""
+        request = protocol.parse_completion_request(raw)
+        return request, self.sequences(request)
+
     def sequences(self, request: CompletionRequest) -> list[SequenceState]:
         """One decoding state per prompt; 400 if a prompt (plus max_tokens) cannot fit a slot."""
         if request.model is not None and request.model != self.model:
@@ -104,14 +110,23 @@ class CompletionService:
                 param="model",
                 code="model_not_found",
             )
+        most = self.scheduler.max_batch + self.scheduler.max_queue
+        if len(request.prompts) > most:
+            raise ApiError(
+                400,
+                f"the request has {len(request.prompts)} prompts; this server runs {self.scheduler.max_batch} "
+                f"at once and queues {self.scheduler.max_queue} (fix: send at most {most} per request)",
+                param="prompt",
+                code="invalid_value",
+            )
         states = []
-        for i, prompt in enumerate(request.prompts):
-            ids = self.generator.encode_prompt(prompt)
+        for i, ids in enumerate(self.encoder.encode(request.prompts)):
             where = f"prompt[{i}]" if len(request.prompts) > 1 else "the prompt"
             if len(ids) >= self.capacity:
                 raise ApiError(
                     400,
-                    f"{where} has {len(ids)} tokens; this server's context is {self.capacity} tokens (fix: shorten it)",
+                    f"{where} has {self.capacity} tokens or more; this server's context is {self.capacity} tokens "
+                    "(fix: shorten it)",
                     param="prompt",
                     code="context_length_exceeded",
                 )
@@ -146,8 +161,14 @@ def load_service(config: ServeConfig) -> CompletionService:
 
 
 # -- responses ---------------------------------------------------------------------------------
-def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+def _json(body: dict[str, Any], status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+    response = Response(jsonio.dumps(body), status_code=status, media_type="application/json")
+    response.raw_headers.extend(headers or [])
+    return response
+
+
+def _error_response(exc: ApiError) -> Response:
+    return _json(exc.body(), exc.status, exc.headers())
 
 
 class _CompletionResponse:
@@ -160,8 +181,10 @@ class _CompletionResponse:
         jobs: list[Job],
         queue: asyncio.Queue[tuple[int, StepOutput]],
         arrived: float,
+        rid: str,
     ) -> None:
         self.service, self.request, self.jobs, self.queue, self.arrived = service, request, jobs, queue, arrived
+        self.rid = rid
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.status = 499  # until the response has been sent
@@ -194,14 +217,6 @@ class _CompletionResponse:
             pending -= output.finish_reason is not None
             yield index, output
 
-    def _failure(self, output: StepOutput) -> ApiError:
-        return ApiError(
-            500,
-            f"the request failed inside the server ({output.error}); other requests are unaffected",
-            type="server_error",
-            code="internal_error",
-        )
-
     async def _collect(self, send: Send) -> None:
         finals: dict[int, StepOutput] = {}
         tokens: dict[int, list[int]] = {i: [] for i in range(len(self.jobs))}
@@ -209,10 +224,10 @@ class _CompletionResponse:
             tokens[index].extend(output.token_ids)
             if output.finish_reason is not None:
                 finals[index] = output
-                if output.error is not None:
+                if output.error is not None:  # the scheduler logged the details under this request id
                     for job in self.jobs:
                         job.cancel()
-                    error = self._failure(output)
+                    error = internal_error(self.rid)
                     await self._send_json(send, error.body(), error.status)
                     return
         completions = [finals[i].completion for i in range(len(self.jobs))]
@@ -225,7 +240,11 @@ class _CompletionResponse:
         await self._send_json(send, body, 200)
 
     async def _send_json(self, send: Send, body: dict[str, Any], status: int) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
+        try:
+            data = jsonio.dumps(body)
+        except ValueError:  # NaN/inf: never sent as (invalid) JSON
+            log.exception("request %s: the response is not valid JSON", self.rid)
+            status, data = 500, jsonio.dumps(internal_error(self.rid).body())
         await send(
             {
                 "type": "http.response.start",
@@ -253,7 +272,7 @@ class _CompletionResponse:
         async for index, output in self._outputs():
             if output.error is not None:
                 status = 500
-                await self._chunk(send, protocol.sse(self._failure(output).body()))
+                await self._chunk(send, protocol.sse(internal_error(self.rid).body()))
                 continue
             choice: dict[str, Any] = {"text": output.text, "index": index, "logprobs": None, "finish_reason": None}
             if self.request.logprobs is not None and output.token_ids:
@@ -284,12 +303,13 @@ class _CompletionResponse:
 def _routes(service: CompletionService) -> list[Route]:
     async def completions(request: Request) -> Response | _CompletionResponse:
         arrived = time.monotonic()
+        rid = request_id(request.scope)
         try:
-            parsed = protocol.parse_completion_request(await _read_body(request))
-            states = service.sequences(parsed)
+            raw = await request.body()  # the guard enforces the size and time limits while reading
+            parsed, states = await service.cpu.run(lambda: service.prepare(raw))
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
-            jobs = [Job(state, _poster(loop, queue, i), tag=f"{i}") for i, state in enumerate(states)]
+            jobs = [Job(state, _poster(loop, queue, i), tag=f"{rid}#{i}") for i, state in enumerate(states)]
             service.scheduler.submit(jobs)
         except ApiError as exc:
             return _counted(service, _error_response(exc), arrived)
@@ -303,10 +323,10 @@ def _routes(service: CompletionService) -> list[Route]:
             return _counted(service, _error_response(error), arrived)
         except StlmError as exc:
             return _counted(service, _error_response(protocol.api_error_from(exc)), arrived)
-        return _CompletionResponse(service, parsed, jobs, queue, arrived)
+        return _CompletionResponse(service, parsed, jobs, queue, arrived, rid)
 
     async def models(request: Request) -> Response:
-        return JSONResponse(
+        return _json(
             {
                 "object": "list",
                 "data": [
@@ -323,11 +343,11 @@ def _routes(service: CompletionService) -> list[Route]:
 
     async def health(request: Request) -> Response:
         s = service.scheduler
-        if s.crashed is not None:
-            return JSONResponse({"status": "error", "detail": repr(s.crashed)}, status_code=503)
+        if s.crashed is not None:  # logged when it happened; the client learns only the state
+            return _json({"status": "error"}, 503, ApiError(503, "").headers())
         if s.stopping:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse(
+            return _json({"status": "draining"}, 503, ApiError(503, "").headers())
+        return _json(
             {"status": "ok", "model": service.model, "slots_in_use": s.slots_in_use, "queue_depth": s.queue_depth}
         )
 
@@ -340,20 +360,6 @@ def _routes(service: CompletionService) -> list[Route]:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-
-
-async def _read_body(request: Request) -> bytes:
-    """The body, or a 413 when it exceeds :data:`MAX_BODY_BYTES` (checked before reading when declared)."""
-    declared = request.headers.get("content-length", "")
-    size = int(declared) if declared.isdigit() else 0
-    body = b"" if size > MAX_BODY_BYTES else await request.body()
-    if max(size, len(body)) > MAX_BODY_BYTES:
-        raise ApiError(
-            413,
-            f"the request body has {max(size, len(body))} bytes; the limit is {MAX_BODY_BYTES}",
-            code="request_too_large",
-        )
-    return body
 
 
 def _poster(
@@ -371,43 +377,32 @@ def _counted(service: CompletionService, response: Response, arrived: float) -> 
     return response
 
 
-class _ApiKey:
-    """Pure ASGI middleware: 401 unless ``Authorization: Bearer KEY`` (``/health`` is always open)."""
-
-    def __init__(self, app: ASGIApp, key: str) -> None:
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                error = ApiError(
-                    401,
-                    "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                )
-                await _error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
+# -- errors that escape a route ------------------------------------------------------------------
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
     return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=kind))
 
 
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    log.debug("request %s: the client disconnected before its body was read", request_id(request.scope))
+    return Response(status_code=499)
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(
-        ApiError(500, f"internal error ({type(exc).__name__})", type="server_error", code="internal_error")
-    )
+    rid = request_id(request.scope)
+    log.error("request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=exc)
+    return _error_response(internal_error(rid))
 
 
 def create_app(service: CompletionService) -> ASGIApp:
-    """The ASGI app; its startup starts the scheduler, its shutdown drains it."""
+    """The ASGI app (behind :class:`~stlm.serve.guard.Guard`); its startup starts the scheduler,
+    its shutdown stops it (by then the server has finished or cancelled every request)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -420,12 +415,18 @@ def create_app(service: CompletionService) -> ASGIApp:
             service.scheduler.max_queue,
         )
         yield
-        log.info("draining the scheduler")
-        await anyio.to_thread.run_sync(service.scheduler.stop)
+        log.info("stopping the scheduler")
+        await anyio.to_thread.run_sync(lambda: service.scheduler.stop(drain=False, timeout=2.0))
+        service.cpu.close()
 
     app = Starlette(
         routes=_routes(service),
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            HTTPException: _http_error,
+            ApiError: _api_error,
+            ClientDisconnect: _client_gone,
+            Exception: _server_error,
+        },
     )
-    return _ApiKey(app, service.config.api_key) if service.config.api_key else app
+    return Guard(app, GuardPolicy.from_config(service.config))

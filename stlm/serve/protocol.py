@@ -21,11 +21,14 @@ from typing import Any
 from stlm.errors import StlmError
 from stlm.runtime.sampling import SamplingParams
 from stlm.runtime.sequence import Completion
+from stlm.serve import jsonio
+from stlm.serve.apierror import ApiError
 
-__all__ = ["ApiError", "CompletionRequest", "api_error_from", "parse_completion_request"]
+__all__ = ["ApiError", "CompletionRequest", "api_error_from", "parse_completion_request"]  # ApiError: re-exported
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default
 MAX_LOGPROBS = 5
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each costs work at every step
 
 # SamplingParams field -> request field, for naming the bad parameter in errors
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
@@ -56,26 +59,6 @@ _FIELDS = {
     "user",
     *_NEUTRAL,
 }
-
-
-class ApiError(StlmError):
-    """An error answered as an OpenAI-style body ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def api_error_from(exc: StlmError, *, status: int = 400, code: str | None = "invalid_value") -> ApiError:
@@ -138,15 +121,16 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop", f"stop must be a non-empty string or a list of them, got {json.dumps(stop)[:80]}")
+    if len(stop) > MAX_STOP:
+        raise _bad("stop", f"stop has {len(stop)} strings; at most {MAX_STOP} are accepted", "invalid_value")
     return tuple(stop)
 
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
-    """Validate a completions request body; :class:`ApiError` (400) naming the first bad field."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    """Validate a completions request body; :class:`ApiError` (400) naming the first bad field.
+
+    ``raw`` is parsed by :func:`stlm.serve.jsonio.loads` (depth limit, no lone surrogates)."""
+    body = jsonio.loads(raw)
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     for name in body:
@@ -202,8 +186,12 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 def logprobs_body(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object (``top_logprobs`` is not computed: null)."""
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
+    """The legacy completions ``logprobs`` object (``top_logprobs`` is not computed: null).
+
+    A log-probability that is not finite (never expected: sampling is NaN-proof) is sent as null,
+    since NaN/inf are not JSON."""
+    finite = [x if math.isfinite(x) else None for x in logprobs]
+    return {"tokens": tokens, "token_logprobs": finite, "top_logprobs": None, "text_offset": None}
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -261,5 +249,5 @@ def chunk_body(
 
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event ``data: ...`` (``[DONE]`` passes as a str)."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+    payload = data.encode() if isinstance(data, str) else jsonio.dumps(data)
+    return b"data: " + payload + b"\n\n"

@@ -379,14 +379,14 @@ class Scheduler:
     def _fail(self, row: int | None, job: Job, exc: BaseException) -> None:
         if row is not None:
             self._release(row)
-        if not isinstance(exc, StlmError):
-            log.error(
-                "sequence %s failed: %s: %s",
-                job.tag or "?",
-                type(exc).__name__,
-                exc,
-                exc_info=(type(exc), exc, exc.__traceback__),
-            )
+        # the client gets a generic message; the details are here, under the request's tag
+        log.error(
+            "sequence %s failed: %s: %s",
+            job.tag or "?",
+            type(exc).__name__,
+            exc,
+            exc_info=None if isinstance(exc, StlmError) else (type(exc), exc, exc.__traceback__),
+        )
         self.metrics.sequences.inc(1, "error")
         self._deliver(job, StepOutput("", finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
 
