@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FLOATS = ("fp32", "fp16", "bf16")
-INT8 = ("int8", "int8:acc=0", "int8:sym=1", "int8:block=128", "int8:method=mse", "int8:method=hqq")
+INT8 = ("int8", "int8:acc=0", "int8:sym=1", "int8:block=128", "int8:method=mse")
 INT4 = (
     "int4-rtn",
     "int4-rtn:acc=0",
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--chunks", type=int, default=64, help="chunks scored per variant (0: all)")
     p.add_argument("--rounds", type=int, default=3, help="decode-speed rounds (0: skip)")
+    p.add_argument("--kv-cache", choices=["inplace", "concat"], default="inplace")
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/stlm-quality"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
@@ -173,7 +174,7 @@ def main() -> None:
     for label in labels:
         out = a.workdir / label.replace(":", "_").replace(",", "_").replace("=", "")
         began = time.perf_counter()
-        packages[label] = export_onnx(a.checkpoint, out, overwrite=True, **export_settings(label))
+        packages[label] = export_onnx(a.checkpoint, out, overwrite=True, kv_cache=a.kv_cache, **export_settings(label))
         seconds = time.perf_counter() - began
         base = a.checkpoint if label == "fp32" and not missing_modules("reference") else packages["fp32"]
         if label == "fp32" and base == packages["fp32"]:
@@ -195,6 +196,7 @@ def main() -> None:
         row["decode_ratio"] = row["decode_tok_s"] / speeds["fp32"] if speeds else float("nan")
     defaults = {f"int{b}": best(rows, b) for b in (4, 8) if any(r["bits"] == b for r in rows)}
     settings = {
+        "kv_cache": a.kv_cache,
         "checkpoint": str(a.checkpoint),
         "corpus": str(a.corpus),
         "ctx": a.ctx,

@@ -87,8 +87,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option(
     "--quantize",
     default=None,
-    help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits): int8 or int4 "
-    "(blocks of 32, LM head at 8 bits), or PRESET[:key=value,...] — see docs/quality.md.",
+    help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits): int8, int4 (blocks of 32; "
+    "LM head, first and last layer at 8 bits), int4-rtn, int4-sym, int4-mse, int4-hqq, int4-edge8, each "
+    "optionally :key=value,... (method, block, sym, head, edge, acc; see docs/quality.md).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(

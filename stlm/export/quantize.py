@@ -14,8 +14,9 @@ Methods (:data:`METHODS`):
 * ``hqq`` — Half-Quadratic Quantization (Badri & Shaji, 2023) as ONNX Runtime's
   ``HQQWeightOnlyQuantizer`` does it, in numpy (ONNX Runtime's needs torch, the exporter must not):
   a min/max grid whose zero points are then optimized against an lp-norm (p = 0.7) of the
-  weight error. Its zero points are floats, which MatMulNBits runs on a slower CPU path (and not
-  at all with 8-bit weights: there they are rounded to integers).
+  weight error. Its zero points are floats, which MatMulNBits runs on a slower CPU path, and not
+  at all with 8-bit weights: the 8-bit parts of an hqq quantization (its LM head) use rtn, since
+  HQQ with integer zero points is round to nearest again. HQQ is a 4-bit method here.
 * ``mse`` — a grid search per block over shrunk [min, max] ranges (integer zero points), keeping
   the range with the least squared weight error: MatMulNBits' fast path with clipped outliers.
 """
@@ -131,12 +132,6 @@ def quantize_hqq(weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) ->
     for start in range(0, len(w), _SLAB):
         part = slice(start, start + _SLAB)
         q[part], scales[part], zeros[part] = _hqq_slab(w[part], (1 << bits) - 1)
-    if bits == 8:  # MatMulNBits' CPU kernel takes no float zero points with 8-bit weights: round them
-        zeros = np.clip(np.round(zeros), 0, 255)
-        q = np.clip(np.round(w / scales[:, None]) + zeros[:, None], 0, 255).astype(np.uint8)
-        return QuantizedWeight(
-            pack(q.reshape(n, -1, block_size), bits), scales, pack(zeros.reshape(n, -1), 8), n, k, bits, block_size
-        )
     return QuantizedWeight(pack(q.reshape(n, -1, block_size), bits), scales, zeros, n, k, bits, block_size)
 
 
@@ -173,8 +168,9 @@ def quantize_mse(weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) ->
 def quantize_weight(
     weight: np.ndarray, bits: int, *, method: str = "rtn", block_size: int = BLOCK_SIZE, symmetric: bool = False
 ) -> QuantizedWeight:
-    """``weight`` (N, K) float in MatMulNBits form by ``method`` (:data:`METHODS`; ``symmetric`` applies to rtn)."""
-    if method == "hqq":
+    """``weight`` (N, K) float in MatMulNBits form by ``method`` (:data:`METHODS`; ``symmetric`` applies to rtn;
+    8-bit weights of an hqq quantization use rtn, see the module docstring)."""
+    if method == "hqq" and bits == 4:
         return quantize_hqq(weight, bits, block_size)
     if method == "mse":
         return quantize_mse(weight, bits, block_size)
@@ -229,8 +225,7 @@ class Quantization:
         """Whether every MatMulNBits runs on ONNX Runtime's fast CPU kernels: int8 activations (accuracy level 4)
         and integer zero points (not HQQ's float ones at 4 bits). Measured: fp32 activations decode ~3× slower
         at 4 bits and ~20× slower at 8 bits, float zero points ~5× slower (docs/quality.md)."""
-        hqq_float = self.method == "hqq" and 4 in (self.bits, self.lm_head_bits, self.edge_bits)
-        return self.accuracy_level == 4 and not hqq_float
+        return self.accuracy_level == 4 and not (self.method == "hqq" and 4 in (self.bits, self.lm_head_bits))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -300,6 +295,12 @@ def parse_quantization(spec: str) -> Quantization:
     except ValueError as exc:
         raise InvalidArgumentError(f"bad --quantize {spec!r}: {exc}", fix=f"pass --quantize {QUANTIZE_HELP}") from None
     quant = replace(PRESETS[name], **changes)
+    if quant.method == "hqq" and quant.bits != 4:
+        raise InvalidArgumentError(
+            f"bad --quantize {spec!r}: method=hqq is for 4-bit weights (its float zero points have no 8-bit "
+            "CPU kernel; with integer ones it is rtn)",
+            fix="use int8 (rtn) or int8:method=mse",
+        )
     if quant.symmetric and quant.method != "rtn":
         raise InvalidArgumentError(
             f"bad --quantize {spec!r}: sym=1 applies to method=rtn only", fix="drop sym=1, or use method=rtn"
