@@ -73,6 +73,7 @@ def test_fp32_perplexity_equals_transformers(
     assert report["ppl"]["error"] > 0 and report["tokens_per_second"] > 0
 
 
+@pytest.mark.shared
 @needs_trained
 def test_trained_fp32_perplexity_equals_transformers(tmp_path: Path) -> None:
     package = export_onnx(TRAINED, tmp_path / "fp32", kv_cache="concat")

@@ -51,6 +51,7 @@ def test_table_covers_methods_and_precisions() -> None:
     assert fp32["mean_kld"] < 1e-6 and fp32["same_top"] == 1.0  # fp32 = transformers
 
 
+@pytest.mark.shared
 @pytest.mark.skipif(
     not (TRAINED / "model.safetensors").is_file() or not HELDOUT.is_file(),
     reason="needs ../shared (the trained tiny StableLM and its held-out text), absent from a public clone",

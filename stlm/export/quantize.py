@@ -85,8 +85,17 @@ def quantize_rtn(
     weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE, symmetric: bool = False
 ) -> QuantizedWeight:
     """Round to nearest with ONNX Runtime's block quantizer (MLAS)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.capi import _pybind_state
 
+    quantize = getattr(_pybind_state, f"quantize_matmul_{bits}bits", None)
+    if quantize is None:
+        from stlm.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"this onnxruntime ({_pybind_state.get_version_string()}) has no {bits}-bit block quantizer "
+            f"(quantize_matmul_{bits}bits), which --quantize int{bits} uses",
+            fix="pip install -U onnxruntime (≥ 1.22)",
+        )
     n, k = weight.shape
     blocks, per_byte = -(-k // block_size), 8 // bits
     transposed = np.zeros((blocks * block_size, n), np.float32)  # ORT takes (K, N), padded to whole blocks
@@ -94,7 +103,6 @@ def quantize_rtn(
     packed = np.zeros((n, blocks, -(-block_size // per_byte)), np.uint8)
     zero_points = np.zeros((n, -(-blocks // per_byte)), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
-    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     quantize(packed, transposed, scales, zero_points, block_size, n, k, symmetric)
     return QuantizedWeight(packed, scales.reshape(-1), None if symmetric else zero_points, n, k, bits, block_size)
 
