@@ -57,8 +57,15 @@ INT4 = (
 )
 
 
+#: The default int4 with fp16 weights outside the linear layers (embedding, norms, scales): the smallest package.
+COMBINED = ("fp16+int4",)
+
+
 def export_settings(label: str) -> dict[str, str]:
-    """``export_onnx`` keyword arguments of a variant label."""
+    """``export_onnx`` keyword arguments of a variant label (``DTYPE+SPEC``: both)."""
+    if "+" in label:
+        dtype, spec = label.split("+", 1)
+        return {"dtype": dtype, "quantize": spec}
     return {"dtype": label} if label in FLOATS else {"quantize": label}
 
 
@@ -141,11 +148,15 @@ def markdown(rows: list[dict[str, Any]], defaults: dict[str, str]) -> str:
 
 
 def best(rows: list[dict[str, Any]], bits: int) -> str:
-    """The ``bits``-bit option with the lowest mean KLD among those on ONNX Runtime's fast CPU kernels
-    (what ``--quantize int4`` / ``int8`` must be; ``Quantization.fast_cpu_kernels``)."""
+    """The ``bits``-bit option (fp32 package dtype) with the lowest mean KLD among those on ONNX Runtime's fast
+    CPU kernels (what ``--quantize int4`` / ``int8`` must be; ``Quantization.fast_cpu_kernels``)."""
     from stlm.export.quantize import Quantization
 
-    fast = [r for r in rows if r["bits"] == bits and Quantization(**r["quantization"]).fast_cpu_kernels]
+    fast = [
+        r
+        for r in rows
+        if r["bits"] == bits and r["dtype"] == "fp32" and Quantization(**r["quantization"]).fast_cpu_kernels
+    ]
     return min(fast, key=lambda r: r["mean_kld"])["label"]  # type: ignore[no-any-return]
 
 
@@ -168,7 +179,7 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     text = a.workdir / "heldout.txt"
     text.write_text("\n".join(f.read_text(encoding="utf-8") for f in sorted(a.corpus.glob("*.txt"))), encoding="utf-8")
-    labels = [x for x in (*FLOATS, *INT8, *INT4) if a.only is None or x in a.only or x == "fp32"]
+    labels = [x for x in (*FLOATS, *INT8, *INT4, *COMBINED) if a.only is None or x in a.only or x == "fp32"]
     packages: dict[str, Path] = {}
     rows: list[dict[str, Any]] = []
     for label in labels:
@@ -182,7 +193,13 @@ def main() -> None:
         row = quality_row(label, packages[label], base, text, a.ctx, a.chunks or None)
         manifest = json.loads((out / "stlm.json").read_text())
         quant = manifest["variant"].get("quantization")
-        row.update(size_mb=folder_mb(out), export_s=seconds, quantization=quant, bits=quant["bits"] if quant else 32)
+        row.update(
+            size_mb=folder_mb(out),
+            export_s=seconds,
+            dtype=manifest["dtype"],
+            quantization=quant,
+            bits=quant["bits"] if quant else 32,
+        )
         if not missing_modules("reference"):
             row.update(verify_row(a.checkpoint, packages[label]))
         rows.append(row)

@@ -88,12 +88,12 @@ TOLERANCES: Final = ToleranceTable(
     ),
     int4=Tolerance(
         1e-3,
-        0.25,
+        0.3,
         0.75,
         0.25,
         "weight-only int4 (LM head at 8 bits unless head=4), set from the trained tiny StableLM "
         "(docs/quality.md): over 8 prompts the default int4 measured max|Δlogits| 0.023·scale, top-1 0.98, "
-        "greedy 0.88, and the worst int4 option (head=4) 0.16·scale, 0.94, 0.56; limits 1.5× / below the worst",
+        "greedy 0.88, and the worst int4 option (head=4) 0.16·scale, 0.94, 0.56; limits ~2× / below the worst",
     ),
 )
 
