@@ -258,3 +258,37 @@ def test_logits_files_are_checked_and_never_unpickled(package: Path, tmp_path: P
         z.writestr("meta.npy", b"\x93NUMPY")
     _fails(pkg, text, "--kl-divergence", str(truncated), match="not a usable stlm logits file")
     _fails(pkg, text, "--save-logits", str(tmp_path), match="is a folder")
+
+
+ISOLATION = """
+import json, sys
+from stlm.quality import run_perplexity
+report = run_perplexity(sys.argv[1], sys.argv[2], ctx=32, chunks=2, reference=sys.argv[1])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx") or m.startswith("stlm.export"))
+print(json.dumps({"loaded": loaded, "kld": report.kld.mean_kld.value}))
+"""
+
+
+def test_perplexity_is_runtime_side(package: Path) -> None:
+    """Perplexity and KLD between packages load neither torch, transformers, onnx nor the exporter."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", ISOLATION, str(package), str(TEXT)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == [] and result["kld"] < 1e-8
+
+
+def test_reference_checkpoint_without_the_extra_is_a_clear_error(
+    package: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stlm.extras
+
+    real = stlm.extras.missing_modules
+    monkeypatch.setattr(
+        stlm.extras, "missing_modules", lambda extra: ["torch"] if extra == "reference" else real(extra)
+    )
+    _fails(str(package), str(TEXT), "--ctx", "32", "--reference", str(checkpoint), match="stlm[reference]")
