@@ -258,7 +258,8 @@ def _evaluate(
             if keep is not None:
                 _keep(got, rows, scores, keep)
         if progress:
-            progress("chunks", min(start + batch, len(pieces)), len(pieces))
+            running = float(np.exp(got.get("nll").mean()))
+            progress(f"chunks (PPL so far {running:.4f})", min(start + batch, len(pieces)), len(pieces))
     return got, seconds
 
 
