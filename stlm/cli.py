@@ -87,8 +87,9 @@ def cli(verbose: bool, quiet: bool) -> None:
 @click.option(
     "--quantize",
     default=None,
-    help="Weight-only quantization of the linear layers: int8 or int4 "
-    "(ONNX Runtime MatMulNBits, blocks of 32; the LM head stays at 8 bits).",
+    help="Weight-only quantization of the linear layers (ONNX Runtime MatMulNBits): int8, int4 (blocks of 32; "
+    "LM head, first and last layer at 8 bits), int4-rtn, int4-sym, int4-mse, int4-hqq, int4-edge8, each "
+    "optionally :key=value,... (method, block, sym, head, edge, acc; see docs/quality.md).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(
@@ -267,6 +268,74 @@ def verify(reference: str, package: Path, prompts: int, as_json: bool, save_refe
     report = verify_package(reference, package, prompts=prompts, save_reference_to=save_reference)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     sys.exit(0 if report.passed else 1)
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("text_file", type=click.Path(path_type=Path))
+@click.option(
+    "--ctx",
+    default=None,
+    type=int,
+    help="Tokens per chunk [default: 512, or the --kl-divergence file's]; first half is context only.",
+)
+@click.option("--chunks", default=None, type=int, help="Score at most this many chunks [default: all].")
+@click.option("--batch", default=1, show_default=True, type=int, help="Chunks run together.")
+@click.option(
+    "--save-logits",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Save the base logits (the package's, or --reference's) to this .npz for a later --kl-divergence.",
+)
+@click.option(
+    "--kl-divergence",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Compare with the logits saved by --save-logits: KLD, top-token agreement, Δppl, Δp.",
+)
+@click.option(
+    "--reference",
+    default=None,
+    help="Compare with a base run beside the package: an stlm package folder (e.g. the fp32 one) or a "
+    "checkpoint run by transformers in fp32 (needs the reference extra).",
+)
+@click.option(
+    "--top-k",
+    default=None,
+    type=int,
+    help="Log-probabilities kept per position by --save-logits [default: 1024; 0: all, and the KLD is exact].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def perplexity(
+    package: Path,
+    text_file: Path,
+    ctx: int | None,
+    chunks: int | None,
+    batch: int,
+    save_logits: Path | None,
+    kl_divergence: Path | None,
+    reference: str | None,
+    top_k: int | None,
+    as_json: bool,
+) -> None:
+    """Perplexity of PACKAGE over TEXT_FILE (llama-perplexity's chunks), optionally its KL divergence from a base."""
+    import json
+
+    from stlm.quality import run_perplexity
+
+    report = run_perplexity(
+        package,
+        text_file,
+        ctx=ctx,
+        chunks=chunks,
+        batch=batch,
+        save_logits=save_logits,
+        kl_divergence=kl_divergence,
+        reference=reference,
+        top_k=top_k,
+        progress=_progress,
+    )
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 
 @cli.command("make-checkpoint")

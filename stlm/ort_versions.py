@@ -50,7 +50,7 @@ def graph_features(variant: Variant, opset: int) -> list[str]:
     if variant.inplace:
         features.append("inplace" if variant.kv_dtype == "fp32" else "inplace-fp16")
     if variant.quantization is not None:
-        features += [f"int{variant.quantization.bits}", f"int{variant.quantization.lm_head_bits}"]
+        features += [f"int{bits}" for bits in variant.quantization.all_bits]
     if variant.rotary == "native":
         features.append("rotary-native")
     features.append(f"opset-{opset}")

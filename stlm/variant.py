@@ -44,10 +44,10 @@ LOGITS_SELECTIONS: Final[tuple[LogitsSelection, ...]] = ("logits_index",)
 #: Rotary forms the ``--target tensorrt`` ONNX graph is written with.
 TENSORRT_ROTARIES: Final[tuple[Rotary, ...]] = ("plugin", "native")
 
-QUANTIZATION_METHODS: Final = ("rtn",)  # round to nearest on a per-block min/max (or max|w|) grid
+#: rtn: round to nearest on a per-block grid; hqq: Half-Quadratic (float zero points, 4 bits);
+#: mse: per-block range search (see :mod:`stlm.export.quantize`).
+QUANTIZATION_METHODS: Final = ("rtn", "hqq", "mse")
 QUANTIZATION_BITS: Final = (4, 8)
-#: ``--quantize`` names → bits.
-QUANTIZE_PRESETS: Final[dict[str, int]] = {"int8": 8, "int4": 4}
 
 _T = TypeVar("_T")
 _FIX = "export the package again with this version of stlm"
@@ -104,10 +104,11 @@ def _fields(data: object, cls: type, prefix: str) -> dict[str, Any]:
 class Quantization:
     """Weight-only block quantization of the linear layers (ONNX Runtime ``MatMulNBits``).
 
-    ``method``: how weights become integers (``rtn``: round to nearest on each block's grid);
-    ``bits`` per weight; ``block_size`` weights per scale along the input axis; ``symmetric``:
-    zero point fixed at the grid's middle (else one per block); ``lm_head_bits``: the LM head's bits
-    (it decides every token); ``accuracy_level``: MatMulNBits' compute type (4 = int8 activations).
+    ``method`` (:data:`QUANTIZATION_METHODS`); ``bits`` per weight; ``block_size`` weights per scale
+    along the input axis; ``symmetric``: zero point fixed at the grid's middle (rtn only);
+    ``lm_head_bits``: the LM head's bits (it decides every token); ``edge_bits``: the first and last
+    decoder layers' bits (None: ``bits``); ``accuracy_level``: MatMulNBits' compute type
+    (0: fp32 activations, 4: int8 activations).
     """
 
     method: str = "rtn"
@@ -115,12 +116,15 @@ class Quantization:
     block_size: int = 32
     symmetric: bool = False
     lm_head_bits: int = 8
+    edge_bits: int | None = None
     accuracy_level: int = 4
 
     def __post_init__(self) -> None:
         _choice("quantization.method", self.method, QUANTIZATION_METHODS)
         _choice("quantization.bits", self.bits, QUANTIZATION_BITS)
         _choice("quantization.lm_head_bits", self.lm_head_bits, QUANTIZATION_BITS)
+        if self.edge_bits is not None:
+            _choice("quantization.edge_bits", self.edge_bits, QUANTIZATION_BITS)
         block = _int("quantization.block_size", self.block_size, 16, 4096)
         if block & (block - 1):
             raise _invalid("quantization.block_size", block, "a power of two ≥ 16")
@@ -129,14 +133,35 @@ class Quantization:
 
     @classmethod
     def preset(cls, name: str) -> Quantization:
-        """The quantization ``--quantize int8|int4`` means (the LM head stays at 8 bits)."""
-        bits = QUANTIZE_PRESETS[name]
-        return cls(bits=bits, lm_head_bits=max(bits, 8))
+        """The quantization ``--quantize NAME`` means (:data:`QUANTIZE_PRESETS`)."""
+        return QUANTIZE_PRESETS[name]
 
     @property
     def name(self) -> str:
         """``int4`` / ``int8``: the accuracy class of the package."""
         return f"int{self.bits}"
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        """Every bit width the graph's MatMulNBits use (layers, edge layers, LM head)."""
+        return tuple(sorted({self.bits, self.lm_head_bits, self.edge_bits or self.bits}))
+
+    def for_layer(self, layer: int, num_layers: int) -> Quantization:
+        """The quantization of decoder layer ``layer`` (edge layers may take more bits)."""
+        if self.edge_bits is not None and layer in (0, num_layers - 1):
+            return dataclasses.replace(self, bits=self.edge_bits)
+        return self
+
+    def for_lm_head(self) -> Quantization:
+        """The quantization of the LM head."""
+        return dataclasses.replace(self, bits=self.lm_head_bits)
+
+    @property
+    def fast_cpu_kernels(self) -> bool:
+        """Whether every MatMulNBits runs on ONNX Runtime's fast CPU kernels: int8 activations (accuracy
+        level 4) and integer zero points (not HQQ's float ones at 4 bits). Measured: fp32 activations
+        decode ~3× slower at 4 bits and ~20× at 8 bits, float zero points ~5× slower (docs/quality.md)."""
+        return self.accuracy_level == 4 and not (self.method == "hqq" and 4 in (self.bits, self.lm_head_bits))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -146,6 +171,19 @@ class Quantization:
     def from_dict(cls, data: object) -> Quantization:
         """Inverse of :meth:`to_dict`; a malformed record is a :class:`PackageError` naming the field."""
         return cls(**_fields(data, cls, "variant.quantization"))
+
+
+#: ``--quantize`` presets. ``int4`` is the default chosen by mean KLD on the trained model
+#: (docs/quality.md): RTN with the first and last decoder layers at 8 bits.
+QUANTIZE_PRESETS: Final[dict[str, Quantization]] = {
+    "int8": Quantization(bits=8, lm_head_bits=8),
+    "int4": Quantization(bits=4, edge_bits=8),
+    "int4-rtn": Quantization(bits=4),
+    "int4-sym": Quantization(bits=4, symmetric=True),
+    "int4-hqq": Quantization(method="hqq", bits=4),
+    "int4-mse": Quantization(method="mse", bits=4),
+    "int4-edge8": Quantization(bits=4, edge_bits=8),
+}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from stlm.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, SEQLENS_K, TO
 from stlm.contract import past_name as past
 from stlm.contract import present_name as present
 from stlm.dtypes import ONNX_ELEM
-from stlm.export.layers import Parts, layer_bits, linear, read_linear
+from stlm.export.layers import Parts, layer_quant, linear, read_linear
 from stlm.export.rotary import rotary_plain
 from stlm.variant import Rotary
 
@@ -35,7 +35,7 @@ def qkv_projection(p: Parts, h: str, layer: int, head_order: np.ndarray | None =
 
     heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
     weight = np.concatenate([rows(kind, "weight", n) for kind, n in heads.items()])
-    qkv = linear(p, h, f"{prefix}.qkv_proj.weight", weight, layer_bits(p))
+    qkv = linear(p, h, f"{prefix}.qkv_proj.weight", weight, layer_quant(p, layer))
     if cfg.use_qkv_bias:
         bias = np.concatenate([rows(kind, "bias", n) for kind, n in heads.items()])
         qkv = p.g.op("Add", qkv, p.g.weight(f"{prefix}.qkv_proj.bias", bias))
@@ -45,7 +45,7 @@ def qkv_projection(p: Parts, h: str, layer: int, head_order: np.ndarray | None =
 def output_projection(p: Parts, ctx: str, layer: int) -> str:
     """The attention output (batch, seq, hidden) through ``o_proj``."""
     name = f"model.layers.{layer}.self_attn.o_proj.weight"
-    return linear(p, ctx, name, read_linear(p.ckpt, [name]), layer_bits(p))
+    return linear(p, ctx, name, read_linear(p.ckpt, [name]), layer_quant(p, layer))
 
 
 def _heads(p: Parts, x: str, n: int) -> str:

@@ -90,8 +90,8 @@ def _lm_head(p: Parts, x: str) -> None:
     x = layer_norm(p, x, "model.norm")
     untied = not cfg.tie_word_embeddings and "lm_head.weight" in p.ckpt
     weight = read_linear(p.ckpt, ["lm_head.weight" if untied else "model.embed_tokens.weight"])
-    bits = None if p.quantization is None else p.quantization.lm_head_bits
-    logits = linear(p, x, "lm_head.weight", weight, bits)
+    quant = None if p.quantization is None else p.quantization.for_lm_head()
+    logits = linear(p, x, "lm_head.weight", weight, quant)
     if g.compute != numpy_dtype("fp32"):
         g.op("Cast", logits, to=TensorProto.FLOAT, out_names=[LOGITS])
     else:

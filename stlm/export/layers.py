@@ -13,7 +13,7 @@ import numpy as np
 
 from stlm.config import ModelConfig
 from stlm.export.onnx_builder import GraphBuilder
-from stlm.export.quantize import quantize_blockwise
+from stlm.export.quantize import quantize_weight
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.variant import Quantization
 
@@ -33,30 +33,33 @@ def read_linear(ckpt: SafetensorsCheckpoint, names: Sequence[str]) -> np.ndarray
     return np.concatenate([ckpt.read(n, np.float32) for n in names], axis=0)
 
 
-def linear(p: Parts, x: str, name: str, weight: np.ndarray, bits: int | None) -> str:
-    """``x @ weight.T``: a MatMul on a (in, out) initializer, or MatMulNBits on ``bits``-bit blocks."""
+def linear(p: Parts, x: str, name: str, weight: np.ndarray, quant: Quantization | None) -> str:
+    """``x @ weight.T``: a MatMul on a (in, out) initializer, or MatMulNBits on ``quant``'s blocks."""
     g = p.g
-    if bits is None or p.quantization is None:
+    if quant is None:
         return g.op("MatMul", x, g.weight(name, np.ascontiguousarray(weight.T)))
-    q = quantize_blockwise(weight, bits, p.quantization.block_size)
+    q = quantize_weight(weight, quant.bits, method=quant.method, block_size=quant.block_size, symmetric=quant.symmetric)
+    inputs = [x, g.store.add(f"{name}.q{quant.bits}", q.packed), g.weight(f"{name}.scales", q.scales)]
+    if q.zero_points is not None:  # uint8: packed like B; float (hqq): one per scale, in the scales' dtype
+        zp = f"{name}.zero_points"
+        inputs.append(
+            g.store.add(zp, q.zero_points) if q.zero_points.dtype == np.uint8 else g.weight(zp, q.zero_points)
+        )
     return g.op(
         "MatMulNBits",
-        x,
-        g.store.add(f"{name}.q{bits}", q.packed),
-        g.weight(f"{name}.scales", q.scales),
-        g.store.add(f"{name}.zero_points", q.zero_points),
+        *inputs,
         domain="com.microsoft",
         K=q.k,
         N=q.n,
-        bits=bits,
+        bits=quant.bits,
         block_size=q.block_size,
-        accuracy_level=p.quantization.accuracy_level,
+        accuracy_level=quant.accuracy_level,
     )
 
 
-def layer_bits(p: Parts) -> int | None:
-    """Bits of the decoder layers' linear weights (None: not quantized)."""
-    return None if p.quantization is None else p.quantization.bits
+def layer_quant(p: Parts, layer: int) -> Quantization | None:
+    """Quantization of decoder layer ``layer``'s linear weights (None: not quantized)."""
+    return None if p.quantization is None else p.quantization.for_layer(layer, p.cfg.num_layers)
 
 
 def layer_norm(p: Parts, x: str, prefix: str) -> str:
@@ -71,8 +74,8 @@ def mlp(p: Parts, h: str, layer: int) -> str:
     """SwiGLU: ``down(silu(gate(h)) * up(h))``, gate and up fused into one projection."""
     prefix = f"model.layers.{layer}.mlp"
     gate_up_weight = read_linear(p.ckpt, [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"])
-    gate_up = linear(p, h, f"{prefix}.gate_up_proj.weight", gate_up_weight, layer_bits(p))
+    gate_up = linear(p, h, f"{prefix}.gate_up_proj.weight", gate_up_weight, layer_quant(p, layer))
     gate, up = p.g.op("Split", gate_up, p.g.const([p.cfg.intermediate_size] * 2), axis=2, outputs=2)
     act = p.g.op("Mul", p.g.op("Mul", gate, p.g.op("Sigmoid", gate)), up)
     down = read_linear(p.ckpt, [f"{prefix}.down_proj.weight"])
-    return linear(p, act, f"{prefix}.down_proj.weight", down, layer_bits(p))
+    return linear(p, act, f"{prefix}.down_proj.weight", down, layer_quant(p, layer))

@@ -20,6 +20,7 @@ from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
+from stlm.export.quantize import parse_quantization
 from stlm.export.staging import staged_folder
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
@@ -27,7 +28,6 @@ from stlm.ort_versions import MAX_OPSET, required_onnxruntime
 from stlm.progress import Progress
 from stlm.variant import (
     KV_CACHES,
-    QUANTIZE_PRESETS,
     TARGETS,
     TENSORRT_ROTARIES,
     KVCache,
@@ -103,17 +103,13 @@ def _graph_form(target: Target, rotary: str | None, kv_cache: str | None) -> tup
 def _quantization(quantize: str | None, target: Target) -> Quantization | None:
     if quantize is None:
         return None
-    if quantize not in QUANTIZE_PRESETS:
-        raise InvalidArgumentError(
-            f"unknown quantization {quantize!r}; expected one of {', '.join(QUANTIZE_PRESETS)}",
-            fix="pass --quantize int8 or --quantize int4, or omit it",
-        )
+    quantization = parse_quantization(quantize)
     if target == "tensorrt":
         raise InvalidArgumentError(
             f"--quantize {quantize} uses ONNX Runtime's MatMulNBits, which the TensorRT target does not take",
             fix="omit --quantize with --target tensorrt",
         )
-    return Quantization.preset(quantize)
+    return quantization
 
 
 def plan_variant(
