@@ -8,6 +8,7 @@ the model) are in :mod:`stlm.serve.resources`. Light: no web framework is import
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ _BOUNDS: dict[str, tuple[str, float, float, type]] = {
     "header_timeout": ("--header-timeout", 0.01, 3600, float),
     "body_timeout": ("--body-timeout", 0.01, 3600, float),
 }
+
+
+log = logging.getLogger(__name__)
+MAX_THREADS = 1024
 
 
 def available_cpus() -> int:
@@ -76,8 +81,13 @@ class ServeConfig:
         if self.max_context is not None:
             _bounded("--max-context", self.max_context, 2, 1 << 24, int)
         if self.threads is not None:
-            cpus = available_cpus()
-            _bounded("--threads", self.threads, 1, cpus, int, f"(the CPUs this process may use: {cpus})")
+            # Bounded (ONNX Runtime starts one OS thread each), not tied to this machine's CPUs: with Ray
+            # the configuration is checked where the driver runs, and replicas may run on larger hosts.
+            _bounded("--threads", self.threads, 1, MAX_THREADS, int)
+            if self.threads > available_cpus():
+                log.warning(
+                    "--threads %d exceeds the %d CPUs this process may use here", self.threads, available_cpus()
+                )
         if not isinstance(self.host, str) or not self.host.strip():
             raise InvalidArgumentError(
                 f"--host {self.host!r} is invalid: expected an address or host name", fix="pass e.g. --host 127.0.0.1"
