@@ -44,6 +44,9 @@ class Manifest:
     versions: dict[str, Any]
     variant: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the Jinja chat template file and the special tokens it reads (None: the checkpoint had none)
+    chat_template: str | None = None
+    tokenizer_config: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -60,6 +63,8 @@ class Manifest:
             "generation": vars(self.generation),
             "versions": self.versions,
             "extra": self.extra,
+            "chat_template": self.chat_template,
+            "tokenizer_config": self.tokenizer_config,
         }
 
     @classmethod
@@ -76,7 +81,15 @@ class Manifest:
             versions=dict(data.get("versions", {})),
             variant=dict(data.get("variant", {})),
             extra=dict(data.get("extra", {})),
+            chat_template=_optional_name(data.get("chat_template")),
+            tokenizer_config=_optional_name(data.get("tokenizer_config")),
         )
+
+
+def _optional_name(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"a file name is {type(value).__name__}, expected a string")
+    return value
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -112,8 +125,8 @@ def read_manifest(folder: Path) -> Manifest:
             f"{path} is not a valid stlm manifest ({exc})",
             fix="export the package again with this version of stlm",
         ) from None
-    for name in (manifest.graph, manifest.tokenizer):
-        if not (folder / name).is_file():
+    for name in (manifest.graph, manifest.tokenizer, manifest.chat_template, manifest.tokenizer_config):
+        if name is not None and not (folder / name).is_file():
             raise PackageError(
                 f"{folder} lacks {name}, which its manifest names",
                 fix="copy the whole package folder, or export again",

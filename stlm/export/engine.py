@@ -30,6 +30,7 @@ from stlm.export.engine_manifest import (
 )
 from stlm.export.profiles import Profile, engine_profiles, profile_shapes
 from stlm.export.staging import staged_folder
+from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
 from stlm.runtime.gpu import gpu_info
 from stlm.runtime.trt_common import PLUGIN_ID, import_tensorrt, make_logger, register_rotary_plugin
@@ -345,6 +346,7 @@ def build_engine(
             f.write(serialized)
         del serialized
         shutil.copyfile(onnx_dir / source.tokenizer, tmp / source.tokenizer)
+        copy_tokenizer_files(onnx_dir, tmp, TokenizerFiles(source.chat_template, source.tokenizer_config))
         write_manifest(tmp, manifest)
     if progress:
         progress("write", 1, 1)

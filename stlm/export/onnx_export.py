@@ -28,6 +28,7 @@ from stlm.export.graph import (
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import BLOCK_SIZE, QUANT_BITS
 from stlm.export.staging import staged_folder
+from stlm.export.tokenizer_files import write_tokenizer_files
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
 
@@ -60,6 +61,7 @@ def export_onnx(
     rotary: Rotary | None = None,
     kv_cache: str | None = None,
     quantize: str | None = None,
+    chat_template: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -70,6 +72,8 @@ def export_onnx(
     the ``stlm::partial_rotary`` plugin; ``rotary='native'`` the TensorRT-target graph with ONNX's
     own ``RotaryEmbedding`` (opset ≥ 23). ``kv_cache``: 'inplace' (default for ONNX Runtime) or
     'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
+    ``chat_template`` (a file, or the template text) replaces the checkpoint's chat template
+    (:mod:`stlm.export.tokenizer_files`).
     """
     target = target or ("tensorrt" if rotary in TENSORRT_ROTARIES else "onnxruntime")
     if target not in ("onnxruntime", "tensorrt"):
@@ -151,6 +155,7 @@ def export_onnx(
         if progress:
             progress("checked", 1, 1)
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
+        chat = write_tokenizer_files(checkpoint, tmp, chat_template)
         manifest = Manifest(
             kind="onnx",
             graph=GRAPH_NAME,
@@ -188,6 +193,8 @@ def export_onnx(
                 **precision.to_variant(),
             },
             extra={"source": str(model)},
+            chat_template=chat.chat_template,
+            tokenizer_config=chat.tokenizer_config,
         )
         write_manifest(tmp, manifest)
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
