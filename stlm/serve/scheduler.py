@@ -13,6 +13,11 @@ Each step of :meth:`Scheduler._run`:
    sampling parameters, seed, stop strings) and hands the new text to its sink;
 5. finished rows are released (``backend.release``) and their slots are free for the next step.
 
+A job that asks for its prompt's log-probabilities (``Job(prompt_logprobs=N)``, for ``echo``)
+has its prompt chunks run in a separate ``forward_all`` call that returns the logits of every
+fed position; each chunk is scored at once (:func:`stlm.runtime.logprobs.prompt_logprobs`) and
+only the scores are kept, which reach the sink with the job's first sampled token.
+
 Rows never influence each other: a request's greedy output is the same alone or in any batch
 (a row's prompt is always cut into the same chunks, whatever else runs). An exception while
 sampling one row fails only that sequence; a failed batched forward is retried row by row so
@@ -22,6 +27,7 @@ not block (the server's post results to its event loop).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -33,6 +39,7 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend, KVCache
+from stlm.runtime.logprobs import TokenLogprob, prompt_logprobs
 from stlm.runtime.sequence import Completion, SequenceState
 from stlm.serve.metrics import ServerMetrics
 
@@ -53,9 +60,11 @@ class SchedulerStoppedError(StlmError):
 class StepOutput:
     """What one step produced for one sequence.
 
-    ``text`` became final this step (possibly ''), ``token_ids``/``logprobs`` are the tokens
-    sampled this step (EOS is not listed). The last output of a sequence has ``finish_reason``
-    ('eos', 'stop', 'length', 'cancelled' or 'error') and, unless it failed, its ``completion``.
+    ``text`` became final this step (possibly ''), ``token_ids``/``logprobs``/``top_logprobs``
+    are the tokens sampled this step (EOS is not listed). The last output of a sequence has
+    ``finish_reason`` ('eos', 'stop', 'length', 'cancelled' or 'error') and, unless it failed, its
+    ``completion``. ``prompt_logprobs`` (prompt tokens 1..T-1 scored, for a job that asked) comes
+    with the first output after the prompt.
     """
 
     text: str
@@ -64,6 +73,8 @@ class StepOutput:
     finish_reason: str | None = None
     completion: Completion | None = None
     error: str | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 Sink = Callable[[StepOutput], None]
@@ -72,11 +83,14 @@ Sink = Callable[[StepOutput], None]
 class Job:
     """One sequence submitted to the scheduler: its decoding state and where its output goes."""
 
-    def __init__(self, state: SequenceState, sink: Sink, *, tag: str = "") -> None:
+    def __init__(self, state: SequenceState, sink: Sink, *, tag: str = "", prompt_logprobs: int | None = None) -> None:
         self.state = state
         self.sink = sink
         self.tag = tag
+        self.prompt_logprobs = prompt_logprobs  # alternatives per prompt position; None: not scored
+        self.scored: list[TokenLogprob] = []  # prompt positions scored so far
         self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
         self.fed = 0  # prompt tokens already in the cache
         self.done = False
         self._cancelled = threading.Event()
@@ -250,7 +264,8 @@ class Scheduler:
             self._waiting = deque(job for job in self._waiting if not job.cancelled)
         for row in range(self.max_batch):
             if self._slots[row] is None and self._waiting:
-                self._slots[row] = self._waiting.popleft()
+                job = self._slots[row] = self._waiting.popleft()
+                self.metrics.queue_time.observe(time.monotonic() - job.submitted)
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -259,7 +274,7 @@ class Scheduler:
         for row, job in enumerate(self._slots):
             tokens: list[int] = []
             if job is not None and job.cancelled:
-                self._finish(row, job, job.state.cancel())
+                self._finish(row, job, StepOutput(job.state.cancel()))
             elif job is not None and job.fed < len(job.state.prompt):
                 tokens = job.state.prompt[job.fed : job.fed + self.prefill_chunk]
                 if job.fed + len(tokens) == len(job.state.prompt):
@@ -272,7 +287,13 @@ class Scheduler:
         self.running_batch = len(fed_rows)
         if not fed_rows:
             return
-        logits, failures = self._forward_step(feed, fed_rows)
+        scored = [row for row in fed_rows if self._scores_prompt(row)]
+        plain = [row for row in fed_rows if row not in scored]
+        if scored:  # their chunks run in their own call (every position's logits)
+            feed_plain = [tokens if row in plain else [] for row, tokens in enumerate(feed)]
+        logits, failures = self._forward_step(feed_plain if scored else feed, plain) if plain else (None, {})
+        if scored:
+            logits = self._forward_scored(feed, scored, logits, failures)
         for row, exc in failures.items():
             job = self._slots[row]
             if job is not None:
@@ -297,19 +318,80 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
                 self._fail(row, job, exc)
                 continue
-            if before == 0:
-                self.metrics.first_token.observe(time.monotonic() - job.submitted)
+            first = job.first_token_at is None
+            if first:
+                job.first_token_at = time.monotonic()
+                self.metrics.first_token.observe(job.first_token_at - job.submitted)
             new = slice(before, len(job.state.generated))
             generated += new.stop - new.start
-            output = StepOutput(text, tuple(job.state.generated[new]), tuple(job.state.logprobs[new]))
+            output = StepOutput(
+                text,
+                tuple(job.state.generated[new]),
+                tuple(job.state.logprobs[new]),
+                top_logprobs=tuple(job.state.top_logprobs[new]),
+                prompt_logprobs=tuple(job.scored) if first and job.prompt_logprobs is not None else None,
+            )
             if job.state.finished:
-                self._finish(row, job, output.text, tokens=output.token_ids, logprobs=output.logprobs)
+                self._finish(row, job, output)
             else:
                 self._deliver(job, output)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generated_tokens.inc(generated)
         self.metrics.batch.observe(len(fed_rows))
         self.metrics.step.observe(time.perf_counter() - start)
+
+    def _scores_prompt(self, row: int) -> bool:
+        job = self._slots[row]
+        return job is not None and job.prompt_logprobs is not None and job.fed < len(job.state.prompt)
+
+    def _forward_scored(
+        self, feed: list[list[int]], rows: list[int], logits: np.ndarray | None, failures: dict[int, Exception]
+    ) -> np.ndarray | None:
+        """Run the prompt chunks of ``rows`` (jobs scoring their prompt) for every position's logits;
+        score them, and return ``logits`` with these rows' last-position logits filled in."""
+        every, more = self._forward_every(feed, rows)
+        failures.update(more)
+        for row, chunk in every.items():
+            job = self._slots[row]
+            assert job is not None and job.prompt_logprobs is not None
+            prompt, start = job.state.prompt, job.fed
+            targets = prompt[start + 1 : start + len(feed[row]) + 1]  # row i predicts token start + i + 1
+            try:
+                job.scored.extend(prompt_logprobs(chunk[: len(targets)], targets, job.prompt_logprobs))
+            except Exception as exc:  # noqa: BLE001 - fails this sequence only
+                failures[row] = exc
+                continue
+            if logits is None:
+                logits = np.empty((len(feed), chunk.shape[-1]), dtype=np.float32)
+            logits[row] = chunk[-1]
+        return logits
+
+    def _forward_every(
+        self, feed: list[list[int]], rows: list[int]
+    ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
+        """Every fed position's logits of ``rows`` ((tokens, vocab) per row); failed rows are retried alone."""
+        only = [feed[r] if r in rows else [] for r in range(len(feed))]
+        try:
+            out = _forward_all(self.backend, self._cache, only)
+            return {row: out[row] for row in rows}, {}
+        except Exception as exc:
+            if len(rows) == 1:
+                log.exception("forward failed for row %d", rows[0])
+                return {}, {rows[0]: exc}
+            log.warning(
+                "a batched forward failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(rows)
+            )
+        every: dict[int, np.ndarray] = {}
+        failures: dict[int, Exception] = {}
+        for row in rows:
+            try:
+                every[row] = _forward_all(
+                    self.backend, self._cache, [feed[r] if r == row else [] for r in range(len(feed))]
+                )[row]
+            except Exception as exc:
+                log.exception("forward failed for row %d", row)
+                failures[row] = exc
+        return every, failures
 
     def _forward_step(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
         """One forward over every fed row, or two when that would mostly compute padding.
@@ -368,13 +450,14 @@ class Scheduler:
         except Exception:
             log.exception("releasing slot %d failed", row)
 
-    def _finish(
-        self, row: int, job: Job, text: str, *, tokens: tuple[int, ...] = (), logprobs: tuple[float, ...] = ()
-    ) -> None:
+    def _finish(self, row: int, job: Job, output: StepOutput) -> None:
         self._release(row)
         reason = job.state.finish_reason or "cancelled"
         self.metrics.sequences.inc(1, reason)
-        self._deliver(job, StepOutput(text, tokens, logprobs, reason, job.state.completion()))
+        count = len(job.state.generated)
+        if job.first_token_at is not None and count > 1:
+            self.metrics.time_per_token.observe((time.monotonic() - job.first_token_at) / (count - 1))
+        self._deliver(job, dataclasses.replace(output, finish_reason=reason, completion=job.state.completion()))
 
     def _fail(self, row: int | None, job: Job, exc: BaseException) -> None:
         if row is not None:
@@ -397,3 +480,24 @@ class Scheduler:
             job.sink(output)
         except Exception:
             log.debug("sink of sequence %s failed", job.tag, exc_info=True)
+
+
+def _forward_all(backend: Backend, cache: KVCache, feed: list[list[int]]) -> list[np.ndarray]:
+    """``backend.forward_all``: the logits of every fed position, (tokens, vocab) per row.
+
+    Fallback until the refactored runtime (``Backend.forward_all``, one ``logits_index``
+    mechanism) is merged: one position per ``forward`` call, whose logits are those after that
+    position. Same results, one call per token instead of per chunk.
+    """
+    every = getattr(backend, "forward_all", None)
+    if every is not None:
+        return [np.asarray(x, dtype=np.float32) for x in every(cache, feed)]
+    rows: list[list[np.ndarray]] = [[] for _ in feed]
+    for i in range(max(len(tokens) for tokens in feed)):
+        step = [tokens[i : i + 1] for tokens in feed]
+        logits = backend.forward(cache, step)
+        for row, tokens in enumerate(step):
+            if tokens:
+                rows[row].append(np.array(logits[row], dtype=np.float32))
+    vocab = backend.manifest.model.vocab_size
+    return [np.stack(r) if r else np.zeros((0, vocab), np.float32) for r in rows]

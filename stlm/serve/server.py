@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,12 +85,11 @@ def _uvicorn_config(service: CompletionService, *, log_level: str, access_log: b
     )
 
 
-def run_server(
-    package: str | Path | ServeConfig, *, log_level: str = "info", access_log: bool = True, **options: Any
-) -> int | None:
+def run_server(package: str | Path | ServeConfig, **options: Any) -> int | None:
     """Serve ``package`` over HTTP until SIGINT/SIGTERM, then finish in-flight requests and return.
 
-    ``options`` are :class:`ServeConfig` fields (or pass a whole ``ServeConfig``). Binds ``host``
+    ``options`` are :class:`ServeConfig` fields (or pass a whole ``ServeConfig``; its ``log_level``
+    and ``access_log`` configure uvicorn's and stlm's logging). Binds ``host``
     (loopback by default: pass ``0.0.0.0`` deliberately, with ``api_key``, to expose it).
     ``max_batch`` slots of ``max_context`` tokens (default ``min(context, 2048)``) run at once; up
     to ``max_queue`` more sequences wait, beyond which requests get 429. After a signal,
@@ -98,10 +98,12 @@ def run_server(
     """
     config = package if isinstance(package, ServeConfig) else _config(Path(package), options)
     _check_bindable(config.host, config.port)
+    _set_log_level(config.log_level)
     service = load_service(config)
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", config.host)
-    server = _Server(_uvicorn_config(service, log_level=log_level, access_log=access_log), config.shutdown_timeout)
+    uvicorn_config = _uvicorn_config(service, log_level=config.log_level, access_log=config.access_log)
+    server = _Server(uvicorn_config, config.shutdown_timeout)
     try:
         stopped_by = _run_foreground(server)
     except SystemExit as exc:  # uvicorn exits when it cannot start (it logged why)
@@ -112,6 +114,14 @@ def run_server(
     if service.scheduler.crashed is not None:
         raise StlmError(f"the scheduler crashed: {service.scheduler.crashed!r}", fix="see the log above")
     return stopped_by
+
+
+def _set_log_level(level: str) -> None:
+    """stlm's own loggers follow ``--log-level`` (uvicorn's follow it through its config)."""
+    logger = logging.getLogger("stlm")
+    logger.setLevel(5 if level == "trace" else getattr(logging, level.upper()))
+    if not logging.getLogger().handlers:  # run_server called outside the CLI: show the messages
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _config(package: Path, options: dict[str, Any]) -> ServeConfig:

@@ -1,0 +1,177 @@
+"""Operational routes: tokenizer endpoints (vLLM's shapes, which lm-eval's remote tokenizer reads),
+version, liveness and readiness, models, metrics.
+
+- ``POST /tokenize`` ``{"prompt": str}`` or ``{"messages": [...]}`` (rendered with the chat
+  template; ``add_generation_prompt`` default true), ``add_special_tokens`` (accepted; this
+  tokenizer adds none), ``return_token_strs`` → ``{"count", "max_model_len", "tokens",
+  "token_strs"}``.
+- ``POST /detokenize`` ``{"tokens": [ids]}`` → ``{"prompt": text}``.
+- ``GET /tokenizer_info`` → the special tokens, ``tokenizer_class``, ``model_max_length`` and
+  ``chat_template`` (lm-eval's ``local-completions`` uses the server's tokenizer when it answers).
+- ``GET /version`` → ``{"version"}``; ``GET /health`` liveness: 200 while the process serves or
+  drains, 503 once the scheduler failed; ``GET /ready`` readiness: 503 while draining too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import stlm
+from stlm.errors import StlmError
+from stlm.serve import jsonio
+from stlm.serve.apierror import ApiError
+from stlm.serve.metrics import CONTENT_TYPE
+from stlm.serve.protocol import api_error_from, bad, request_object, typed
+from stlm.serve.service import CompletionService
+
+__all__ = ["ops_routes"]
+
+MAX_DETOKENIZE = 1 << 20  # ids per /detokenize request
+
+
+def json_response(
+    body: dict[str, Any], status: int = 200, headers: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    """A JSON response (strict JSON)."""
+    response = Response(jsonio.dumps(body), status_code=status, media_type="application/json")
+    response.raw_headers.extend(headers or [])
+    return response
+
+
+def _tokenize(service: CompletionService, raw: bytes) -> dict[str, Any]:
+    body = request_object(
+        raw, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
+    )
+    model = typed(body, "model", (str,), "a string")
+    if model is not None and model != service.model:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {service.model!r}", param="model")
+    typed(body, "add_special_tokens", (bool,), "a boolean")
+    strings = bool(typed(body, "return_token_strs", (bool,), "a boolean"))
+    if ("prompt" in body) == ("messages" in body):
+        raise bad("prompt", "pass either prompt (a string) or messages (a chat)", "missing_field")
+    if "prompt" in body:
+        text = typed(body, "prompt", (str,), "a string")
+        if text is None:
+            raise bad("prompt", "prompt must be a string", "invalid_type")
+    else:
+        text = _render(service, body)
+    ids = service.generator.tokenizer.encode(text)
+    return {
+        "count": len(ids),
+        "max_model_len": service.capacity,
+        "tokens": ids,
+        "token_strs": [service.texts.text_of(i) for i in ids] if strings else None,
+    }
+
+
+def _render(service: CompletionService, body: dict[str, Any]) -> str:
+    from stlm.runtime.chat import missing_template
+    from stlm.serve.chat_protocol import parse_chat_request
+
+    if service.chat_template is None:
+        raise ApiError(400, api_error_from(missing_template(service.model)).message, param="messages")
+    generation = typed(body, "add_generation_prompt", (bool,), "a boolean")
+    chat = parse_chat_request(jsonio.dumps({"messages": body["messages"]}))
+    try:
+        return service.chat_template.render(chat.messages, add_generation_prompt=generation is not False)
+    except StlmError as exc:
+        raise ApiError(400, api_error_from(exc).message, param="messages") from None
+
+
+def _detokenize(service: CompletionService, raw: bytes) -> dict[str, Any]:
+    body = request_object(raw, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < service.vocab_size for t in tokens):
+        raise bad("tokens", f"tokens must be a list of token ids from 0 to {service.vocab_size - 1}")
+    if len(tokens) > MAX_DETOKENIZE:
+        raise bad("tokens", f"tokens has {len(tokens)} ids; at most {MAX_DETOKENIZE}", "invalid_value")
+    return {"prompt": service.decode(tokens)}
+
+
+def tokenizer_info(service: CompletionService) -> dict[str, Any]:
+    """``/tokenizer_info``: what a client needs to tokenize as the server does."""
+    manifest, template = service.generator.manifest, service.chat_template
+    tokens = dict(template.variables) if template is not None else {}
+    tokenizer = service.generator.tokenizer
+    for key, token_id in (
+        ("bos_token", manifest.generation.bos_token_id),
+        ("eos_token", manifest.generation.eos_token_id),
+    ):
+        name = tokenizer.backend.id_to_token(token_id)
+        if name is not None:
+            tokens.setdefault(key, name)
+    pad = tokenizer.backend.id_to_token(manifest.generation.pad_token_id)
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tokens,
+        "pad_token": tokens.get("pad_token", pad),
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": service.capacity,
+        "vocab_size": tokenizer.vocab_size,
+        "chat_template": template.source if template is not None else None,
+    }
+
+
+def ops_routes(service: CompletionService) -> list[Route]:
+    """Routes besides the generation routes."""
+
+    def cpu_json(
+        work: Callable[[CompletionService, bytes], dict[str, Any]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            raw = await request.body()
+            return json_response(await service.cpu.run(lambda: work(service, raw)))
+
+        return route
+
+    async def models(request: Request) -> Response:
+        model = {
+            "id": service.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "stlm",
+            "max_model_len": service.capacity,
+        }
+        return json_response({"object": "list", "data": [model]})
+
+    async def health(request: Request) -> Response:
+        s = service.scheduler
+        if s.crashed is not None:  # logged when it happened; the client learns only the state
+            return json_response({"status": "error"}, 503, ApiError(503, "").headers())
+        state = "draining" if s.stopping else "ok"
+        return json_response(
+            {"status": state, "model": service.model, "slots_in_use": s.slots_in_use, "queue_depth": s.queue_depth}
+        )
+
+    async def ready(request: Request) -> Response:
+        s = service.scheduler
+        if s.crashed is not None or s.stopping or not s.alive:
+            state = "error" if s.crashed is not None else "draining" if s.stopping else "starting"
+            return json_response({"status": state}, 503, ApiError(503, "").headers())
+        return json_response({"status": "ready", "model": service.model})
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def version(request: Request) -> Response:
+        return json_response({"version": stlm.__version__})
+
+    async def info(request: Request) -> Response:
+        return json_response(tokenizer_info(service))
+
+    return [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/tokenizer_info", info, methods=["GET"]),
+        Route("/tokenize", cpu_json(_tokenize), methods=["POST"]),
+        Route("/detokenize", cpu_json(_detokenize), methods=["POST"]),
+    ]
