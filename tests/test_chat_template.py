@@ -3,8 +3,6 @@ sandboxed, carried by the export (or replaced with --chat-template), used by `st
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +16,12 @@ from stlm.export.onnx_export import export_onnx
 from stlm.manifest import read_manifest
 from stlm.runtime import Generator
 from stlm.runtime.chat import ChatTemplate, load_chat_template
+from tests.conftest import SPECIAL_TOKENS
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 ZEPHYR = (TEMPLATES / "zephyr.jinja").read_text()
 CHATML = (TEMPLATES / "chatml.jinja").read_text()
-TOKENS = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+TOKENS = SPECIAL_TOKENS
 CHATS: list[list[dict[str, Any]]] = [
     [{"role": "user", "content": "Hello!"}],
     [
@@ -32,16 +31,6 @@ CHATS: list[list[dict[str, Any]]] = [
         {"role": "user", "content": "  And 3+3?  ", "name": None},
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def chat_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with a tokenizer_config.json holding the Zephyr template (as stablelm-zephyr-3b)."""
-    folder = tmp_path_factory.mktemp("chat-checkpoint") / "ckpt"
-    shutil.copytree(checkpoint, folder)
-    config = {**TOKENS, "chat_template": ZEPHYR, "tokenizer_class": "GPTNeoXTokenizer", "model_max_length": 4096}
-    (folder / TOKENIZER_CONFIG_NAME).write_text(json.dumps(config))
-    return folder
 
 
 def transformers_render(folder: Path, template: str, messages: list[dict[str, Any]], **kw: Any) -> str:
