@@ -33,80 +33,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend, KVCache
-from stlm.runtime.logprobs import TokenLogprob, prompt_logprobs
-from stlm.runtime.sequence import Completion, SequenceState
+from stlm.runtime.logprobs import prompt_logprobs
+from stlm.serve.jobs import Job, QueueFullError, SchedulerStoppedError, StepOutput
 from stlm.serve.metrics import ServerMetrics
 
 __all__ = ["Job", "QueueFullError", "Scheduler", "SchedulerStoppedError", "StepOutput"]
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(StlmError):
-    """Every slot is busy and the waiting queue is full (HTTP 429)."""
-
-
-class SchedulerStoppedError(StlmError):
-    """The scheduler is draining or has stopped; no new work is accepted (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step produced for one sequence.
-
-    ``text`` became final this step (possibly ''), ``token_ids``/``logprobs``/``top_logprobs``
-    are the tokens sampled this step (EOS is not listed). The last output of a sequence has
-    ``finish_reason`` ('eos', 'stop', 'length', 'cancelled' or 'error') and, unless it failed, its
-    ``completion``. ``prompt_logprobs`` (prompt tokens 1..T-1 scored, for a job that asked) comes
-    with the first output after the prompt.
-    """
-
-    text: str
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[float, ...] = ()
-    finish_reason: str | None = None
-    completion: Completion | None = None
-    error: str | None = None
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-Sink = Callable[[StepOutput], None]
-
-
-class Job:
-    """One sequence submitted to the scheduler: its decoding state and where its output goes."""
-
-    def __init__(self, state: SequenceState, sink: Sink, *, tag: str = "", prompt_logprobs: int | None = None) -> None:
-        self.state = state
-        self.sink = sink
-        self.tag = tag
-        self.prompt_logprobs = prompt_logprobs  # alternatives per prompt position; None: not scored
-        self.scored: list[TokenLogprob] = []  # prompt positions scored so far
-        self.submitted = time.monotonic()
-        self.first_token_at: float | None = None
-        self.fed = 0  # prompt tokens already in the cache
-        self.done = False
-        self._cancelled = threading.Event()
-        self._scheduler: Scheduler | None = None
-
-    @property
-    def cancelled(self) -> bool:
-        """True once :meth:`cancel` was called."""
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """Ask the scheduler to finish this sequence at its next step (no-op once done)."""
-        if not self.done and not self._cancelled.is_set():
-            self._cancelled.set()
-            if self._scheduler is not None:
-                self._scheduler.wake()
 
 
 def _positive(name: str, value: object, minimum: int = 1) -> int:
@@ -289,9 +227,7 @@ class Scheduler:
             return
         scored = [row for row in fed_rows if self._scores_prompt(row)]
         plain = [row for row in fed_rows if row not in scored]
-        if scored:  # their chunks run in their own call (every position's logits)
-            feed_plain = [tokens if row in plain else [] for row, tokens in enumerate(feed)]
-        logits, failures = self._forward_step(feed_plain if scored else feed, plain) if plain else (None, {})
+        logits, failures = self._forward_step(feed, plain) if plain else (None, {})
         if scored:
             logits = self._forward_scored(feed, scored, logits, failures)
         for row, exc in failures.items():
@@ -369,29 +305,8 @@ class Scheduler:
     def _forward_every(
         self, feed: list[list[int]], rows: list[int]
     ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
-        """Every fed position's logits of ``rows`` ((tokens, vocab) per row); failed rows are retried alone."""
-        only = [feed[r] if r in rows else [] for r in range(len(feed))]
-        try:
-            out = _forward_all(self.backend, self._cache, only)
-            return {row: out[row] for row in rows}, {}
-        except Exception as exc:
-            if len(rows) == 1:
-                log.exception("forward failed for row %d", rows[0])
-                return {}, {rows[0]: exc}
-            log.warning(
-                "a batched forward failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(rows)
-            )
-        every: dict[int, np.ndarray] = {}
-        failures: dict[int, Exception] = {}
-        for row in rows:
-            try:
-                every[row] = _forward_all(
-                    self.backend, self._cache, [feed[r] if r == row else [] for r in range(len(feed))]
-                )[row]
-            except Exception as exc:
-                log.exception("forward failed for row %d", row)
-                failures[row] = exc
-        return every, failures
+        """Every fed position's logits of ``rows`` ((tokens, vocab) per row)."""
+        return self._by_row(lambda part: _forward_all(self.backend, self._cache, part), feed, rows)
 
     def _forward_step(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
         """One forward over every fed row, or two when that would mostly compute padding.
@@ -406,41 +321,51 @@ class Scheduler:
         prefilling = [row for row in rows if len(feed[row]) > 1]
         if not decoding or not prefilling or width * len(rows) <= 2 * sum(len(feed[row]) for row in rows):
             return self._forward(feed, rows)
-        logits, failures = self._forward([feed[r] if r in prefilling else [] for r in range(len(feed))], prefilling)
-        more, more_failures = self._forward([feed[r] if r in decoding else [] for r in range(len(feed))], decoding)
+        logits, failures = self._forward(feed, prefilling)
+        more, more_failures = self._forward(feed, decoding)
         if logits is None:
             logits = more
         elif more is not None:
-            merged = np.empty_like(more)
-            merged[prefilling], merged[decoding] = logits[prefilling], more[decoding]
-            logits = merged
+            logits[decoding] = more[decoding]
         return logits, {**failures, **more_failures}
 
     def _forward(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
-        """Logits of one step; if the batched call fails, each row is retried alone."""
+        """Logits after each row's last fed token, (batch, vocab) (rows not in ``rows``: unspecified)."""
+        out, failures = self._by_row(lambda part: self.backend.forward(self._cache, part), feed, rows)
+        if not out:
+            return None, failures
+        logits = np.empty((len(feed), *next(iter(out.values())).shape), dtype=np.float32)
+        for row, values in out.items():
+            logits[row] = values
+        return logits, failures
+
+    def _by_row(
+        self,
+        call: Callable[[list[list[int]]], Sequence[np.ndarray] | np.ndarray],
+        feed: list[list[int]],
+        rows: list[int],
+    ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
+        """``call`` on the feeds of ``rows`` (the other rows idle): its output per row. If the batched
+        call fails, each row is retried alone, so only the rows that fail alone are failed."""
         try:
-            return self.backend.forward(self._cache, feed), {}
+            out = call([tokens if r in rows else [] for r, tokens in enumerate(feed)])
+            return {row: out[row] for row in rows}, {}
         except Exception as exc:
             if len(rows) == 1:
                 log.exception("forward failed for row %d", rows[0])
-                return None, {rows[0]: exc}
+                return {}, {rows[0]: exc}
             log.warning(
                 "a batched forward failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(rows)
             )
-        logits: np.ndarray | None = None
+        done: dict[int, np.ndarray] = {}
         failures: dict[int, Exception] = {}
         for row in rows:
-            alone = [tokens if r == row else [] for r, tokens in enumerate(feed)]
             try:
-                out = self.backend.forward(self._cache, alone)
+                done[row] = call([tokens if r == row else [] for r, tokens in enumerate(feed)])[row]
             except Exception as exc:
                 log.exception("forward failed for row %d", row)
                 failures[row] = exc
-                continue
-            if logits is None:
-                logits = np.empty_like(out)
-            logits[row] = out[row]
-        return logits, failures
+        return done, failures
 
     # -- finishing ----------------------------------------------------------------------------
     def _release(self, row: int) -> None:
