@@ -50,7 +50,7 @@ async def probe(app: ASGIApp, path: str) -> tuple[int, bytes]:
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"host", b"replica")],
+        "headers": [(b"host", b"127.0.0.1")],  # in-process: a loopback name passes the Host guard
         "client": ("127.0.0.1", 0),
         "server": ("127.0.0.1", 0),
     }
