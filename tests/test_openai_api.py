@@ -358,3 +358,18 @@ def test_scoring_long_prompts_while_others_decode(client: openai.OpenAI, hf: Any
     got = np.array(alone.token_logprobs[1 : len(ids)], dtype=np.float64)  # type: ignore[index]
     want = np.array([reference[i - 1, ids[i]] for i in range(1, len(ids))])
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_readiness_turns_503_when_the_shutdown_begins(packages: dict[str, Path]) -> None:
+    srv = BackgroundServer(load_service(ServeConfig(packages["hd16-inplace"], port=0))).start()
+    try:
+        assert http(f"{srv.url}/ready", key=None) == (200, {"status": "ready", "model": "hd16-inplace"})
+        srv.service.start_draining()  # what the server's shutdown does first (its listener closes too)
+        assert http(f"{srv.url}/ready", key=None) == (503, {"status": "draining"})
+        status, answer = http(f"{srv.url}/health", key=None)
+        assert status == 200 and answer["status"] == "draining"  # alive: finishing its requests
+    finally:
+        srv.stop()
+    fresh = BackgroundServer(load_service(ServeConfig(packages["hd16-inplace"], port=0))).start()
+    fresh.stop()
+    assert fresh.service.draining  # the shutdown told the service

@@ -8,8 +8,9 @@ version, liveness and readiness, models, metrics.
 - ``POST /detokenize`` ``{"tokens": [ids]}`` → ``{"prompt": text}``.
 - ``GET /tokenizer_info`` → the special tokens, ``tokenizer_class``, ``model_max_length`` and
   ``chat_template`` (lm-eval's ``local-completions`` uses the server's tokenizer when it answers).
-- ``GET /version`` → ``{"version"}``; ``GET /health`` liveness: 200 while the process serves or
-  drains, 503 once the scheduler failed; ``GET /ready`` readiness: 503 while draining too.
+- ``GET /version`` → ``{"version"}``; ``GET /health`` liveness: 200 while the scheduler runs
+  (serving or draining), 503 once it failed or stopped; ``GET /ready`` readiness: 200 only while
+  it accepts work (503 while starting, once the shutdown began, or after a failure).
 """
 
 from __future__ import annotations
@@ -142,17 +143,22 @@ def ops_routes(service: CompletionService) -> list[Route]:
 
     async def health(request: Request) -> Response:
         s = service.scheduler
-        if s.crashed is not None:  # logged when it happened; the client learns only the state
-            return json_response({"status": "error"}, 503, ApiError(503, "").headers())
-        state = "draining" if s.stopping else "ok"
+        if s.crashed is not None or (s.stopping and not s.running):  # logged when it happened
+            state = "error" if s.crashed is not None else "stopped"
+            return json_response({"status": state}, 503, ApiError(503, "").headers())
         return json_response(
-            {"status": state, "model": service.model, "slots_in_use": s.slots_in_use, "queue_depth": s.queue_depth}
+            {
+                "status": "draining" if s.stopping or service.draining else "ok",
+                "model": service.model,
+                "slots_in_use": s.slots_in_use,
+                "queue_depth": s.queue_depth,
+            }
         )
 
     async def ready(request: Request) -> Response:
         s = service.scheduler
-        if s.crashed is not None or s.stopping or not s.alive:
-            state = "error" if s.crashed is not None else "draining" if s.stopping else "starting"
+        if s.crashed is not None or s.stopping or service.draining or not s.alive:
+            state = "error" if s.crashed is not None else "draining" if s.stopping or service.draining else "starting"
             return json_response({"status": state}, 503, ApiError(503, "").headers())
         return json_response({"status": "ready", "model": service.model})
 

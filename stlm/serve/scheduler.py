@@ -111,6 +111,11 @@ class Scheduler:
             self._cond.notify_all()
 
     @property
+    def running(self) -> bool:
+        """True while the thread runs (also while it drains)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def alive(self) -> bool:
         """True while the thread runs and accepts work."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -41,10 +42,11 @@ WATCHDOG_GRACE = 5.0
 class _Server(uvicorn.Server):
     """uvicorn with the shutdown deadline counted from the (first) signal."""
 
-    def __init__(self, config: uvicorn.Config, deadline: float) -> None:
+    def __init__(self, config: uvicorn.Config, deadline: float, on_shutdown: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.deadline = deadline
         self.exit_requested: float | None = None
+        self.on_shutdown = on_shutdown  # told when the shutdown starts (readiness turns 503)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:  # a second signal: stop waiting for requests
@@ -53,6 +55,8 @@ class _Server(uvicorn.Server):
         self.exit_requested = self.exit_requested or time.monotonic()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
         start = self.exit_requested or time.monotonic()
         reserve = min(1.0, self.deadline / 4)  # for cancelling, stopping the scheduler and exiting
         remaining = max(0.0, start + self.deadline - reserve - time.monotonic())
@@ -103,7 +107,7 @@ def run_server(package: str | Path | ServeConfig, **options: Any) -> int | None:
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", config.host)
     uvicorn_config = _uvicorn_config(service, log_level=config.log_level, access_log=config.access_log)
-    server = _Server(uvicorn_config, config.shutdown_timeout)
+    server = _Server(uvicorn_config, config.shutdown_timeout, service.start_draining)
     try:
         stopped_by = _run_foreground(server)
     except SystemExit as exc:  # uvicorn exits when it cannot start (it logged why)
@@ -207,7 +211,7 @@ class BackgroundServer:
     ) -> None:
         self.service = service
         config = _uvicorn_config(service, log_level=log_level, access_log=access_log)
-        self._server = _Server(config, service.config.shutdown_timeout)
+        self._server = _Server(config, service.config.shutdown_timeout, service.start_draining)
         self._thread = threading.Thread(target=self._server.run, name="stlm-serve", daemon=True)
         self._start_timeout = start_timeout
         self.port = 0

@@ -87,6 +87,7 @@ class CompletionService:
         self.encoder = PromptEncoder(generator.tokenizer, generator.manifest.generation.bos_token_id, self.capacity)
         self.texts = TokenTexts(generator.tokenizer)
         self.vocab_size = generator.manifest.model.vocab_size
+        self.draining = False  # the server is shutting down: not ready for new requests
         self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
         self.metrics = ServerMetrics(self.model)
         try:
@@ -114,6 +115,10 @@ class CompletionService:
                 Gauge("stlm_slot_capacity_tokens", "Tokens one slot holds (--max-context).", lambda: s.capacity),
             ]
         )
+
+    def start_draining(self) -> None:
+        """The server stopped accepting connections: readiness fails from now on."""
+        self.draining = True
 
     # -- requests → plans (CPU work: call off the event loop) ----------------------------------------
     def prepare(self, raw: bytes) -> Plan:
