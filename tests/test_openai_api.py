@@ -19,10 +19,13 @@ import openai
 import pytest
 import torch
 
+from stlm.errors import InvalidArgumentError
 from stlm.runtime import Generator
 from stlm.runtime.chat import load_chat_template
+from stlm.runtime.logprobs import LOGPROBS_MODES
 from stlm.runtime.token_bytes import TokenTexts
 from stlm.serve import BackgroundServer, ServeConfig, load_service
+from stlm.serve.config import LOGPROBS_MODES as SERVE_LOGPROBS_MODES
 from tests.test_serve import http
 
 KEY = "k"
@@ -373,3 +376,17 @@ def test_readiness_turns_503_when_the_shutdown_begins(packages: dict[str, Path])
     fresh = BackgroundServer(load_service(ServeConfig(packages["hd16-inplace"], port=0))).start()
     fresh.stop()
     assert fresh.service.draining  # the shutdown told the service
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("log_level", "loud", "--log-level"),
+        ("logprobs_mode", "sampled", "--logprobs-mode"),
+        ("access_log", "no", "access_log"),
+    ],
+)
+def test_config_refuses_bad_options(chat_package: Path, field: str, value: str, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        ServeConfig(chat_package, **{field: value})  # type: ignore[arg-type]
+    assert LOGPROBS_MODES == SERVE_LOGPROBS_MODES  # the CLI's choices are the library's

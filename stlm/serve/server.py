@@ -102,8 +102,8 @@ def run_server(package: str | Path | ServeConfig, **options: Any) -> int | None:
     """
     config = package if isinstance(package, ServeConfig) else _config(Path(package), options)
     _check_bindable(config.host, config.port)
-    _set_log_level(config.log_level)
     service = load_service(config)
+    _set_log_level(config.log_level)  # after loading: a refusal is the first thing the CLI prints
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", config.host)
     uvicorn_config = _uvicorn_config(service, log_level=config.log_level, access_log=config.access_log)
