@@ -390,3 +390,23 @@ def test_config_refuses_bad_options(chat_package: Path, field: str, value: str, 
     with pytest.raises(InvalidArgumentError, match=message):
         ServeConfig(chat_package, **{field: value})  # type: ignore[arg-type]
     assert LOGPROBS_MODES == SERVE_LOGPROBS_MODES  # the CLI's choices are the library's
+
+
+def test_logprobs_mode_processed(chat_package: Path, client: openai.OpenAI, hf: Any) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.5, seed=9, logprobs=1)
+    raw = client.completions.create(**kw).choices[0]
+    config = ServeConfig(chat_package, port=0, max_context=256, logprobs_mode="processed")
+    with BackgroundServer(load_service(config)) as srv:
+        other = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+        processed = other.completions.create(**kw).choices[0]
+    assert processed.text == raw.text  # the mode changes what is reported, not what is sampled
+    prompt = hf[1](PROMPT)["input_ids"]
+    ids = prompt + hf[1](raw.text)["input_ids"]
+    with torch.no_grad():
+        logits = hf[0](torch.tensor([ids])).logits[0].double()
+    tempered = torch.log_softmax(logits / 0.5, dim=-1).numpy()
+    plain = torch.log_softmax(logits, dim=-1).numpy()
+    for i, token in enumerate(ids[len(prompt) :]):
+        at = len(prompt) - 1 + i
+        assert processed.logprobs.token_logprobs[i] == pytest.approx(tempered[at, token], abs=2 * ATOL)  # type: ignore[union-attr, index]
+        assert raw.logprobs.token_logprobs[i] == pytest.approx(plain[at, token], abs=ATOL)  # type: ignore[union-attr, index]
