@@ -24,8 +24,10 @@ from starlette.routing import Route
 
 import stlm
 from stlm.errors import StlmError
+from stlm.runtime.chat import missing_template
 from stlm.serve import jsonio
 from stlm.serve.apierror import ApiError
+from stlm.serve.chat_protocol import parse_chat_request
 from stlm.serve.metrics import CONTENT_TYPE
 from stlm.serve.protocol import api_error_from, bad, request_object, typed
 from stlm.serve.service import CompletionService
@@ -48,9 +50,7 @@ def _tokenize(service: CompletionService, raw: bytes) -> dict[str, Any]:
     body = request_object(
         raw, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
     )
-    model = typed(body, "model", (str,), "a string")
-    if model is not None and model != service.model:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {service.model!r}", param="model")
+    service.check_model(typed(body, "model", (str,), "a string"))
     typed(body, "add_special_tokens", (bool,), "a boolean")
     strings = bool(typed(body, "return_token_strs", (bool,), "a boolean"))
     if ("prompt" in body) == ("messages" in body):
@@ -71,9 +71,6 @@ def _tokenize(service: CompletionService, raw: bytes) -> dict[str, Any]:
 
 
 def _render(service: CompletionService, body: dict[str, Any]) -> str:
-    from stlm.runtime.chat import missing_template
-    from stlm.serve.chat_protocol import parse_chat_request
-
     if service.chat_template is None:
         raise ApiError(400, api_error_from(missing_template(service.model)).message, param="messages")
     generation = typed(body, "add_generation_prompt", (bool,), "a boolean")

@@ -124,7 +124,7 @@ class CompletionService:
     def prepare(self, raw: bytes) -> Plan:
         """Parse and tokenize a ``/v1/completions`` body."""
         request = parse_completion_request(raw)
-        self._check_model(request.model)
+        self.check_model(request.model)
         ids = self.encode(request.prompts)
         texts = tuple(p if isinstance(p, str) else self.decode(p) for p in request.prompts)
         scored = request.logprobs if request.echo and request.logprobs is not None else None
@@ -133,7 +133,7 @@ class CompletionService:
     def prepare_chat(self, raw: bytes) -> Plan:
         """Parse a ``/v1/chat/completions`` body, render its messages with the chat template, tokenize."""
         request = parse_chat_request(raw)
-        self._check_model(request.model)
+        self.check_model(request.model)
         if self.chat_template is None:
             raise ApiError(400, _message(missing_template(self.model)), param="messages", code="no_chat_template")
         try:
@@ -149,7 +149,8 @@ class CompletionService:
         fields = ("messages", request.max_tokens_field, request.max_tokens is None)
         return self._plan(request, ids, (prompt,), request.n, request.n, None, fields)
 
-    def _check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` is None or the served model's id."""
         if model is not None and model != self.model:
             raise ApiError(
                 404,
