@@ -116,8 +116,48 @@ def tokenizer_info(service: CompletionService) -> dict[str, Any]:
     }
 
 
+def _health(service: CompletionService) -> Response:
+    s = service.scheduler
+    if s.crashed is not None or (s.stopping and not s.running):  # logged when it happened
+        state = "error" if s.crashed is not None else "stopped"
+        return json_response({"status": state}, 503, ApiError(503, "").headers())
+    return json_response(
+        {
+            "status": "draining" if s.stopping or service.draining else "ok",
+            "model": service.model,
+            "slots_in_use": s.slots_in_use,
+            "queue_depth": s.queue_depth,
+        }
+    )
+
+
+def _ready(service: CompletionService) -> Response:
+    s = service.scheduler
+    if s.crashed is not None or s.stopping or service.draining or not s.alive:
+        state = "error" if s.crashed is not None else "draining" if s.stopping or service.draining else "starting"
+        return json_response({"status": state}, 503, ApiError(503, "").headers())
+    return json_response({"status": "ready", "model": service.model})
+
+
+def _models(service: CompletionService) -> Response:
+    model = {
+        "id": service.model,
+        "object": "model",
+        "created": 0,
+        "owned_by": "stlm",
+        "max_model_len": service.capacity,
+    }
+    return json_response({"object": "list", "data": [model]})
+
+
 def ops_routes(service: CompletionService) -> list[Route]:
     """Routes besides the generation routes."""
+
+    def answer(make: Callable[[CompletionService], Response]) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            return make(service)
+
+        return route
 
     def cpu_json(
         work: Callable[[CompletionService, bytes], dict[str, Any]],
@@ -128,53 +168,13 @@ def ops_routes(service: CompletionService) -> list[Route]:
 
         return route
 
-    async def models(request: Request) -> Response:
-        model = {
-            "id": service.model,
-            "object": "model",
-            "created": 0,
-            "owned_by": "stlm",
-            "max_model_len": service.capacity,
-        }
-        return json_response({"object": "list", "data": [model]})
-
-    async def health(request: Request) -> Response:
-        s = service.scheduler
-        if s.crashed is not None or (s.stopping and not s.running):  # logged when it happened
-            state = "error" if s.crashed is not None else "stopped"
-            return json_response({"status": state}, 503, ApiError(503, "").headers())
-        return json_response(
-            {
-                "status": "draining" if s.stopping or service.draining else "ok",
-                "model": service.model,
-                "slots_in_use": s.slots_in_use,
-                "queue_depth": s.queue_depth,
-            }
-        )
-
-    async def ready(request: Request) -> Response:
-        s = service.scheduler
-        if s.crashed is not None or s.stopping or service.draining or not s.alive:
-            state = "error" if s.crashed is not None else "draining" if s.stopping or service.draining else "starting"
-            return json_response({"status": state}, 503, ApiError(503, "").headers())
-        return json_response({"status": "ready", "model": service.model})
-
-    async def metrics(request: Request) -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    async def version(request: Request) -> Response:
-        return json_response({"version": stlm.__version__})
-
-    async def info(request: Request) -> Response:
-        return json_response(tokenizer_info(service))
-
     return [
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/version", version, methods=["GET"]),
-        Route("/tokenizer_info", info, methods=["GET"]),
+        Route("/v1/models", answer(_models), methods=["GET"]),
+        Route("/health", answer(_health), methods=["GET"]),
+        Route("/ready", answer(_ready), methods=["GET"]),
+        Route("/metrics", answer(lambda s: Response(s.metrics.render(), media_type=CONTENT_TYPE)), methods=["GET"]),
+        Route("/version", answer(lambda s: json_response({"version": stlm.__version__})), methods=["GET"]),
+        Route("/tokenizer_info", answer(lambda s: json_response(tokenizer_info(s))), methods=["GET"]),
         Route("/tokenize", cpu_json(_tokenize), methods=["POST"]),
         Route("/detokenize", cpu_json(_detokenize), methods=["POST"]),
     ]

@@ -39,6 +39,7 @@ import numpy as np
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend, KVCache
 from stlm.runtime.logprobs import prompt_logprobs
+from stlm.serve.forwarding import by_row, forward_all
 from stlm.serve.jobs import Job, QueueFullError, SchedulerStoppedError, StepOutput
 from stlm.serve.metrics import ServerMetrics
 
@@ -212,20 +213,7 @@ class Scheduler:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        feed: list[list[int]] = []
-        sampling: list[int] = []  # rows whose logits are used this step
-        for row, job in enumerate(self._slots):
-            tokens: list[int] = []
-            if job is not None and job.cancelled:
-                self._finish(row, job, StepOutput(job.state.cancel()))
-            elif job is not None and job.fed < len(job.state.prompt):
-                tokens = job.state.prompt[job.fed : job.fed + self.prefill_chunk]
-                if job.fed + len(tokens) == len(job.state.prompt):
-                    sampling.append(row)
-            elif job is not None:
-                tokens = [job.state.last_token]
-                sampling.append(row)
-            feed.append(tokens)
+        feed, sampling = self._feeds()
         fed_rows = [row for row, tokens in enumerate(feed) if tokens]
         self.running_batch = len(fed_rows)
         if not fed_rows:
@@ -248,38 +236,60 @@ class Scheduler:
         generated = 0
         for row in sampling:
             job = self._slots[row]
-            if job is None or row in failures:
-                continue
-            assert logits is not None
-            before = len(job.state.generated)
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook(job)
-                text = job.state.step(logits[row])
-            except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
-                self._fail(row, job, exc)
-                continue
-            first = job.first_token_at is None
-            if first:
-                job.first_token_at = time.monotonic()
-                self.metrics.first_token.observe(job.first_token_at - job.submitted)
-            new = slice(before, len(job.state.generated))
-            generated += new.stop - new.start
-            output = StepOutput(
-                text,
-                tuple(job.state.generated[new]),
-                tuple(job.state.logprobs[new]),
-                top_logprobs=tuple(job.state.top_logprobs[new]),
-                prompt_logprobs=tuple(job.scored) if first and job.prompt_logprobs is not None else None,
-            )
-            if job.state.finished:
-                self._finish(row, job, output)
-            else:
-                self._deliver(job, output)
+            if job is not None and row not in failures:
+                assert logits is not None
+                generated += self._sample(row, job, logits[row])
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generated_tokens.inc(generated)
         self.metrics.batch.observe(len(fed_rows))
         self.metrics.step.observe(time.perf_counter() - start)
+
+    def _feeds(self) -> tuple[list[list[int]], list[int]]:
+        """Each slot's tokens for this step (cancelled jobs are finished here), and the rows that
+        sample after it (their prompt is complete)."""
+        feed: list[list[int]] = []
+        sampling: list[int] = []
+        for row, job in enumerate(self._slots):
+            tokens: list[int] = []
+            if job is not None and job.cancelled:
+                self._finish(row, job, StepOutput(job.state.cancel()))
+            elif job is not None and job.fed < len(job.state.prompt):
+                tokens = job.state.prompt[job.fed : job.fed + self.prefill_chunk]
+                if job.fed + len(tokens) == len(job.state.prompt):
+                    sampling.append(row)
+            elif job is not None:
+                tokens = [job.state.last_token]
+                sampling.append(row)
+            feed.append(tokens)
+        return feed, sampling
+
+    def _sample(self, row: int, job: Job, logits: np.ndarray) -> int:
+        """Let ``job`` pick its next token from ``logits`` and hand the output on; tokens generated."""
+        before = len(job.state.generated)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(job)
+            text = job.state.step(logits)
+        except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
+            self._fail(row, job, exc)
+            return 0
+        first = job.first_token_at is None
+        if first:
+            job.first_token_at = time.monotonic()
+            self.metrics.first_token.observe(job.first_token_at - job.submitted)
+        new = slice(before, len(job.state.generated))
+        output = StepOutput(
+            text,
+            tuple(job.state.generated[new]),
+            tuple(job.state.logprobs[new]),
+            top_logprobs=tuple(job.state.top_logprobs[new]),
+            prompt_logprobs=tuple(job.scored) if first and job.prompt_logprobs is not None else None,
+        )
+        if job.state.finished:
+            self._finish(row, job, output)
+        else:
+            self._deliver(job, output)
+        return new.stop - new.start
 
     def _scores_prompt(self, row: int) -> bool:
         job = self._slots[row]
@@ -311,7 +321,7 @@ class Scheduler:
         self, feed: list[list[int]], rows: list[int]
     ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
         """Every fed position's logits of ``rows`` ((tokens, vocab) per row)."""
-        return self._by_row(lambda part: _forward_all(self.backend, self._cache, part), feed, rows)
+        return by_row(lambda part: forward_all(self.backend, self._cache, part), feed, rows)
 
     def _forward_step(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
         """One forward over every fed row, or two when that would mostly compute padding.
@@ -336,41 +346,13 @@ class Scheduler:
 
     def _forward(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
         """Logits after each row's last fed token, (batch, vocab) (rows not in ``rows``: unspecified)."""
-        out, failures = self._by_row(lambda part: self.backend.forward(self._cache, part), feed, rows)
+        out, failures = by_row(lambda part: self.backend.forward(self._cache, part), feed, rows)
         if not out:
             return None, failures
         logits = np.empty((len(feed), *next(iter(out.values())).shape), dtype=np.float32)
         for row, values in out.items():
             logits[row] = values
         return logits, failures
-
-    def _by_row(
-        self,
-        call: Callable[[list[list[int]]], Sequence[np.ndarray] | np.ndarray],
-        feed: list[list[int]],
-        rows: list[int],
-    ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
-        """``call`` on the feeds of ``rows`` (the other rows idle): its output per row. If the batched
-        call fails, each row is retried alone, so only the rows that fail alone are failed."""
-        try:
-            out = call([tokens if r in rows else [] for r, tokens in enumerate(feed)])
-            return {row: out[row] for row in rows}, {}
-        except Exception as exc:
-            if len(rows) == 1:
-                log.exception("forward failed for row %d", rows[0])
-                return {}, {rows[0]: exc}
-            log.warning(
-                "a batched forward failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(rows)
-            )
-        done: dict[int, np.ndarray] = {}
-        failures: dict[int, Exception] = {}
-        for row in rows:
-            try:
-                done[row] = call([tokens if r == row else [] for r, tokens in enumerate(feed)])[row]
-            except Exception as exc:
-                log.exception("forward failed for row %d", row)
-                failures[row] = exc
-        return done, failures
 
     # -- finishing ----------------------------------------------------------------------------
     def _release(self, row: int) -> None:
@@ -410,24 +392,3 @@ class Scheduler:
             job.sink(output)
         except Exception:
             log.debug("sink of sequence %s failed", job.tag, exc_info=True)
-
-
-def _forward_all(backend: Backend, cache: KVCache, feed: list[list[int]]) -> list[np.ndarray]:
-    """``backend.forward_all``: the logits of every fed position, (tokens, vocab) per row.
-
-    Fallback until the refactored runtime (``Backend.forward_all``, one ``logits_index``
-    mechanism) is merged: one position per ``forward`` call, whose logits are those after that
-    position. Same results, one call per token instead of per chunk.
-    """
-    every = getattr(backend, "forward_all", None)
-    if every is not None:
-        return [np.asarray(x, dtype=np.float32) for x in every(cache, feed)]
-    rows: list[list[np.ndarray]] = [[] for _ in feed]
-    for i in range(max(len(tokens) for tokens in feed)):
-        step = [tokens[i : i + 1] for tokens in feed]
-        logits = backend.forward(cache, step)
-        for row, tokens in enumerate(step):
-            if tokens:
-                rows[row].append(np.array(logits[row], dtype=np.float32))
-    vocab = backend.manifest.model.vocab_size
-    return [np.stack(r) if r else np.zeros((0, vocab), np.float32) for r in rows]
