@@ -40,6 +40,7 @@ expect_extra export "$B" export "$WORK/ckpt" -o "$WORK/never"
 expect_extra export "$B" demo --workdir "$WORK/demo"
 expect_extra serve "$B" serve "$WORK/fp32"
 expect_extra reference "$B" verify "$WORK/ckpt" "$WORK/fp32"
+expect_extra eval "$B" eval "$WORK/fp32" --tasks stlm_shakespeare_mc
 [[ ! -e "$WORK/never" ]] || fail "a refused export left $WORK/never behind"
 for pkg in fp32 bf16-concat int4; do
     "$B" generate "$WORK/$pkg" -p "Hello world" -n 8 -t 0 >/dev/null || fail "base venv cannot generate with $pkg"

@@ -524,6 +524,11 @@ def bench(
     click.echo(f"peak RSS             {r.peak_rss_mb:9.0f} MB")
 
 
+from stlm.cli_eval import eval_command  # noqa: E402 - the command lives with its options
+
+cli.add_command(eval_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="stlm")
