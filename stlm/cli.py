@@ -91,6 +91,12 @@ def cli(verbose: bool, quiet: bool) -> None:
     "LM head, first and last layer at 8 bits), int4-rtn, int4-sym, int4-mse, int4-hqq, int4-edge8, each "
     "optionally :key=value,... (method, block, sym, head, edge, acc; see docs/quality.md).",
 )
+@click.option(
+    "--chat-template",
+    default=None,
+    metavar="FILE",
+    help="Jinja chat template to package (replaces the checkpoint's chat_template) [default: the checkpoint's, if any].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(
     model: str,
@@ -101,6 +107,7 @@ def export(
     rotary: str | None,
     kv_cache: str | None,
     quantize: str | None,
+    chat_template: str | None,
     overwrite: bool,
 ) -> None:
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
@@ -118,6 +125,7 @@ def export(
         rotary=rotary,
         kv_cache=kv_cache,
         quantize=quantize,
+        chat_template=chat_template,
     )
     click.echo(str(path))
 
@@ -208,6 +216,13 @@ def _read_prompt(prompt: str) -> str:
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--stream/--no-stream", default=False, help="Print text as it is generated.")
+@click.option(
+    "--chat", is_flag=True, help="Treat --prompt as a user message and render it with the package's chat template."
+)
+@click.option("--system", default=None, help="With --chat: a system message before the user's.")
+@click.option(
+    "--chat-template", default=None, metavar="FILE", help="With --chat: this template instead of the package's."
+)
 def generate(
     package: Path,
     prompt: str,
@@ -220,8 +235,14 @@ def generate(
     seed: int | None,
     stop: tuple[str, ...],
     stream: bool,
+    chat: bool,
+    system: str | None,
+    chat_template: str | None,
 ) -> None:
-    """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout)."""
+    """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout).
+
+    With --chat, the reply to --prompt as a user message (the package's chat template, or --chat-template).
+    """
     from stlm.runtime import Generator, SamplingParams
 
     params = SamplingParams(
@@ -234,8 +255,14 @@ def generate(
         seed=seed,
         stop=tuple(stop),
     )
+    if (system is not None or chat_template is not None) and not chat:
+        raise StlmError("--system and --chat-template apply to chat prompts", fix="add --chat")
     gen = Generator.load(package)
     text = _read_prompt(prompt)
+    if chat:
+        from stlm.runtime.chat import chat_prompt
+
+        text = chat_prompt(package, gen, text, system=system, chat_template=chat_template)
     if stream:
         for piece in gen.stream(text, params):
             click.echo(piece, nl=False)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from stlm.extras import require_extra
-from stlm.serve.config import ServeConfig
+from stlm.serve.config import LOG_LEVELS, LOGPROBS_MODES, ServeConfig
 
 
 def _api_key(value: str | None) -> str | None:
@@ -101,6 +101,30 @@ def _api_key(value: str | None) -> str | None:
     default=None,
     help="Ray cluster to join with --replicas/--autoscale (e.g. auto, HOST:6379) [default: the local one, or a new one].",
 )
+@click.option(
+    "--chat-template",
+    default=None,
+    metavar="FILE",
+    help="Jinja chat template for /v1/chat/completions (replaces the package's) [default: the package's, if any].",
+)
+@click.option(
+    "--logprobs-mode",
+    type=click.Choice(list(LOGPROBS_MODES)),
+    default=ServeConfig.logprobs_mode,
+    show_default=True,
+    help="Reported log-probabilities: the model's own (raw, OpenAI's definition) or after logit_bias, "
+    "penalties and temperature (processed).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(list(LOG_LEVELS)),
+    default=ServeConfig.log_level,
+    show_default=True,
+    help="Log level of the server (uvicorn and stlm).",
+)
+@click.option(
+    "--access-log/--no-access-log", default=ServeConfig.access_log, show_default=True, help="Log every request."
+)
 @click.option("--num-cpus", default=None, type=float, help="CPUs reserved per Ray Serve replica [default: 1].")
 @click.option("--num-gpus", default=None, type=float, help="GPUs per Ray Serve replica (1: one engine per GPU).")
 def serve(
@@ -112,7 +136,8 @@ def serve(
     num_gpus: float | None,
     **options: Any,
 ) -> None:
-    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions) with continuous batching.
+    """Serve PACKAGE over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) with continuous
+    batching.
 
     With --replicas or --autoscale, the same server runs as replicas on Ray Serve (pip install 'stlm[ray]').
     """

@@ -51,6 +51,9 @@ class Manifest:
     versions: dict[str, Any]
     variant: Variant
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the Jinja chat template file and the special tokens it reads (None: the checkpoint had none)
+    chat_template: str | None = None
+    tokenizer_config: str | None = None
 
     @property
     def dtype(self) -> DType:
@@ -71,6 +74,8 @@ class Manifest:
             "generation": vars(self.generation),
             "versions": self.versions,
             "extra": self.extra,
+            "chat_template": self.chat_template,
+            "tokenizer_config": self.tokenizer_config,
         }
 
     @classmethod
@@ -90,10 +95,18 @@ class Manifest:
             versions=dict(data.get("versions", {})),
             variant=Variant.from_dict(data["variant"]),
             extra=dict(data.get("extra", {})),
+            chat_template=_optional_name(data.get("chat_template")),
+            tokenizer_config=_optional_name(data.get("tokenizer_config")),
         )
         if manifest.contract != decoder_contract(manifest.model, manifest.variant):
             raise ValueError("its contract differs from the graph variant it records")
         return manifest
+
+
+def _optional_name(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"a file name is {type(value).__name__}, expected a string")
+    return value
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -143,8 +156,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise PackageError(f"{path}: {exc.problem}", fix=exc.fix) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise PackageError(f"{path} is not a valid stlm manifest ({exc})", fix=EXPORT_AGAIN) from None
-    for name in (manifest.graph, manifest.tokenizer):
-        if not (folder / name).is_file():
+    for name in (manifest.graph, manifest.tokenizer, manifest.chat_template, manifest.tokenizer_config):
+        if name is not None and not (folder / name).is_file():
             raise PackageError(
                 f"{folder} lacks {name}, which its manifest names",
                 fix="copy the whole package folder, or export again",

@@ -58,6 +58,37 @@ def packages(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return found
 
 
+CHAT_TEMPLATES = ROOT / "tests" / "data" / "chat_templates"
+SPECIAL_TOKENS = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The head-dim-16 tiny checkpoint with a chat model's tokenizer_config.json (the Zephyr template
+    and special tokens, as stablelm-zephyr-3b's)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("chat-checkpoint") / "hd16-chat"
+    shutil.copytree(checkpoints["hd16"], folder)
+    config = {
+        **SPECIAL_TOKENS,
+        "chat_template": (CHAT_TEMPLATES / "zephyr.jinja").read_text(),
+        "tokenizer_class": "GPTNeoXTokenizer",
+        "model_max_length": 4096,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_package(chat_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-place fp32 package of :func:`chat_checkpoint` (it carries the chat template)."""
+    from stlm.export.onnx_export import export_onnx
+
+    return export_onnx(chat_checkpoint, tmp_path_factory.mktemp("chat-package") / "hd16-chat", kv_cache="inplace")
+
+
 @pytest.fixture(scope="session")
 def checkpoint(checkpoints: dict[str, Path]) -> Path:
     """The head-dim-16 tiny checkpoint."""

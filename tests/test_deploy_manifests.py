@@ -162,9 +162,9 @@ def test_deployment_agrees_with_the_image_and_the_cli(serve_stage: Stage) -> Non
     assert port == params["port"] and params["host"] == "0.0.0.0"
     assert any(str(params["package"]).startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
     assert container["env"][0]["name"] == "STLM_API_KEY" and "secretKeyRef" in container["env"][0]["valueFrom"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/health" and container_port(container, get["port"]) == port, probe
+        assert get["path"] == path and container_port(container, get["port"]) == port, probe
     assert pod["spec"]["terminationGracePeriodSeconds"] >= shutdown_deadline() + 10
     assert pod["spec"]["securityContext"]["runAsUser"] == int(serve_stage.all("USER")[-1].split(":")[0])
     resources = container["resources"]

@@ -305,7 +305,7 @@ def _ray_metrics(ray_tmp: Path) -> list[str]:
 
 def test_metrics_of_every_replica_reach_prometheus(cluster: Cluster) -> None:
     status, text = http(f"{cluster.url}/metrics")
-    assert status == 200 and "stlm_slots_total 4" in text  # one replica's own exposition
+    assert status == 200 and 'stlm_slots_total{model_name="tiny"} 4' in text  # one replica's own exposition
     live = replica_pids()
 
     def per_replica() -> set[str]:

@@ -76,9 +76,16 @@ def http(url: str, *, body: bytes | None = None, key: str | None = KEY) -> tuple
 
 
 def metrics(server: BackgroundServer) -> dict[str, float]:
+    """The samples of /metrics, keyed without the model_name label every sample must carry."""
     status, text = http(f"{server.url}/metrics")
     assert status == 200
-    return parse_metrics(text)
+    label = f'model_name="{server.service.model}"'
+    samples = {}
+    for key, value in parse_metrics(text).items():
+        assert label in key, key
+        key = key.replace(label + ",", "").replace(label, "").replace("{}", "")
+        samples[key] = value
+    return samples
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -164,7 +171,10 @@ def test_api_key(server: BackgroundServer) -> None:
         (b"[1, 2]", None, "invalid_json"),
         (b'{"max_tokens": 4}', "prompt", "missing_field"),
         (b'{"prompt": 42}', "prompt", "invalid_type"),
-        (b'{"prompt": [1, 2, 3]}', "prompt", "invalid_type"),
+        (b'{"prompt": [1, "a"]}', "prompt", "invalid_type"),
+        (b'{"prompt": [[1], []]}', "prompt", "invalid_type"),
+        (b'{"prompt": [-1]}', "prompt", "invalid_type"),
+        (b'{"prompt": [50304]}', "prompt", "invalid_value"),
         (b'{"prompt": "hi", "max_tokens": "5"}', "max_tokens", "invalid_type"),
         (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens", "invalid_value"),
         (b'{"prompt": "hi", "temperature": -1}', "temperature", "invalid_value"),
@@ -173,7 +183,14 @@ def test_api_key(server: BackgroundServer) -> None:
         (b'{"prompt": "hi", "top_p": 0}', "top_p", "invalid_value"),
         (b'{"prompt": "hi", "stream": "yes"}', "stream", "invalid_type"),
         (b'{"prompt": "hi", "stop": [""]}', "stop", "invalid_type"),
-        (b'{"prompt": "hi", "n": 2}', "n", "unsupported_value"),
+        (b'{"prompt": "hi", "n": 0}', "n", "invalid_value"),
+        (b'{"prompt": "hi", "n": 2, "best_of": 1}', "best_of", "invalid_value"),
+        (b'{"prompt": "hi", "best_of": 2, "stream": true}', "best_of", "invalid_value"),
+        (b'{"prompt": "hi", "n": 100}', "n", "invalid_value"),
+        (b'{"prompt": "hi", "suffix": "x"}', "suffix", "unsupported_value"),
+        (b'{"prompt": "hi", "logit_bias": {"x": 1}}', "logit_bias", "invalid_value"),
+        (b'{"prompt": "hi", "presence_penalty": 3}', "presence_penalty", "invalid_value"),
+        (b'{"prompt": "hi", "stream_options": {"include_usage": true}}', "stream_options", "invalid_value"),
         (b'{"prompt": "hi", "max_tokenz": 3}', "max_tokenz", "unknown_field"),
         (b'{"prompt": "hi", "max_tokens": 300}', "max_tokens", "context_length_exceeded"),
         (json.dumps({"prompt": "word " * 300}).encode(), "prompt", "context_length_exceeded"),
@@ -378,9 +395,11 @@ def test_metrics_exposition(server: BackgroundServer) -> None:
         "stlm_slots_total",
         "stlm_request_latency_seconds",
         "stlm_time_to_first_token_seconds",
+        "stlm_time_per_output_token_seconds",
+        "stlm_queue_time_seconds",
     ):
         assert f"# TYPE {name} " in text
-    samples = parse_metrics(text)
+    samples = metrics(server)  # every sample is labelled with the model name
     assert samples["stlm_slots_total"] == 4 and samples['stlm_requests_total{status="200"}'] >= 1
     assert samples["stlm_request_latency_seconds_count"] == sum(
         v for k, v in samples.items() if k.startswith("stlm_requests_total")

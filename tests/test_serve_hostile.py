@@ -328,8 +328,11 @@ def test_429_and_503_say_when_to_retry(inplace_package: Path) -> None:
         srv.service.scheduler.stop(drain=False, timeout=10)
         status, headers, answer = post_json(srv.port, json.dumps({"prompt": "hi"}).encode())
         assert status == 503 and answer["error"]["code"] == "shutting_down" and int(headers["retry-after"]) >= 1
-        status, headers, data = exchange(srv.port, request_bytes("GET", "/health"))
+        # not ready once stopping; not live once the scheduler's thread ended
+        status, headers, data = exchange(srv.port, request_bytes("GET", "/ready"))
         assert status == 503 and strict_json(data) == {"status": "draining"} and "retry-after" in headers
+        status, headers, data = exchange(srv.port, request_bytes("GET", "/health"))
+        assert status == 503 and strict_json(data) == {"status": "stopped"} and "retry-after" in headers
 
 
 def test_internal_errors_reach_the_log_not_the_client(

@@ -276,6 +276,8 @@ def test_cli_refuses_what_it_cannot_serve(inplace_package: Path) -> None:
         ((package, "--port", "70000"), None, "--port"),
         ((package, "--port", str(taken.getsockname()[1])), None, "cannot listen"),
         ((package, "--host", "no-such-host.invalid"), None, "--host"),
+        ((package, "--chat-template", "/no/such/template.jinja"), None, "does not exist"),
+        ((package, "--chat-template", "{% for %}"), None, "not a valid Jinja template"),
     ]
     try:
         with ThreadPoolExecutor(4) as pool:

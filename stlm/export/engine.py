@@ -27,6 +27,7 @@ from stlm.export.engine_build import (
     save_timing_cache,
 )
 from stlm.export.staging import staged_folder
+from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
 from stlm.progress import Progress
@@ -312,18 +313,20 @@ def build_engine(
     serialized = _serialize(trt, graph, source, profiles, options, progress)
     seconds = time.perf_counter() - start
     manifest = _engine_manifest(source, onnx_dir, trt.__version__, gpu, profiles, options, plugin, seconds)
-    _write_package(out, serialized, onnx_dir / source.tokenizer, manifest, progress)
+    _write_package(out, serialized, onnx_dir, manifest, progress)
     log.info("built %s → %s in %.1f s", onnx_dir, out, seconds)
     return out
 
 
-def _write_package(out: Path, serialized: Any, tokenizer: Path, manifest: Manifest, progress: Progress | None) -> None:
-    """The engine package folder, written under a temporary name and renamed when complete."""
+def _write_package(out: Path, serialized: Any, onnx_dir: Path, manifest: Manifest, progress: Progress | None) -> None:
+    """The engine package folder (engine, tokenizer files of the ONNX package ``onnx_dir``), written
+    under a temporary name and renamed when complete."""
     if progress:
         progress("write", 0, 1)
     with staged_folder(out) as tmp:
         (tmp / ENGINE_NAME).write_bytes(serialized)
-        shutil.copyfile(tokenizer, tmp / manifest.tokenizer)
+        shutil.copyfile(onnx_dir / manifest.tokenizer, tmp / manifest.tokenizer)
+        copy_tokenizer_files(onnx_dir, tmp, TokenizerFiles(manifest.chat_template, manifest.tokenizer_config))
         write_manifest(tmp, manifest)
     if progress:
         progress("write", 1, 1)

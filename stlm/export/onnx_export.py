@@ -22,6 +22,7 @@ from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
 from stlm.export.staging import staged_folder
+from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, write_manifest
 from stlm.ort_versions import MAX_OPSET, required_onnxruntime
@@ -146,7 +147,7 @@ def plan_variant(
     return dataclasses.replace(variant, min_onnxruntime=required_onnxruntime(variant, opset)), opset
 
 
-def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str) -> Manifest:
+def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str, chat: TokenizerFiles) -> Manifest:
     return Manifest(
         kind="onnx",
         graph=GRAPH_NAME,
@@ -162,6 +163,8 @@ def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str) -> Ma
         versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__, "opset": opset},
         variant=variant,
         extra={"source": source},
+        chat_template=chat.chat_template,
+        tokenizer_config=chat.tokenizer_config,
     )
 
 
@@ -183,6 +186,7 @@ def export_onnx(
     rotary: str | None = None,
     kv_cache: str | None = None,
     quantize: str | None = None,
+    chat_template: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -193,6 +197,8 @@ def export_onnx(
     the ``stlm::partial_rotary`` plugin; ``rotary='native'`` the TensorRT-target graph with ONNX's
     own ``RotaryEmbedding`` (opset ≥ 23). ``kv_cache``: 'inplace' (default for ONNX Runtime) or
     'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
+    ``chat_template`` (a file, or the template text) replaces the checkpoint's chat template
+    (:mod:`stlm.export.tokenizer_files`).
     """
     out = Path(out)
     parse_dtype(dtype)
@@ -219,6 +225,7 @@ def export_onnx(
         if progress:
             progress("checked", 1, 1)
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
-        write_manifest(tmp, _manifest(cfg, variant, opset, str(model)))
+        chat = write_tokenizer_files(checkpoint, tmp, chat_template)
+        write_manifest(tmp, _manifest(cfg, variant, opset, str(model), chat))
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out

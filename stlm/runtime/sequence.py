@@ -13,20 +13,28 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.runtime.detokenize import IncrementalDetokenizer
-from stlm.runtime.sampling import SamplingParams, make_rng, sample_token
+from stlm.runtime.logprobs import TokenLogprob, token_logprob
+from stlm.runtime.processors import apply_logit_bias, apply_presence_frequency
+from stlm.runtime.sampling import SamplingParams, apply_repetition_penalty, make_rng, sample_token
 from stlm.runtime.stops import StopMatcher
 from stlm.runtime.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class Completion:
-    """One finished sequence. ``finish_reason``: 'eos', 'stop' (a stop string), 'length', 'cancelled'."""
+    """One finished sequence. ``finish_reason``: 'eos', 'stop' (a stop string), 'length', 'cancelled'.
+
+    With ``params.logprobs``: ``logprobs[i]`` is the log-probability of ``token_ids[i]`` and
+    ``top_logprobs[i]`` its ``params.top_logprobs`` alternatives ``(id, logprob)`` (see
+    :mod:`stlm.runtime.logprobs`).
+    """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
     prompt_tokens: int
     logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 class ContextLengthError(InvalidArgumentError):
@@ -74,6 +82,8 @@ class SequenceState:
         self.rng = make_rng(params.seed)
         self.generated: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []
+        self._counts: np.ndarray | None = None  # generated tokens per id (presence/frequency penalties)
         self.finish_reason: str | None = None
         self._text: list[str] = []
         self._detok = IncrementalDetokenizer(tokenizer, prompt)
@@ -96,18 +106,48 @@ class SequenceState:
     def step(self, logits: np.ndarray) -> str:
         """Choose the next token from ``logits`` (vocab,) and return the text that became final."""
         assert not self.finished
-        penalised = self.params.repetition_penalty != 1.0
-        token, logprob = sample_token(logits, self.params, self.rng, self._seen[: self._n_seen] if penalised else None)
+        p = self.params
+        x = self._processed(logits)
+        penalised = p.repetition_penalty != 1.0
+        token, _ = sample_token(x, p, self.rng, self._seen[: self._n_seen] if penalised else None)
         if token == self.eos_token_id:
             return self._close("eos")
+        if p.logprobs:
+            entry = self._logprob(logits, x, token)
+            self.logprobs.append(entry.logprob)
+            self.top_logprobs.append(entry.top)
         self.generated.append(token)
-        self.logprobs.append(logprob)
+        if self._counts is not None:
+            self._counts[token] += 1
         self._seen[self._n_seen] = token
         self._n_seen += 1
         shown = self._emit(self._detok.push(token))
         if not self.finished and len(self.generated) >= self.params.max_new_tokens:
             shown += self._close("length")
         return shown
+
+    def _processed(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` after ``logit_bias`` and the presence/frequency penalties (itself when unset)."""
+        p = self.params
+        x = apply_logit_bias(logits, p.logit_bias) if p.logit_bias else logits
+        if p.presence_penalty or p.frequency_penalty:
+            if self._counts is None:
+                self._counts = np.zeros(np.shape(logits)[-1], dtype=np.int64)
+            x = apply_presence_frequency(x, self._counts, p.presence_penalty, p.frequency_penalty)
+        return x
+
+    def _logprob(self, raw: np.ndarray, processed: np.ndarray, token: int) -> TokenLogprob:
+        """The reported log-probability of ``token``: from ``raw`` logits, or (mode 'processed')
+        after bias, penalties and temperature, before truncation."""
+        p = self.params
+        if p.logprobs_mode == "raw":
+            return token_logprob(raw, token, p.top_logprobs)
+        x = processed
+        if p.repetition_penalty != 1.0:
+            x = apply_repetition_penalty(x, self._seen[: self._n_seen], p.repetition_penalty)
+        if p.temperature > 0.0:
+            x = np.asarray(x, dtype=np.float64) / p.temperature
+        return token_logprob(x, token, p.top_logprobs)
 
     def cancel(self) -> str:
         """Finish now (reason 'cancelled'); returns the held-back text."""
@@ -122,6 +162,7 @@ class SequenceState:
             self.finish_reason,
             len(self.prompt),
             tuple(self.logprobs) if self.params.logprobs else None,
+            tuple(self.top_logprobs) if self.params.logprobs else None,
         )
 
     def _emit(self, piece: str) -> str:

@@ -7,9 +7,12 @@ Runtime-side: like :mod:`stlm.runtime` it never imports torch or transformers. T
     run_server("stablelm-onnx", port=8000, max_batch=8)     # blocks until SIGINT/SIGTERM
 
 Modules: :mod:`~stlm.serve.config` (:class:`ServeConfig`, every default), :mod:`~stlm.serve.scheduler`
-(continuous batching), :mod:`~stlm.serve.protocol` (OpenAI request/response bodies),
-:mod:`~stlm.serve.app` (ASGI routes), :mod:`~stlm.serve.guard` (limits every route gets),
-:mod:`~stlm.serve.metrics` (Prometheus text), :mod:`~stlm.serve.server` (uvicorn).
+(continuous batching), :mod:`~stlm.serve.protocol` and :mod:`~stlm.serve.chat_protocol` (OpenAI
+request/response bodies), :mod:`~stlm.serve.service` (requests → plans of decoding states),
+:mod:`~stlm.serve.responses` (streamed or collected choices), :mod:`~stlm.serve.app` (ASGI routes),
+:mod:`~stlm.serve.ops` (tokenizer, version, health/readiness, metrics routes),
+:mod:`~stlm.serve.guard` (limits every route gets), :mod:`~stlm.serve.metrics` (Prometheus text),
+:mod:`~stlm.serve.server` (uvicorn). See docs/serving.md for every endpoint and field.
 
 Names are imported on first use, so ``from stlm.serve.config import ServeConfig`` (the CLI's
 defaults) does not need the web framework installed.

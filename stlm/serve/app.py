@@ -1,14 +1,17 @@
 """The ASGI app of ``stlm serve``: OpenAI-compatible routes over the continuous-batching scheduler.
 
-Routes: ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models``, ``GET /health``
-(never needs the API key), ``GET /metrics`` (Prometheus text). Each request's prompts become
-:class:`~stlm.serve.scheduler.Job`\\ s; the scheduler thread posts their step outputs to the event
-loop, and the response streams or collects them. A client that disconnects cancels its jobs, which
-frees their slots at the scheduler's next step.
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or server-sent events),
+``GET /v1/models``, the tokenizer and operational routes of :mod:`stlm.serve.ops`
+(``/tokenize``, ``/detokenize``, ``/tokenizer_info``, ``/version``, ``/health``, ``/ready``,
+``/metrics``). Each generation request becomes a :class:`~stlm.serve.service.Plan` whose decoding
+states become :class:`~stlm.serve.scheduler.Job`\\ s; the scheduler thread posts their step
+outputs to the event loop, and the response (:mod:`stlm.serve.responses`) streams or collects
+them. A client that disconnects cancels its jobs, which frees their slots at the scheduler's
+next step.
 
 Every route sits behind :class:`~stlm.serve.guard.Guard` (request ids, API key / Host checks,
-body limits, generic 500s). CPU work — parsing a body, tokenizing prompts — runs on
-:class:`~stlm.serve.offload.CpuPool` threads, never on the event loop.
+body limits, generic 500s). CPU work — parsing a body, rendering a chat, tokenizing prompts —
+runs on :class:`~stlm.serve.offload.CpuPool` threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,173 +29,43 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from stlm.errors import StlmError
-from stlm.serve import jsonio, protocol
+from stlm.serve import protocol
 from stlm.serve.apierror import ApiError
 from stlm.serve.config import ServeConfig
 from stlm.serve.guard import Guard, GuardPolicy, internal_error, request_id
-from stlm.serve.metrics import CONTENT_TYPE
-from stlm.serve.protocol import CompletionRequest
+from stlm.serve.ops import json_response, ops_routes
+from stlm.serve.responses import ChatResponse, CompletionResponse, GenerationResponse
 from stlm.serve.scheduler import Job, QueueFullError, SchedulerStoppedError, StepOutput
-from stlm.serve.service import CompletionService, load_service
+from stlm.serve.service import CompletionService, Plan, load_service
 
 __all__ = ["CompletionService", "ServeConfig", "create_app", "load_service"]
 
 log = logging.getLogger(__name__)
 
 
-# -- responses ---------------------------------------------------------------------------------
-def _json(body: dict[str, Any], status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
-    response = Response(jsonio.dumps(body), status_code=status, media_type="application/json")
-    response.raw_headers.extend(headers or [])
-    return response
-
-
 def _error_response(exc: ApiError) -> Response:
-    return _json(exc.body(), exc.status, exc.headers())
+    return json_response(exc.body(), exc.status, exc.headers())
 
 
-class _CompletionResponse:
-    """Streams (SSE) or collects the outputs of a request's jobs; cancels them on disconnect."""
+def _generation_route(service: CompletionService, prepare: str, kind: type[GenerationResponse]) -> Callable[..., Any]:
+    """The route of one generation API: ``service.<prepare>(body)`` makes the plan, ``kind`` answers."""
 
-    def __init__(
-        self,
-        service: CompletionService,
-        request: CompletionRequest,
-        jobs: list[Job],
-        queue: asyncio.Queue[tuple[int, StepOutput]],
-        arrived: float,
-        rid: str,
-    ) -> None:
-        self.service, self.request, self.jobs, self.queue, self.arrived = service, request, jobs, queue, arrived
-        self.rid = rid
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.status = 499  # until the response has been sent
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._watch_disconnect, receive, group.cancel_scope)
-                try:
-                    await (self._stream(send) if self.request.stream else self._collect(send))
-                except OSError:
-                    self.status = 499
-                group.cancel_scope.cancel()
-        finally:
-            for job in self.jobs:
-                job.cancel()
-            self.service.metrics.requests.inc(1, str(self.status))
-            self.service.metrics.latency.observe(time.monotonic() - self.arrived)
-
-    @staticmethod
-    async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        scope.cancel()
-
-    async def _outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
-        pending = len(self.jobs)
-        while pending:
-            index, output = await self.queue.get()
-            pending -= output.finish_reason is not None
-            yield index, output
-
-    async def _collect(self, send: Send) -> None:
-        finals: dict[int, StepOutput] = {}
-        tokens: dict[int, list[int]] = {i: [] for i in range(len(self.jobs))}
-        async for index, output in self._outputs():
-            tokens[index].extend(output.token_ids)
-            if output.finish_reason is not None:
-                finals[index] = output
-                if output.error is not None:  # the scheduler logged the details under this request id
-                    for job in self.jobs:
-                        job.cancel()
-                    error = internal_error(self.rid)
-                    await self._send_json(send, error.body(), error.status)
-                    return
-        completions = [finals[i].completion for i in range(len(self.jobs))]
-        texts = None
-        if self.request.logprobs is not None:
-            texts = [[self.service.token_text(t) for t in tokens[i]] for i in range(len(self.jobs))]
-        body = protocol.completion_body(
-            self.id, self.created, self.service.model, [c for c in completions if c is not None], texts
-        )
-        await self._send_json(send, body, 200)
-
-    async def _send_json(self, send: Send, body: dict[str, Any], status: int) -> None:
-        try:
-            data = jsonio.dumps(body)
-        except ValueError:  # NaN/inf: never sent as (invalid) JSON
-            log.exception("request %s: the response is not valid JSON", self.rid)
-            status, data = 500, jsonio.dumps(internal_error(self.rid).body())
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
-        self.status = status
-
-    async def _stream(self, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
-        status, prompt_tokens, completion_tokens = 200, 0, 0
-        model = self.service.model
-        async for index, output in self._outputs():
-            if output.error is not None:
-                status = 500
-                await self._chunk(send, protocol.sse(internal_error(self.rid).body()))
-                continue
-            choice: dict[str, Any] = {"text": output.text, "index": index, "logprobs": None, "finish_reason": None}
-            if self.request.logprobs is not None and output.token_ids:
-                choice["logprobs"] = protocol.logprobs_body(
-                    [self.service.token_text(t) for t in output.token_ids], list(output.logprobs)
-                )
-            if output.finish_reason is not None:
-                choice["finish_reason"] = protocol.FINISH_REASONS.get(output.finish_reason, output.finish_reason)
-                if output.completion is not None:
-                    prompt_tokens += output.completion.prompt_tokens
-                    completion_tokens += len(output.completion.token_ids)
-            elif not output.text and choice["logprobs"] is None:
-                continue
-            await self._chunk(send, protocol.sse(protocol.chunk_body(self.id, self.created, model, [choice])))
-        if self.request.include_usage:
-            usage = protocol.usage_body(prompt_tokens, completion_tokens)
-            await self._chunk(send, protocol.sse(protocol.chunk_body(self.id, self.created, model, [], usage)))
-        await self._chunk(send, protocol.sse("[DONE]"))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        self.status = status
-
-    @staticmethod
-    async def _chunk(send: Send, data: bytes) -> None:
-        await send({"type": "http.response.body", "body": data, "more_body": True})
-
-
-# -- routes --------------------------------------------------------------------------------------
-def _routes(service: CompletionService) -> list[Route]:
-    async def completions(request: Request) -> Response | _CompletionResponse:
+    async def route(request: Request) -> Response | GenerationResponse:
         arrived = time.monotonic()
         rid = request_id(request.scope)
         try:
             raw = await request.body()  # the guard enforces the size and time limits while reading
-            parsed, states = await service.cpu.run(lambda: service.prepare(raw))
+            make: Callable[[bytes], Plan] = getattr(service, prepare)
+            plan = await service.cpu.run(lambda: make(raw))
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
-            jobs = [Job(state, _poster(loop, queue, i), tag=f"{rid}#{i}") for i, state in enumerate(states)]
+            jobs = [
+                Job(state, _poster(loop, queue, i), tag=f"{rid}#{i}", prompt_logprobs=plan.prompt_logprobs)
+                for i, state in enumerate(plan.states)
+            ]
             service.scheduler.submit(jobs)
         except ApiError as exc:
             return _counted(service, _error_response(exc), arrived)
@@ -207,42 +79,16 @@ def _routes(service: CompletionService) -> list[Route]:
             return _counted(service, _error_response(error), arrived)
         except StlmError as exc:
             return _counted(service, _error_response(protocol.api_error_from(exc)), arrived)
-        return _CompletionResponse(service, parsed, jobs, queue, arrived, rid)
+        return kind(service, plan, jobs, queue, arrived, rid)
 
-    async def models(request: Request) -> Response:
-        return _json(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": service.model,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "stlm",
-                        "max_model_len": service.capacity,
-                    }
-                ],
-            }
-        )
+    return route
 
-    async def health(request: Request) -> Response:
-        s = service.scheduler
-        if s.crashed is not None:  # logged when it happened; the client learns only the state
-            return _json({"status": "error"}, 503, ApiError(503, "").headers())
-        if s.stopping:
-            return _json({"status": "draining"}, 503, ApiError(503, "").headers())
-        return _json(
-            {"status": "ok", "model": service.model, "slots_in_use": s.slots_in_use, "queue_depth": s.queue_depth}
-        )
 
-    async def metrics(request: Request) -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
+def _routes(service: CompletionService) -> list[Route]:
     return [
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/completions", _generation_route(service, "prepare", CompletionResponse), methods=["POST"]),
+        Route("/v1/chat/completions", _generation_route(service, "prepare_chat", ChatResponse), methods=["POST"]),
+        *ops_routes(service),
     ]
 
 
@@ -273,6 +119,11 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return _error_response(exc)
 
 
+async def _stlm_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StlmError)
+    return _error_response(protocol.api_error_from(exc))
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     log.debug("request %s: the client disconnected before its body was read", request_id(request.scope))
     return Response(status_code=499)
@@ -292,11 +143,12 @@ def create_app(service: CompletionService) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service.scheduler.start()
         log.info(
-            "serving %s: %d slots × %d tokens, queue %d",
+            "serving %s: %d slots × %d tokens, queue %d, chat template: %s",
             service.model,
             service.scheduler.max_batch,
             service.capacity,
             service.scheduler.max_queue,
+            "none" if service.chat_template is None else service.chat_template.origin,
         )
         yield
         log.info("stopping the scheduler")
@@ -309,6 +161,7 @@ def create_app(service: CompletionService) -> ASGIApp:
         exception_handlers={
             HTTPException: _http_error,
             ApiError: _api_error,
+            StlmError: _stlm_error,
             ClientDisconnect: _client_gone,
             Exception: _server_error,
         },

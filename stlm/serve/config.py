@@ -38,6 +38,10 @@ _BOUNDS: dict[str, tuple[str, float, float, type]] = {
 
 log = logging.getLogger(__name__)
 MAX_THREADS = 1024
+#: uvicorn's log levels (--log-level); stlm's own loggers follow the same level.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: --logprobs-mode choices (the first is the default): see stlm.runtime.logprobs.
+LOGPROBS_MODES = ("raw", "processed")
 
 
 def available_cpus() -> int:
@@ -56,7 +60,11 @@ class ServeConfig:
     authentication (then only loopback Host names and ``application/json`` bodies are accepted,
     unless ``host`` names another address). Timeouts are in seconds: ``header_timeout`` for a
     request's headers to arrive, ``body_timeout`` for its whole body, ``shutdown_timeout`` for
-    in-flight requests to finish after SIGTERM before they are cancelled.
+    in-flight requests to finish after SIGTERM before they are cancelled. ``chat_template`` (a
+    file, or the template text) replaces the package's chat template. ``logprobs_mode``: what
+    reported log-probabilities are taken from ('raw': the model's own, OpenAI's definition;
+    'processed': after logit_bias, penalties and temperature). ``log_level`` and ``access_log``
+    configure uvicorn's and stlm's logging (not used on Ray Serve, whose proxy logs requests).
     """
 
     package: Path
@@ -74,6 +82,10 @@ class ServeConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     shutdown_timeout: float = 30.0
+    chat_template: str | None = None
+    logprobs_mode: str = "raw"
+    log_level: str = "info"
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         for name, (option, low, high, kind) in _BOUNDS.items():
@@ -94,6 +106,18 @@ class ServeConfig:
             )
         if self.api_key is not None:
             _check_key(self.api_key)
+        _choice("--logprobs-mode", self.logprobs_mode, LOGPROBS_MODES)
+        _choice("--log-level", self.log_level, LOG_LEVELS)
+        if not isinstance(self.access_log, bool):
+            raise InvalidArgumentError(
+                f"access_log={self.access_log!r} is invalid: expected a bool",
+                fix="pass --access-log or --no-access-log",
+            )
+        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
+            raise InvalidArgumentError(
+                f"--chat-template {self.chat_template!r} is invalid: expected a file name or a template",
+                fix="pass --chat-template FILE",
+            )
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name.strip()):
             raise InvalidArgumentError(
                 f"--model-name {self.model_name!r} is invalid: expected a non-empty name",
@@ -114,6 +138,13 @@ def _bounded(option: str, value: object, low: float, high: float, kind: type, wh
             fix=f"pass {option} between {_fmt(low)} and {_fmt(high)}",
         )
     return number
+
+
+def _choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidArgumentError(
+            f"{option} {value!r} is invalid: expected one of {', '.join(choices)}", fix=f"pass {option} {choices[0]}"
+        )
 
 
 def _fmt(x: float) -> str:

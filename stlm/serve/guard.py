@@ -9,7 +9,7 @@ For each HTTP request :class:`Guard`
   ``application/json`` — a web page cannot drive a key-less local server (DNS rebinding,
   "simple" cross-site requests);
 * with an API key: requires ``Authorization: Bearer KEY`` (compared in constant time) on every
-  path but the open ones (``/health``);
+  path but the open ones (the probes ``/health`` and ``/ready``);
 * enforces the body size while the body is read (``Content-Length`` or chunked): past the limit
   the read fails with 413, and a body that does not arrive within the body timeout with 408;
   responses sent before the body was read whole close the connection;
@@ -58,7 +58,7 @@ class GuardPolicy:
     allowed_hosts: frozenset[str] | None  # None: any Host (bound to a wildcard address)
     max_body_bytes: int
     body_timeout: float
-    open_paths: frozenset[str] = frozenset({"/health"})
+    open_paths: frozenset[str] = frozenset({"/health", "/ready"})
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> GuardPolicy:

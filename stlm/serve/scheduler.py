@@ -13,6 +13,11 @@ Each step of :meth:`Scheduler._run`:
    sampling parameters, seed, stop strings) and hands the new text to its sink;
 5. finished rows are released (``backend.release``) and their slots are free for the next step.
 
+A job that asks for its prompt's log-probabilities (``Job(prompt_logprobs=N)``, for ``echo``)
+has its prompt chunks run in a separate ``forward_all`` call that returns the logits of every
+fed position; each chunk is scored at once (:func:`stlm.runtime.logprobs.prompt_logprobs`) and
+only the scores are kept, which reach the sink with the job's first sampled token.
+
 Rows never influence each other: a request's greedy output is the same alone or in any batch
 (a row's prompt is always cut into the same chunks, whatever else runs). An exception while
 sampling one row fails only that sequence; a failed batched forward is retried row by row so
@@ -22,79 +27,28 @@ not block (the server's post results to its event loop).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend
-from stlm.runtime.sequence import Completion, SequenceState, check_fits
+from stlm.runtime.logprobs import prompt_logprobs
+from stlm.runtime.sequence import check_fits
 from stlm.serve.config import ServeConfig
+from stlm.serve.forwarding import by_row, forward_all
+from stlm.serve.jobs import Job, QueueFullError, SchedulerStoppedError, StepOutput
 from stlm.serve.metrics import ServerMetrics
 
 __all__ = ["Job", "QueueFullError", "Scheduler", "SchedulerStoppedError", "StepOutput"]
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(StlmError):
-    """Every slot is busy and the waiting queue is full (HTTP 429)."""
-
-
-class SchedulerStoppedError(StlmError):
-    """The scheduler is draining or has stopped; no new work is accepted (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step produced for one sequence.
-
-    ``text`` became final this step (possibly ''), ``token_ids``/``logprobs`` are the tokens
-    sampled this step (EOS is not listed). The last output of a sequence has ``finish_reason``
-    ('eos', 'stop', 'length', 'cancelled' or 'error') and, unless it failed, its ``completion``.
-    """
-
-    text: str
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[float, ...] = ()
-    finish_reason: str | None = None
-    completion: Completion | None = None
-    error: str | None = None
-
-
-Sink = Callable[[StepOutput], None]
-
-
-class Job:
-    """One sequence submitted to the scheduler: its decoding state and where its output goes."""
-
-    def __init__(self, state: SequenceState, sink: Sink, *, tag: str = "") -> None:
-        self.state = state
-        self.sink = sink
-        self.tag = tag
-        self.submitted = time.monotonic()
-        self.fed = 0  # prompt tokens already in the cache
-        self.done = False
-        self._cancelled = threading.Event()
-        self._scheduler: Scheduler | None = None
-
-    @property
-    def cancelled(self) -> bool:
-        """True once :meth:`cancel` was called."""
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """Ask the scheduler to finish this sequence at its next step (no-op once done)."""
-        if not self.done and not self._cancelled.is_set():
-            self._cancelled.set()
-            if self._scheduler is not None:
-                self._scheduler.wake()
 
 
 def _positive(name: str, value: object, minimum: int = 1) -> int:
@@ -156,6 +110,16 @@ class Scheduler:
         """Wake the thread (a job was cancelled)."""
         with self._cond:
             self._cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        """True while the thread runs (also while it drains)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        """True while the thread runs and accepts work."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     @property
     def stopping(self) -> bool:
@@ -238,29 +202,21 @@ class Scheduler:
             self._waiting = deque(job for job in self._waiting if not job.cancelled)
         for row in range(self.max_batch):
             if self._slots[row] is None and self._waiting:
-                self._slots[row] = self._waiting.popleft()
+                job = self._slots[row] = self._waiting.popleft()
+                self.metrics.queue_time.observe(time.monotonic() - job.submitted)
 
     def _step(self) -> None:
         start = time.perf_counter()
-        feed: list[list[int]] = []
-        sampling: list[int] = []  # rows whose logits are used this step
-        for row, job in enumerate(self._slots):
-            tokens: list[int] = []
-            if job is not None and job.cancelled:
-                self._finish(row, job, job.state.cancel())
-            elif job is not None and job.fed < len(job.state.prompt):
-                tokens = job.state.prompt[job.fed : job.fed + self.prefill_chunk]
-                if job.fed + len(tokens) == len(job.state.prompt):
-                    sampling.append(row)
-            elif job is not None:
-                tokens = [job.state.last_token]
-                sampling.append(row)
-            feed.append(tokens)
+        feed, sampling = self._feeds()
         fed_rows = [row for row, tokens in enumerate(feed) if tokens]
         self.running_batch = len(fed_rows)
         if not fed_rows:
             return
-        logits, failures = self._forward_step(feed, fed_rows)
+        scored = [row for row in fed_rows if self._scores_prompt(row)]
+        plain = [row for row in fed_rows if row not in scored]
+        logits, failures = self._forward_step(feed, plain) if plain else (None, {})
+        if scored:
+            logits = self._forward_scored(feed, scored, logits, failures)
         for row, exc in failures.items():
             job = self._slots[row]
             if job is not None:
@@ -274,28 +230,90 @@ class Scheduler:
         generated = 0
         for row in sampling:
             job = self._slots[row]
-            if job is None or row in failures:
-                continue
-            assert logits is not None
-            before = len(job.state.generated)
-            try:
-                text = job.state.step(logits[row])
-            except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
-                self._fail(row, job, exc)
-                continue
-            if before == 0:
-                self.metrics.first_token.observe(time.monotonic() - job.submitted)
-            new = slice(before, len(job.state.generated))
-            generated += new.stop - new.start
-            output = StepOutput(text, tuple(job.state.generated[new]), tuple(job.state.logprobs[new]))
-            if job.state.finished:
-                self._finish(row, job, output.text, tokens=output.token_ids, logprobs=output.logprobs)
-            else:
-                self._deliver(job, output)
+            if job is not None and row not in failures:
+                assert logits is not None
+                generated += self._sample(row, job, logits[row])
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generated_tokens.inc(generated)
         self.metrics.batch.observe(len(fed_rows))
         self.metrics.step.observe(time.perf_counter() - start)
+
+    def _feeds(self) -> tuple[list[list[int]], list[int]]:
+        """Each slot's tokens for this step (cancelled jobs are finished here), and the rows that
+        sample after it (their prompt is complete)."""
+        feed: list[list[int]] = []
+        sampling: list[int] = []
+        for row, job in enumerate(self._slots):
+            tokens: list[int] = []
+            if job is not None and job.cancelled:
+                self._finish(row, job, StepOutput(job.state.cancel()))
+            elif job is not None and job.fed < len(job.state.prompt):
+                tokens = job.state.prompt[job.fed : job.fed + self.prefill_chunk]
+                if job.fed + len(tokens) == len(job.state.prompt):
+                    sampling.append(row)
+            elif job is not None:
+                tokens = [job.state.last_token]
+                sampling.append(row)
+            feed.append(tokens)
+        return feed, sampling
+
+    def _sample(self, row: int, job: Job, logits: np.ndarray) -> int:
+        """Let ``job`` pick its next token from ``logits`` and hand the output on; tokens generated."""
+        before = len(job.state.generated)
+        try:
+            text = job.state.step(logits)
+        except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
+            self._fail(row, job, exc)
+            return 0
+        first = job.first_token_at is None
+        if first:
+            job.first_token_at = time.monotonic()
+            self.metrics.first_token.observe(job.first_token_at - job.submitted)
+        new = slice(before, len(job.state.generated))
+        output = StepOutput(
+            text,
+            tuple(job.state.generated[new]),
+            tuple(job.state.logprobs[new]),
+            top_logprobs=tuple(job.state.top_logprobs[new]),
+            prompt_logprobs=tuple(job.scored) if first and job.prompt_logprobs is not None else None,
+        )
+        if job.state.finished:
+            self._finish(row, job, output)
+        else:
+            self._deliver(job, output)
+        return new.stop - new.start
+
+    def _scores_prompt(self, row: int) -> bool:
+        job = self._slots[row]
+        return job is not None and job.prompt_logprobs is not None and job.fed < len(job.state.prompt)
+
+    def _forward_scored(
+        self, feed: list[list[int]], rows: list[int], logits: np.ndarray | None, failures: dict[int, Exception]
+    ) -> np.ndarray | None:
+        """Run the prompt chunks of ``rows`` (jobs scoring their prompt) for every position's logits;
+        score them, and return ``logits`` with these rows' last-position logits filled in."""
+        every, more = self._forward_every(feed, rows)
+        failures.update(more)
+        for row, chunk in every.items():
+            job = self._slots[row]
+            assert job is not None and job.prompt_logprobs is not None
+            prompt, start = job.state.prompt, job.fed
+            targets = prompt[start + 1 : start + len(feed[row]) + 1]  # row i predicts token start + i + 1
+            try:
+                job.scored.extend(prompt_logprobs(chunk[: len(targets)], targets, job.prompt_logprobs))
+            except Exception as exc:  # noqa: BLE001 - fails this sequence only
+                failures[row] = exc
+                continue
+            if logits is None:
+                logits = np.empty((len(feed), chunk.shape[-1]), dtype=np.float32)
+            logits[row] = chunk[-1]
+        return logits
+
+    def _forward_every(
+        self, feed: list[list[int]], rows: list[int]
+    ) -> tuple[dict[int, np.ndarray], dict[int, Exception]]:
+        """Every fed position's logits of ``rows`` ((tokens, vocab) per row)."""
+        return by_row(lambda part: forward_all(self.backend, self._cache, part), feed, rows)
 
     def _forward_step(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
         """One forward over every fed row, or two when that would mostly compute padding.
@@ -310,40 +328,22 @@ class Scheduler:
         prefilling = [row for row in rows if len(feed[row]) > 1]
         if not decoding or not prefilling or width * len(rows) <= 2 * sum(len(feed[row]) for row in rows):
             return self._forward(feed, rows)
-        logits, failures = self._forward([feed[r] if r in prefilling else [] for r in range(len(feed))], prefilling)
-        more, more_failures = self._forward([feed[r] if r in decoding else [] for r in range(len(feed))], decoding)
+        logits, failures = self._forward(feed, prefilling)
+        more, more_failures = self._forward(feed, decoding)
         if logits is None:
             logits = more
         elif more is not None:
-            merged = np.empty_like(more)
-            merged[prefilling], merged[decoding] = logits[prefilling], more[decoding]
-            logits = merged
+            logits[decoding] = more[decoding]
         return logits, {**failures, **more_failures}
 
     def _forward(self, feed: list[list[int]], rows: list[int]) -> tuple[np.ndarray | None, dict[int, Exception]]:
-        """Logits of one step; if the batched call fails, each row is retried alone."""
-        try:
-            return self.backend.forward(self._cache, feed), {}
-        except Exception as exc:
-            if len(rows) == 1:
-                log.exception("forward failed for row %d", rows[0])
-                return None, {rows[0]: exc}
-            log.warning(
-                "a batched forward failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(rows)
-            )
-        logits: np.ndarray | None = None
-        failures: dict[int, Exception] = {}
-        for row in rows:
-            alone = [tokens if r == row else [] for r, tokens in enumerate(feed)]
-            try:
-                out = self.backend.forward(self._cache, alone)
-            except Exception as exc:
-                log.exception("forward failed for row %d", row)
-                failures[row] = exc
-                continue
-            if logits is None:
-                logits = np.empty_like(out)
-            logits[row] = out[row]
+        """Logits after each row's last fed token, (batch, vocab) (rows not in ``rows``: unspecified)."""
+        out, failures = by_row(lambda part: self.backend.forward(self._cache, part), feed, rows)
+        if not out:
+            return None, failures
+        logits = np.empty((len(feed), *next(iter(out.values())).shape), dtype=np.float32)
+        for row, values in out.items():
+            logits[row] = values
         return logits, failures
 
     # -- finishing ----------------------------------------------------------------------------
@@ -354,13 +354,14 @@ class Scheduler:
         except Exception:
             log.exception("releasing slot %d failed", row)
 
-    def _finish(
-        self, row: int, job: Job, text: str, *, tokens: tuple[int, ...] = (), logprobs: tuple[float, ...] = ()
-    ) -> None:
+    def _finish(self, row: int, job: Job, output: StepOutput) -> None:
         self._release(row)
         reason = job.state.finish_reason or "cancelled"
         self.metrics.sequences.inc(1, reason)
-        self._deliver(job, StepOutput(text, tokens, logprobs, reason, job.state.completion()))
+        count = len(job.state.generated)
+        if job.first_token_at is not None and count > 1:
+            self.metrics.time_per_token.observe((time.monotonic() - job.first_token_at) / (count - 1))
+        self._deliver(job, dataclasses.replace(output, finish_reason=reason, completion=job.state.completion()))
 
     def _fail(self, row: int | None, job: Job, exc: BaseException) -> None:
         if row is not None:

@@ -16,8 +16,10 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -40,10 +42,11 @@ WATCHDOG_GRACE = 5.0
 class _Server(uvicorn.Server):
     """uvicorn with the shutdown deadline counted from the (first) signal."""
 
-    def __init__(self, config: uvicorn.Config, deadline: float) -> None:
+    def __init__(self, config: uvicorn.Config, deadline: float, on_shutdown: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.deadline = deadline
         self.exit_requested: float | None = None
+        self.on_shutdown = on_shutdown  # told when the shutdown starts (readiness turns 503)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:  # a second signal: stop waiting for requests
@@ -52,6 +55,8 @@ class _Server(uvicorn.Server):
         self.exit_requested = self.exit_requested or time.monotonic()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
         start = self.exit_requested or time.monotonic()
         reserve = min(1.0, self.deadline / 4)  # for cancelling, stopping the scheduler and exiting
         remaining = max(0.0, start + self.deadline - reserve - time.monotonic())
@@ -84,12 +89,11 @@ def _uvicorn_config(service: CompletionService, *, log_level: str, access_log: b
     )
 
 
-def run_server(
-    package: str | Path | ServeConfig, *, log_level: str = "info", access_log: bool = True, **options: Any
-) -> int | None:
+def run_server(package: str | Path | ServeConfig, **options: Any) -> int | None:
     """Serve ``package`` over HTTP until SIGINT/SIGTERM, then finish in-flight requests and return.
 
-    ``options`` are :class:`ServeConfig` fields (or pass a whole ``ServeConfig``). Binds ``host``
+    ``options`` are :class:`ServeConfig` fields (or pass a whole ``ServeConfig``; its ``log_level``
+    and ``access_log`` configure uvicorn's and stlm's logging). Binds ``host``
     (loopback by default: pass ``0.0.0.0`` deliberately, with ``api_key``, to expose it).
     ``max_batch`` slots of ``max_context`` tokens (default ``min(context, 2048)``) run at once; up
     to ``max_queue`` more sequences wait, beyond which requests get 429. After a signal,
@@ -99,9 +103,11 @@ def run_server(
     config = package if isinstance(package, ServeConfig) else _config(Path(package), options)
     _check_bindable(config.host, config.port)
     service = load_service(config)
+    _set_log_level(config.log_level)  # after loading: a refusal is the first thing the CLI prints
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", config.host)
-    server = _Server(_uvicorn_config(service, log_level=log_level, access_log=access_log), config.shutdown_timeout)
+    uvicorn_config = _uvicorn_config(service, log_level=config.log_level, access_log=config.access_log)
+    server = _Server(uvicorn_config, config.shutdown_timeout, service.start_draining)
     try:
         stopped_by = _run_foreground(server)
     except SystemExit as exc:  # uvicorn exits when it cannot start (it logged why)
@@ -112,6 +118,14 @@ def run_server(
     if service.scheduler.crashed is not None:
         raise StlmError(f"the scheduler crashed: {service.scheduler.crashed!r}", fix="see the log above")
     return stopped_by
+
+
+def _set_log_level(level: str) -> None:
+    """stlm's own loggers follow ``--log-level`` (uvicorn's follow it through its config)."""
+    logger = logging.getLogger("stlm")
+    logger.setLevel(5 if level == "trace" else getattr(logging, level.upper()))
+    if not logging.getLogger().handlers:  # run_server called outside the CLI: show the messages
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
 def _config(package: Path, options: dict[str, Any]) -> ServeConfig:
@@ -197,7 +211,7 @@ class BackgroundServer:
     ) -> None:
         self.service = service
         config = _uvicorn_config(service, log_level=log_level, access_log=access_log)
-        self._server = _Server(config, service.config.shutdown_timeout)
+        self._server = _Server(config, service.config.shutdown_timeout, service.start_draining)
         self._thread = threading.Thread(target=self._server.run, name="stlm-serve", daemon=True)
         self._start_timeout = start_timeout
         self.port = 0

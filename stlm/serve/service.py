@@ -1,34 +1,72 @@
-"""The model side of ``stlm serve``: :class:`CompletionService` holds the loaded package, its
-scheduler and metrics, and turns a parsed request into decoding states (the routes in
-:mod:`stlm.serve.app` call it)."""
+"""The loaded package behind the routes: :class:`CompletionService` turns request bodies into plans.
+
+A :class:`Plan` is what a generation request becomes once parsed and tokenized (CPU work, run off
+the event loop): one prompt per ``prompt`` entry (or the rendered chat), ``best_of`` (else ``n``)
+decoding states per prompt, each with its own seed, and whether the prompts are scored (echo with
+logprobs). Choice ``c`` of a prompt samples with ``seed`` itself for ``c = 0`` (so ``n=1``
+reproduces a single request) and with a seed derived from ``(seed, c)`` otherwise.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from stlm.errors import InvalidArgumentError, PackageError
+import numpy as np
+
+from stlm.errors import InvalidArgumentError, PackageError, StlmError
+from stlm.runtime.chat import ChatTemplate, load_chat_template, missing_template
 from stlm.runtime.generator import Generator
-from stlm.runtime.sequence import ContextLengthError, SequenceState, check_fits
-from stlm.serve import protocol
+from stlm.runtime.sampling import SamplingParams
+from stlm.runtime.sequence import SequenceState
+from stlm.runtime.token_bytes import TokenTexts
 from stlm.serve.apierror import ApiError
+from stlm.serve.chat_protocol import ChatRequest, parse_chat_request
 from stlm.serve.config import ServeConfig, available_cpus
 from stlm.serve.metrics import Gauge, ServerMetrics
 from stlm.serve.offload import CpuPool
 from stlm.serve.prompts import PromptEncoder
-from stlm.serve.protocol import CompletionRequest
+from stlm.serve.protocol import CompletionRequest, Prompt, api_error_from, parse_completion_request
 from stlm.serve.resources import check_kv_cache, memory_budget
 from stlm.serve.scheduler import Scheduler
 
-__all__ = ["CompletionService", "load_service"]
+__all__ = ["CompletionService", "Plan", "derive_seed", "load_service"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 2048
 
 
+def derive_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice ``choice`` of a request with ``seed``: ``seed`` for choice 0, else a
+    63-bit seed drawn from ``SeedSequence([seed, choice])`` (None stays None: fresh entropy)."""
+    if seed is None or choice == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, choice]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A generation request ready to run: ``states[k]`` decodes prompt ``k // per_prompt``."""
+
+    request: CompletionRequest | ChatRequest
+    prompts: tuple[tuple[int, ...], ...]
+    texts: tuple[str, ...]  # each prompt's text (echo)
+    states: tuple[SequenceState, ...]
+    per_prompt: int  # decoding states per prompt (best_of, else n)
+    n: int  # choices returned per prompt
+    prompt_logprobs: int | None  # alternatives per scored prompt position; None: not scored
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of the request (each prompt once, however many choices)."""
+        return sum(len(p) for p in self.prompts)
+
+
 class CompletionService:
-    """The loaded package, its scheduler and metrics: what the routes call."""
+    """The loaded package, its scheduler, tokenizer helpers and metrics: what the routes call."""
 
     def __init__(self, generator: Generator, config: ServeConfig) -> None:
         self.generator = generator
@@ -43,9 +81,15 @@ class CompletionService:
             )
         backend = generator.backend.name
         check_kv_cache(generator.manifest, backend, config.max_batch, self.capacity, memory_budget(backend))
+        self.chat_template: ChatTemplate | None = load_chat_template(
+            config.package, generator.manifest, generator.tokenizer, config.chat_template
+        )
         self.encoder = PromptEncoder(generator.tokenizer, generator.manifest.generation.bos_token_id, self.capacity)
+        self.texts = TokenTexts(generator.tokenizer)
+        self.vocab_size = generator.manifest.model.vocab_size
+        self.draining = False  # the server is shutting down: not ready for new requests
         self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(self.model)
         try:
             self.scheduler = Scheduler(
                 generator.backend,
@@ -72,54 +116,137 @@ class CompletionService:
             ]
         )
 
-    def prepare(self, raw: bytes) -> tuple[CompletionRequest, list[SequenceState]]:
-        """Parse a request body and tokenize its prompts (CPU work: call it off the event loop)."""
-        request = protocol.parse_completion_request(raw)
-        return request, self.sequences(request)
+    def start_draining(self) -> None:
+        """The server stopped accepting connections: readiness fails from now on."""
+        self.draining = True
 
-    def sequences(self, request: CompletionRequest) -> list[SequenceState]:
-        """One decoding state per prompt; 400 if a prompt (plus max_tokens) cannot fit a slot."""
-        if request.model is not None and request.model != self.model:
+    # -- requests → plans (CPU work: call off the event loop) ----------------------------------------
+    def prepare(self, raw: bytes) -> Plan:
+        """Parse and tokenize a ``/v1/completions`` body."""
+        request = parse_completion_request(raw)
+        self.check_model(request.model)
+        ids = self.encode(request.prompts)
+        texts = tuple(p if isinstance(p, str) else self.decode(p) for p in request.prompts)
+        scored = request.logprobs if request.echo and request.logprobs is not None else None
+        return self._plan(request, ids, texts, request.best_of, request.n, scored, ("prompt", "max_tokens", False))
+
+    def prepare_chat(self, raw: bytes) -> Plan:
+        """Parse a ``/v1/chat/completions`` body, render its messages with the chat template, tokenize."""
+        request = parse_chat_request(raw)
+        self.check_model(request.model)
+        if self.chat_template is None:
+            raise ApiError(400, _message(missing_template(self.model)), param="messages", code="no_chat_template")
+        try:
+            prompt = self.chat_template.render(
+                request.messages,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                variables=request.template_kwargs,
+            )
+        except StlmError as exc:
+            raise ApiError(400, _message(exc), param="messages", code="invalid_value") from None
+        ids = self.encode([prompt])
+        fields = ("messages", request.max_tokens_field, request.max_tokens is None)
+        return self._plan(request, ids, (prompt,), request.n, request.n, None, fields)
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` is None or the served model's id."""
+        if model is not None and model != self.model:
             raise ApiError(
                 404,
-                f"the model {request.model!r} does not exist; this server serves {self.model!r}",
+                f"the model {model!r} does not exist; this server serves {self.model!r}",
                 param="model",
                 code="model_not_found",
             )
-        most = self.scheduler.max_batch + self.scheduler.max_queue
-        if len(request.prompts) > most:
-            raise ApiError(
-                400,
-                f"the request has {len(request.prompts)} prompts; this server runs {self.scheduler.max_batch} "
-                f"at once and queues {self.scheduler.max_queue} (fix: send at most {most} per request)",
-                param="prompt",
-                code="invalid_value",
-            )
-        states = []
-        for i, ids in enumerate(self.encoder.encode(request.prompts)):
-            where = f"prompt[{i}]" if len(request.prompts) > 1 else "the prompt"
-            if len(ids) >= self.capacity:  # the encoder stops at the capacity: the prompt may be longer still
+
+    def encode(self, prompts: tuple[Prompt, ...] | list[str]) -> list[list[int]]:
+        """Ids of text and token prompts (text cut at the slot capacity; ids checked against the vocabulary)."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.encoder.encode(texts) if texts else [])
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                out.append(next(encoded))
+                continue
+            bad = next((t for t in prompt if t >= self.vocab_size), None)
+            if bad is not None:
+                where = f"prompt[{i}]" if len(prompts) > 1 else "the prompt"
                 raise ApiError(
                     400,
-                    f"{where} has {self.capacity} tokens or more; this server's context is {self.capacity} tokens "
-                    "(fix: shorten it)",
+                    f"{where} holds the token id {bad}; this model's ids are 0..{self.vocab_size - 1}",
                     param="prompt",
-                    code="context_length_exceeded",
+                    code="invalid_value",
                 )
-            try:
-                check_fits(
-                    len(ids), request.params.max_new_tokens, self.capacity, where=where, max_tokens_name="max_tokens"
-                )
-            except ContextLengthError as exc:
-                raise ApiError(
-                    400, f"{exc.problem} (fix: {exc.fix})", param=exc.param, code="context_length_exceeded"
-                ) from None
-            states.append(SequenceState(ids, request.params, self.generator.tokenizer, self.generator.eos_token_id))
-        return states
+            out.append(list(prompt))
+        return out
 
-    def token_text(self, token_id: int) -> str:
-        """The text of one token, for ``logprobs.tokens``."""
-        return self.generator.tokenizer.decode([token_id], skip_special_tokens=False)
+    def decode(self, ids: tuple[int, ...] | list[int]) -> str:
+        """Text of token ids, special tokens included."""
+        return self.generator.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _plan(
+        self,
+        request: CompletionRequest | ChatRequest,
+        prompts: list[list[int]],
+        texts: tuple[str, ...],
+        per_prompt: int,
+        n: int,
+        scored: int | None,
+        fields: tuple[str, str, bool],
+    ) -> Plan:
+        """``fields``: the request's prompt field, its max-tokens field, and whether an absent
+        max-tokens fills the slot (chat) rather than defaulting (completions: 16)."""
+        most = self.scheduler.max_batch + self.scheduler.max_queue
+        if len(prompts) * per_prompt > most:
+            many = "best_of" if per_prompt > n else "n"
+            raise ApiError(
+                400,
+                f"the request asks for {len(prompts)} prompt(s) × {many}={per_prompt} sequences; this server runs "
+                f"{self.scheduler.max_batch} at once and queues {self.scheduler.max_queue} (fix: ask for at most "
+                f"{most} sequences per request)",
+                param=many if per_prompt > 1 else "prompt",
+                code="invalid_value",
+            )
+        params = dataclasses.replace(request.params, logprobs_mode=self.config.logprobs_mode)
+        if per_prompt > n:  # best_of ranks candidates by their mean log-probability
+            params = dataclasses.replace(params, logprobs=True)
+        states = []
+        for i, ids in enumerate(prompts):
+            limit = self._max_tokens(i, len(prompts), ids, params, fields)
+            for c in range(per_prompt):
+                choice = dataclasses.replace(params, max_new_tokens=limit, seed=derive_seed(params.seed, c))
+                states.append(SequenceState(ids, choice, self.generator.tokenizer, self.generator.eos_token_id))
+        return Plan(request, tuple(tuple(p) for p in prompts), texts, tuple(states), per_prompt, n, scored)
+
+    def _max_tokens(
+        self, i: int, count: int, ids: list[int], params: SamplingParams, fields: tuple[str, str, bool]
+    ) -> int:
+        prompt_field, field, fill = fields
+        where = f"prompt[{i}]" if count > 1 else "the prompt"
+        if len(ids) >= self.capacity:
+            raise ApiError(
+                400,
+                f"{where} has {self.capacity} tokens or more; this server's context is {self.capacity} tokens "
+                "(fix: shorten it)",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
+        room = self.capacity - len(ids)
+        if fill:
+            return room
+        if len(ids) + params.max_new_tokens > self.capacity:
+            raise ApiError(
+                400,
+                f"{field}={params.max_new_tokens} after {where} of {len(ids)} tokens exceeds this server's context "
+                f"of {self.capacity} tokens (fix: pass {field} ≤ {room})",
+                param=field,
+                code="context_length_exceeded",
+            )
+        return params.max_new_tokens
+
+
+def _message(exc: StlmError) -> str:
+    return api_error_from(exc).message
 
 
 def load_service(config: ServeConfig) -> CompletionService:

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
+from stlm.runtime.logprobs import LOGPROBS_MODES, check_top_logprobs
+from stlm.runtime.processors import check_logit_bias, check_penalty
 
 __all__ = ["SamplingParams", "checked", "make_rng"]
 
@@ -57,6 +59,13 @@ class SamplingParams:
     ``top_p=1`` and ``min_p=0`` switch their filter off. ``stop`` accepts a list (stored as a
     tuple) or a single str (one stop string). ``max_new_tokens`` is checked against the context
     length by the generator.
+
+    OpenAI's processors (:mod:`stlm.runtime.processors`, applied before the repetition penalty):
+    ``presence_penalty``/``frequency_penalty`` in [-2, 2] on the generated tokens, ``logit_bias``
+    (a mapping token id → bias in [-100, 100], stored as sorted pairs). ``logprobs=True`` records
+    each generated token's log-probability and ``top_logprobs`` (0..20) alternatives, from the
+    model's own distribution (``logprobs_mode="raw"``) or after bias, penalties and temperature
+    (``"processed"``); see :mod:`stlm.runtime.logprobs`.
     """
 
     max_new_tokens: int = 64
@@ -68,6 +77,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
+    logprobs_mode: str = "raw"
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
@@ -80,11 +94,29 @@ class SamplingParams:
                 f"logprobs={self.logprobs!r} is invalid: expected a bool", fix="pass logprobs=True or logprobs=False"
             )
         object.__setattr__(self, "logprobs", bool(self.logprobs))
+        _check_openai_fields(self)
 
     @property
     def greedy(self) -> bool:
         """True when decoding is greedy (``temperature == 0``)."""
         return self.temperature == 0.0
+
+
+def _check_openai_fields(params: SamplingParams) -> None:
+    """Validate (and normalise) the fields of :mod:`stlm.runtime.processors` and :mod:`stlm.runtime.logprobs`."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        object.__setattr__(params, name, check_penalty(name, getattr(params, name)))
+    object.__setattr__(params, "logit_bias", check_logit_bias(params.logit_bias))
+    object.__setattr__(params, "top_logprobs", check_top_logprobs(params.top_logprobs))
+    if params.top_logprobs and not params.logprobs:
+        raise InvalidArgumentError(
+            f"top_logprobs={params.top_logprobs} needs logprobs=True", fix="pass logprobs=True with top_logprobs"
+        )
+    if params.logprobs_mode not in LOGPROBS_MODES:
+        raise InvalidArgumentError(
+            f"logprobs_mode={params.logprobs_mode!r} is invalid: expected one of {', '.join(LOGPROBS_MODES)}",
+            fix='pass logprobs_mode="raw" (the model\'s own log-probabilities) or "processed"',
+        )
 
 
 def _check_stop(stop: object) -> tuple[str, ...]:

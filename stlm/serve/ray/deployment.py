@@ -204,7 +204,8 @@ def bind(config: ServeConfig, options: RayOptions) -> Any:
     )
 
 
-_CONFIG_KEYS = {f.name for f in fields(ServeConfig)} - {"package", "host", "port", "api_key"}
+# log_level/access_log configure uvicorn, which a replica does not run (Ray's proxy serves HTTP)
+_CONFIG_KEYS = {f.name for f in fields(ServeConfig)} - {"package", "host", "port", "api_key", "log_level", "access_log"}
 _OPTION_KEYS = {"replicas", "autoscale", "num_cpus", "num_gpus", "shutdown_timeout"}
 
 
