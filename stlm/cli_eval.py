@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from stlm.cli_common import progress
+from stlm.cli_common import note, progress
 
 
 def _names(*names: str) -> list[str]:
@@ -93,7 +93,7 @@ def eval_command(
     else:
         click.echo(results_table(results))
     if output_path is not None:
-        click.echo(f"results written under {output_path}", err=True)
+        note(f"results written under {output_path}")
 
 
 @click.command()
