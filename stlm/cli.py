@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
-from stlm.cli_common import StlmGroup, add_verbosity_and_envvars, configure_logging, dtype_option, note, progress
-from stlm.cli_eval import eval_command, perplexity
+from stlm.cli_common import StlmGroup, add_verbosity_and_envvars, configure_logging, dtype_option
+from stlm.cli_eval import eval_command
+from stlm.cli_output import note, progress
+from stlm.cli_quality import perplexity, verify
 from stlm.cli_serve import serve
 from stlm.errors import StlmError
 from stlm.tensorrt.profiles import DEFAULT_MAX_BATCH
@@ -253,32 +255,6 @@ def generate(
         click.echo(gen.generate(text, params))
 
 
-@cli.command()
-@click.argument("reference")
-@click.argument("package", type=click.Path(path_type=Path))
-@click.option("--prompts", default=4, show_default=True, type=int, help="How many of the fixed prompts to run (1-8).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option(
-    "--save-reference",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write the package's logits as polygraphy RunResults JSON (only if it passes), to verify an "
-    "engine later with `stlm verify FILE ENGINE_DIR`.",
-)
-def verify(reference: str, package: Path, prompts: int, as_json: bool, save_reference: Path | None) -> None:
-    """Compare PACKAGE with REFERENCE: a checkpoint (transformers, fp32) or a --save-reference file.
-
-    Exit status 0 within the tolerance for the package's dtype, 1 beyond it, 2 on errors.
-    """
-    import json
-
-    from stlm.verify import verify_package
-
-    report = verify_package(reference, package, prompts=prompts, save_reference_to=save_reference)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
-    sys.exit(0 if report.passed else 1)
-
-
 @cli.command("make-checkpoint")
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Checkpoint folder to write.")
@@ -373,7 +349,7 @@ def bench(
     click.echo(json.dumps(r.to_dict()) if as_json else r.format())
 
 
-for _command in (serve, perplexity, eval_command):
+for _command in (verify, perplexity, serve, eval_command):
     cli.add_command(_command)
 add_verbosity_and_envvars(cli)
 

@@ -1,5 +1,6 @@
-"""What every ``stlm`` command shares: the error line, ``-v/-q`` (before or after the command name),
-progress and notes on stderr, ``STLM_<COMMAND>_<OPTION>`` environment variables and ``--dtype``.
+"""What every ``stlm`` command shares: the error line, ``-v/-q`` (before or after the command name;
+what they silence is in :mod:`stlm.cli_output`), ``STLM_<COMMAND>_<OPTION>`` environment variables
+and ``--dtype``.
 
 Library errors name Python fields (``top_p=1.5``); the CLI rewrites them to the command's flags
 (``--top-p 1.5``) when it prints ``error: …``, so a user reads the spelling they typed.
@@ -16,13 +17,14 @@ from typing import Any, Final, TypeVar
 
 import click
 
+from stlm.cli_output import verbosity
 from stlm.dtypes import DTYPES, NUMPY_NAME, parse_dtype
 from stlm.errors import StlmError
 
 ENV_PREFIX: Final = "STLM"
 #: Environment variables that silence other libraries' progress bars under ``-q``.
 QUIET_ENV: Final = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-_VERBOSITY: Final = "stlm.verbosity"
+_RESTORE: Final = "stlm.restore"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,13 +69,12 @@ class StlmGroup(click.Group):
 
 def _verbosity(ctx: click.Context) -> dict[str, bool]:
     root = ctx.find_root()
-    if _VERBOSITY not in root.meta:
-        root.meta[_VERBOSITY] = {"verbose": False, "quiet": False}
+    if _RESTORE not in root.meta:
+        root.meta[_RESTORE] = True
         # in-process callers (tests, embedding) get their logging level and environment back
         level, saved = logging.getLogger().level, {k: os.environ.get(k) for k in QUIET_ENV}
         root.call_on_close(lambda: _restore(level, saved))
-    state: dict[str, bool] = root.meta[_VERBOSITY]
-    return state
+    return verbosity(ctx)
 
 
 def _restore(level: int, saved: dict[str, str | None]) -> None:
@@ -121,28 +122,6 @@ def verbosity_params(*, envvar: bool) -> list[click.Option]:
             (["-q", "--quiet"], "Only errors and the result: no progress, notes or logs below ERROR (wins over -v)."),
         )
     ]
-
-
-def quiet() -> bool:
-    """Whether ``-q`` was given (before or after the command name)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx is not None and _verbosity(ctx)["quiet"]
-
-
-def note(message: str) -> None:
-    """A line for the user on stderr (what a command is doing), unless ``-q``."""
-    if not quiet():
-        click.echo(message, err=True)
-
-
-def progress(stage: str, done: int, total: int) -> None:
-    """Progress on stderr (a single updating line when stderr is a terminal), unless ``-q``."""
-    if quiet():
-        return
-    end = "\n" if done >= total or not sys.stderr.isatty() else ""
-    click.echo(f"\r  {stage}: {done}/{total}", err=True, nl=False)
-    if end:
-        click.echo("", err=True)
 
 
 def add_verbosity_and_envvars(group: click.Group) -> None:

@@ -1,8 +1,6 @@
-"""The quality commands, registered by :mod:`stlm.cli`: ``stlm perplexity`` (llama-perplexity's
-measure, KL divergence from a base) and ``stlm eval`` (lm-evaluation-harness on a package, the
-``eval`` extra).
+"""``stlm eval``: lm-evaluation-harness on a package (the ``eval`` extra), registered by :mod:`stlm.cli`.
 
-``eval``'s options keep lm-eval's own names (``--num_fewshot``, ``--batch_size``, ...; the dashed spellings
+Options keep lm-eval's own names (``--num_fewshot``, ``--batch_size``, ...; the dashed spellings
 work too) and mean what they mean for ``lm-eval run --model stlm --model_args package=PACKAGE``.
 """
 
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from stlm.cli_common import note, progress
+from stlm.cli_output import note
 
 
 def _names(*names: str) -> list[str]:
@@ -94,69 +92,3 @@ def eval_command(
         click.echo(results_table(results))
     if output_path is not None:
         note(f"results written under {output_path}")
-
-
-@click.command()
-@click.argument("package", type=click.Path(path_type=Path))
-@click.argument("text_file", type=click.Path(path_type=Path))
-@click.option(
-    "--ctx",
-    default=None,
-    type=int,
-    help="Tokens per chunk [default: 512, or the --kl-divergence file's]; first half is context only.",
-)
-@click.option("--chunks", default=None, type=int, help="Score at most this many chunks [default: all].")
-@click.option("--batch", default=1, show_default=True, type=int, help="Chunks run together.")
-@click.option(
-    "--save-logits",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Save the base logits (the package's, or --reference's) to this .npz for a later --kl-divergence.",
-)
-@click.option(
-    "--kl-divergence",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Compare with the logits saved by --save-logits: KLD, top-token agreement, Δppl, Δp.",
-)
-@click.option(
-    "--reference",
-    default=None,
-    help="Compare with a base run beside the package: an stlm package folder (e.g. the fp32 one) or a "
-    "checkpoint run by transformers in fp32 (needs the reference extra).",
-)
-@click.option(
-    "--top-k",
-    default=None,
-    type=int,
-    help="Log-probabilities kept per position by --save-logits [default: 1024; 0: all, and the KLD is exact].",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def perplexity(
-    package: Path,
-    text_file: Path,
-    ctx: int | None,
-    chunks: int | None,
-    batch: int,
-    save_logits: Path | None,
-    kl_divergence: Path | None,
-    reference: str | None,
-    top_k: int | None,
-    as_json: bool,
-) -> None:
-    """Perplexity of PACKAGE over TEXT_FILE (llama-perplexity's chunks), optionally its KL divergence from a base."""
-    from stlm.quality import run_perplexity
-
-    report = run_perplexity(
-        package,
-        text_file,
-        ctx=ctx,
-        chunks=chunks,
-        batch=batch,
-        save_logits=save_logits,
-        kl_divergence=kl_divergence,
-        reference=reference,
-        top_k=top_k,
-        progress=progress,
-    )
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from stlm.cli_common import quiet
+from stlm.cli_output import quiet
 from stlm.extras import require_extra
 from stlm.serve.config import LOG_LEVELS, LOGPROBS_MODES, ServeConfig
 
