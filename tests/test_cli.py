@@ -235,3 +235,23 @@ def test_revision_picks_the_snapshot_of_a_hub_id(checkpoint: Path, tmp_path: Pat
     found = export("--revision", "v1")
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == str(tmp_path / "p") and (tmp_path / "p" / "model.onnx").is_file()
+
+
+# -- a missing extra, in process -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["verify", "perplexity"])
+def test_reference_checkpoint_without_torch_names_the_extra(
+    command: str, checkpoint: Path, package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in ("torch", "transformers"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = (
+        ["verify", str(checkpoint), str(package)]
+        if command == "verify"
+        else ["perplexity", str(package), str(text), "--ctx", "32", "--reference", str(checkpoint)]
+    )
+    message = error_of(invoke(*args))
+    assert "pip install 'stlm[reference]'" in message
