@@ -52,9 +52,9 @@ class Reference:
 
 def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[int]], steps: int) -> Reference:
     """Greedy runs of transformers' StableLmForCausalLM in fp32 (safetensors only, no remote code)."""
-    import torch
-
     model = load_reference_model(checkpoint, feature="verifying against a checkpoint (transformers runs the reference)")
+    import torch  # after the extra check: without it, the error names the extra
+
     tokens, logits = [], []
     with torch.no_grad():
         for ids in prompts:

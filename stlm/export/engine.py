@@ -29,6 +29,7 @@ from stlm.export.engine_build import (
 from stlm.export.staging import staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
+from stlm.plugins.partial_rotary.plugin import check_hardware_compat
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
 from stlm.progress import Progress
 from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
@@ -304,9 +305,11 @@ def build_engine(
         prefill_chunk=prefill_chunk,
     )
     _check_output(out, onnx_dir, overwrite)
-    trt, gpu = import_tensorrt(), _gpu_for(options)
     graph = onnx_dir / source.graph
     plugin = _plugin_record(graph, source)
+    if plugin is not None and plugin["aot"]:
+        check_hardware_compat(options.hardware_compat)  # before the GPU: AOT PTX must suit the level
+    trt, gpu = import_tensorrt(), _gpu_for(options)
     if plugin is not None:
         register_rotary_plugin(required=True)
     start = time.perf_counter()

@@ -187,6 +187,7 @@ def export_onnx(
     kv_cache: str | None = None,
     quantize: str | None = None,
     chat_template: str | Path | None = None,
+    revision: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -198,12 +199,12 @@ def export_onnx(
     own ``RotaryEmbedding`` (opset ≥ 23). ``kv_cache``: 'inplace' (default for ONNX Runtime) or
     'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
     ``chat_template`` (a file, or the template text) replaces the checkpoint's chat template
-    (:mod:`stlm.export.tokenizer_files`).
+    (:mod:`stlm.export.tokenizer_files`). ``revision``: the branch, tag or commit of a hub id.
     """
     out = Path(out)
     parse_dtype(dtype)
     _check_output(out, overwrite)
-    checkpoint = resolve_checkpoint(model)
+    checkpoint = resolve_checkpoint(model, revision=revision)
     cfg = load_model_config(checkpoint)
     variant, opset = plan_variant(
         cfg, dtype=dtype, target=target, rotary=rotary, kv_cache=kv_cache, quantize=quantize, opset=opset

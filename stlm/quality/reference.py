@@ -19,9 +19,9 @@ LogitsSource = Callable[[Sequence[Sequence[int]]], list[np.ndarray]]
 
 def transformers_logits(checkpoint: str | Path) -> tuple[LogitsSource, Callable[[], None]]:
     """A function giving transformers' fp32 logits at every position of each sequence, and one freeing the model."""
-    import torch
-
     model = load_reference_model(checkpoint, feature="--reference (transformers computes the base logits)")
+    import torch  # after the extra check: without it, the error names the extra
+
     holder = [model]
 
     def run(sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
