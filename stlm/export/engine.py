@@ -176,6 +176,10 @@ def _builder_config(
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
     config.builder_optimization_level = options.builder_optimization_level
+    if source.variant.compute_dtype == "fp32":
+        # TF32 is on by default and rounds fp32 matmul inputs to 10-bit mantissas: an fp32 package
+        # must compute in fp32 (its tolerance class is fp32's)
+        config.clear_flag(trt.BuilderFlag.TF32)
     if options.hardware_compat == "ampere_plus":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     for profile in profiles:
