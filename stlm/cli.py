@@ -97,7 +97,7 @@ def cli(verbose: bool, quiet: bool) -> None:
     metavar="FILE",
     help="Jinja chat template to package (replaces the checkpoint's chat_template) [default: the checkpoint's, if any].",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def export(
     model: str,
     out: Path,
@@ -163,7 +163,7 @@ def export(
     help="ampere_plus: one engine for every GPU of compute capability ≥ 8.0 (slower kernels).",
 )
 @click.option("--workspace-gib", default=None, type=float, help="Builder workspace limit [default: TensorRT's].")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def build_engine_command(
     onnx_dir: Path,
     out: Path,
@@ -201,7 +201,13 @@ def build_engine_command(
 
 
 def _read_prompt(prompt: str) -> str:
-    return sys.stdin.read() if prompt == "-" else prompt
+    if prompt != "-":
+        return prompt
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StlmError(f"stdin is not UTF-8 text ({exc})", fix="pass the prompt as UTF-8") from None
 
 
 @cli.command()
@@ -383,12 +389,15 @@ def perplexity(
     show_default=True,
     help="4.38: config.json, shards and tokenizer files as stabilityai/stablelm-3b-4e1t is published.",
 )
-def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str, config_style: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a checkpoint make-checkpoint wrote.")
+def make_checkpoint(
+    out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str, config_style: str, overwrite: bool
+) -> None:
     """Write a random-weight StableLM checkpoint (the embedded default) to OUT (numpy only, no torch)."""
     from stlm.testing import write_random_checkpoint
 
     path = write_random_checkpoint(
-        out, shape=preset, seed=seed, tokenizer=tokenizer, dtype=dtype, config_style=config_style
+        out, shape=preset, seed=seed, tokenizer=tokenizer, dtype=dtype, config_style=config_style, overwrite=overwrite
     )
     click.echo(str(path))
 
