@@ -133,6 +133,10 @@ def test_index_files(tmp_path: Path, index: Any) -> None:
         assert str(exc).strip()
 
 
+FILE_KEYS = [("graph",), ("tokenizer",), ("chat_template",), ("tokenizer_config",)]
+BAD_NAMES = ["../x", "/etc/passwd", "model.onnx", "", ".", "..", "sub/../../x", "stlm.json", None, 3, ["a"]]
+
+
 def _leaves(data: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     if isinstance(data, dict):
         return [path] + [leaf for k, v in data.items() for leaf in _leaves(v, (*path, k))]
@@ -158,14 +162,15 @@ def test_manifests(fuzz_package: Path, data: st.DataObject) -> None:
         shutil.copyfile(fuzz_package / "stlm.json", fuzz_package / "stlm.json.orig")
         manifest = json.loads((fuzz_package / "stlm.json").read_text())
     for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(_leaves(manifest)))
+        named = [p for p in _leaves(manifest) if p in FILE_KEYS or (len(p) == 2 and p[0] in ("model", "generation"))]
+        path = data.draw(st.sampled_from(named) | st.sampled_from(_leaves(manifest)))
         if not path:
             manifest = data.draw(values)
             break
         target = manifest
         for key in path[:-1]:
             target = target[key]
-        target[path[-1]] = data.draw(values | st.sampled_from(["../x", "/etc/passwd", "model.onnx", "", "."]))
+        target[path[-1]] = data.draw(st.sampled_from(BAD_NAMES) if path in FILE_KEYS else values)
     (fuzz_package / "stlm.json").write_text(json.dumps(manifest))
     try:
         loaded = read_manifest(fuzz_package)
