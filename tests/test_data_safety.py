@@ -4,6 +4,7 @@ what killed writers leave behind is cleaned by the next one."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -156,3 +157,21 @@ def test_leftovers_of_a_killed_swap_are_cleaned(tmp_path: Path, out_present: boo
     clean_leftovers(out)
     assert tree_hash(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_a_symlinked_output_is_refused(workspace: Path, package: Path) -> None:
+    real = workspace / "real"
+    shutil.copytree(package, real)
+    (workspace / "link").symlink_to(real)
+    before = tree_hash(workspace)
+    assert_user_error(_export(str(workspace / "ckpt"), "-o", str(workspace / "link")), "symbolic link")
+    assert tree_hash(workspace) == before
+
+
+def test_a_full_disk_is_an_stlm_error(tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    with pytest.raises(StlmError, match="No space left on device") as info, staged_folder(out) as tmp:
+        (tmp / "stlm.json").write_text("{}")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.onnx"))
+    assert "fix:" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

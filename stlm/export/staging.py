@@ -89,6 +89,11 @@ def _check_place(out: Path, protect: Sequence[Path]) -> None:
         raise InvalidArgumentError(
             f"cannot create {str(out)!r}: {str(here)!r} is a file, not a folder", fix="pass an -o path inside a folder"
         )
+    if out.is_symlink():
+        raise InvalidArgumentError(
+            f"output {str(out)!r} is a symbolic link; stlm replaces only real folders",
+            fix=f"pass the folder it points to ({out.resolve()}) or another -o folder",
+        )
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"output {str(out)!r} is a file, not a folder", fix="pass another -o folder")
     if _within(Path.cwd().resolve(), real):
