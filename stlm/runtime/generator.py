@@ -44,15 +44,17 @@ def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> Samplin
         ) from None
 
 
+MAX_THREADS = 1024  # ONNX Runtime starts every intra-op thread up front
+
+
 def _check_threads(threads: object) -> None:
-    """``threads``: None or 1 .. 4 × the CPUs (ONNX Runtime starts each one up front)."""
-    most = 4 * (os.cpu_count() or 1)
+    """``threads``: None or 1 .. :data:`MAX_THREADS`."""
     if threads is None:
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
         raise InvalidArgumentError(
-            f"threads={threads!r} is invalid: expected an int from 1 to {most} (4 × this machine's CPUs)",
-            fix="pass --threads N with N ≤ the number of cores, or omit it to use them all",
+            f"threads={threads!r} is invalid: expected an int from 1 to {MAX_THREADS}",
+            fix=f"pass --threads N with N ≤ the number of cores ({os.cpu_count()} here), or omit it to use them all",
         )
 
 
