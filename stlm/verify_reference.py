@@ -109,7 +109,7 @@ def read_reference(path: Path) -> Reference:
         prompts = tuple(tuple(int(t) for t in p) for p in meta["prompts"])
         tokens = tuple(tuple(int(t) for t in p) for p in meta["tokens"])
         saved_class = str(meta["accuracy_class"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgumentError(f"{path} has a malformed stlm verify record ({exc!r})", fix=TWO_STEP_FIX) from None
     if not (len(prompts) == len(tokens) == len(logits)) or any(
         len(t) != len(x) for t, x in zip(tokens, logits, strict=True)

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -205,3 +206,29 @@ def test_export_of_a_fuzzed_config(
         assert "error: " in output
         assert sorted(p.name for p in base.iterdir()) == ["ckpt"]
     shutil.rmtree(base)
+
+
+@FUZZ
+@given(st.data())
+def test_verify_reference_files(tmp_path: Path, data: st.DataObject) -> None:
+    """A --save-reference file: a valid one with a few values replaced, or any JSON."""
+    from stlm.polygraphy_json import encode_array, run_results
+    from stlm.verify_reference import REFERENCE_FORMAT, REFERENCE_KEY, read_reference
+
+    valid = run_results([("r", [{"logits": np.zeros((2, 4), np.float32)}])])
+    valid[REFERENCE_KEY] = {"format": REFERENCE_FORMAT, "accuracy_class": "fp32", "prompts": [[1]], "tokens": [[2, 3]]}
+    record = data.draw(st.just(valid) | values)
+    for _ in range(data.draw(st.integers(0, 3)) if isinstance(record, dict) else 0):
+        path = data.draw(st.sampled_from(_leaves(record)))
+        if not path:
+            break
+        target = record
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = data.draw(values | st.just(encode_array(np.ones(3))))
+    file = tmp_path / "ref.json"
+    file.write_text(json.dumps(record))
+    try:
+        read_reference(file)
+    except StlmError as exc:
+        assert str(exc).strip()
