@@ -15,10 +15,9 @@ from typing import Final
 
 import numpy as np
 
-from stlm.config import load_model_config
-from stlm.errors import CheckpointError, InvalidArgumentError
-from stlm.extras import require_extra
+from stlm.errors import InvalidArgumentError
 from stlm.polygraphy_json import read_run_results, write_run_results
+from stlm.reference_model import load_reference_model
 
 PROMPTS: Final = (
     "The capital of France is",
@@ -54,27 +53,9 @@ class Reference:
 
 def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[int]], steps: int) -> Reference:
     """Greedy runs of transformers' StableLmForCausalLM in fp32 (safetensors only, no remote code)."""
-    require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
     import torch
-    from transformers import StableLmForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from stlm.export.checkpoint import resolve_checkpoint
-
-    folder = resolve_checkpoint(checkpoint)
-    load_model_config(folder)  # a clear error for a non-StableLM before transformers tries
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"transformers cannot load {folder} ({type(exc).__name__}: {str(exc)[:300]})",
-            fix="pass a StableLM checkpoint folder with config.json and *.safetensors",
-        ) from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    model = load_reference_model(checkpoint, feature="verifying against a checkpoint (transformers runs the reference)")
     tokens, logits = [], []
     with torch.no_grad():
         for ids in prompts:
