@@ -23,7 +23,7 @@ from stlm.errors import CheckpointError, PackageError, StlmError
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import read_manifest
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 CONFIG: dict[str, Any] = {
     "architectures": ["StableLmForCausalLM"],
