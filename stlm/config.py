@@ -44,6 +44,11 @@ class ModelConfig:
         """Every field of the right type and in range, and the derived shapes consistent; else a
         ``ValueError`` naming the field (callers add where it was read)."""
         for f in fields(self):
+            if f.name == "rotary_dim" and isinstance(self.rotary_dim, int) and self.rotary_dim < 2:
+                raise ValueError(
+                    f"partial_rotary_factor {self.partial_rotary_factor} gives a rotary dimension of "
+                    f"{self.rotary_dim} of head_dim {self.head_dim}; expected a positive even number"
+                )
             _check_field(f.name, getattr(self, f.name))
         if self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError(
