@@ -96,7 +96,11 @@ def _check_place(out: Path, protect: Sequence[Path]) -> None:
         )
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"output {str(out)!r} is a file, not a folder", fix="pass another -o folder")
-    if _within(Path.cwd().resolve(), real):
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: nothing to protect there
+        cwd = None
+    if cwd is not None and _within(cwd, real):
         raise InvalidArgumentError(
             f"output folder {str(out)!r} is the current folder or one of its parents",
             fix="pass a new folder, e.g. -o ./package",
