@@ -175,3 +175,13 @@ def test_a_full_disk_is_an_stlm_error(tmp_path: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.onnx"))
     assert "fix:" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_build_engine_never_replaces_its_onnx_package(workspace: Path, package: Path) -> None:
+    pkg = workspace / "pkg"
+    shutil.copytree(package, pkg)
+    before = tree_hash(workspace)
+    assert_user_error(["build-engine", str(pkg), "-o", str(pkg), "--overwrite"], "is or contains the input")
+    assert_user_error(["build-engine", str(pkg), "-o", str(workspace), "--overwrite"], "is or contains the input")
+    assert_user_error(["build-engine", str(pkg), "-o", str(workspace / "mine"), "--overwrite"], "not written by stlm")
+    assert tree_hash(workspace) == before

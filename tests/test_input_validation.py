@@ -255,3 +255,12 @@ def test_config_from_hf_accepts_the_published_fields() -> None:
         }
     )
     assert (cfg.head_dim, cfg.rotary_dim, cfg.rope_theta) == (80, 20, 10000.0)
+
+
+def test_bench_refuses_what_memory_cannot_hold(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stlm.runtime.bench as bench
+
+    monkeypatch.setattr(bench, "host_memory_available", lambda: 50_000_000)  # a machine with 50 MB left
+    with pytest.raises(InvalidArgumentError, match=r"--batch 64 .* needs about .* GB") as info:
+        bench.run_benchmark(package, batch=64, prompt_len=2048, gen_len=64)
+    assert "pass --batch ≤" in str(info.value)
