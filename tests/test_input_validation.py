@@ -263,4 +263,6 @@ def test_bench_refuses_what_memory_cannot_hold(package: Path, monkeypatch: pytes
     monkeypatch.setattr(bench, "host_memory_available", lambda: 50_000_000)  # a machine with 50 MB left
     with pytest.raises(InvalidArgumentError, match=r"--batch 64 .* needs about .* GB") as info:
         bench.run_benchmark(package, batch=64, prompt_len=2048, gen_len=64)
-    assert "pass --batch ≤" in str(info.value)
+    assert "fix: pass a shorter --prompt-len" in str(info.value)
+    with pytest.raises(InvalidArgumentError, match=r"fix: pass --batch ≤ \d+"):
+        bench.run_benchmark(package, batch=64, prompt_len=128, gen_len=64)

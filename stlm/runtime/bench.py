@@ -90,14 +90,15 @@ def _check_memory(manifest: Manifest, batch: int, prompt_len: int, gen_len: int)
     cfg = manifest.model
     kv = kv_cache_bytes(manifest, batch, prompt_len + gen_len)
     widest = max(3 * cfg.hidden_size, 2 * cfg.intermediate_size, cfg.num_heads * prompt_len)
-    need = kv + batch * prompt_len * widest * 4 * 3 + batch * cfg.vocab_size * 4
+    # activations: the widest prefill tensor (MLP, or the attention scores) twice over, in float32
+    need = kv + batch * prompt_len * widest * 4 * 2 + batch * cfg.vocab_size * 4
     available = host_memory_available()
     if available is not None and need > available * MEMORY_FRACTION:
-        per_row = max(1, need // batch)
+        fits = int(available * MEMORY_FRACTION) // max(1, need // batch)
         raise InvalidArgumentError(
             f"--batch {batch} × {prompt_len + gen_len} tokens needs about {need / 1e9:.1f} GB "
             f"(KV cache {kv / 1e9:.1f} GB and activations), but {available / 1e9:.1f} GB of memory is available",
-            fix=f"pass --batch ≤ {max(1, int(available * MEMORY_FRACTION) // per_row)}, or shorter --prompt-len/--gen-len",
+            fix=f"pass --batch ≤ {fits}" if fits >= 1 else "pass a shorter --prompt-len/--gen-len, or free memory",
         )
 
 
