@@ -318,5 +318,6 @@ def _write_package(
         shutil.copyfile(onnx_dir / manifest.tokenizer, tmp / manifest.tokenizer)
         copy_tokenizer_files(onnx_dir, tmp, TokenizerFiles(manifest.chat_template, manifest.tokenizer_config))
         write_manifest(tmp, manifest)
+        read_manifest(tmp)  # a package written is a package that loads
     if progress:
         progress("write", 1, 1)

@@ -25,7 +25,7 @@ from stlm.export.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
 from stlm.export.validate import check_tokenizer, check_weights
 from stlm.export.weights import SafetensorsCheckpoint
-from stlm.manifest import Generation, Manifest, write_manifest
+from stlm.manifest import Generation, Manifest, read_manifest, write_manifest
 from stlm.ort_versions import MAX_OPSET, required_onnxruntime
 from stlm.progress import Progress
 from stlm.variant import (
@@ -223,5 +223,6 @@ def export_onnx(
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
         chat = write_tokenizer_files(checkpoint, tmp, chat_template)
         write_manifest(tmp, _manifest(cfg, variant, opset, str(model), chat))
+        read_manifest(tmp)  # a package written is a package that loads
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out
