@@ -17,7 +17,7 @@ from stlm.config import ModelConfig
 from stlm.errors import CheckpointError
 from stlm.export.weights import SafetensorsCheckpoint
 
-_FLOAT_DTYPES: Final = ("F32", "F16", "BF16")
+_FLOAT_DTYPES: Final = ("F32", "F16", "BF16", "F64")
 _LAYER: Final = re.compile(r"^model\.layers\.(\d+)\.")
 _FIX: Final = "use the config.json that came with these weights (or download the checkpoint again)"
 
