@@ -75,7 +75,7 @@ def cli(ctx: click.Context) -> None:
     metavar="FILE",
     help="Jinja chat template to package (replaces the checkpoint's chat_template) [default: the checkpoint's, if any].",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def export(
     model: str,
     output: Path,
@@ -143,7 +143,7 @@ def export(
     help="ampere_plus: one engine for every GPU of compute capability ≥ 8.0 (slower kernels).",
 )
 @click.option("--workspace-gib", default=None, type=float, help="Builder workspace limit [default: TensorRT's].")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def build_engine_command(
     onnx_dir: Path,
     output: Path,
@@ -181,7 +181,13 @@ def build_engine_command(
 
 
 def _read_prompt(prompt: str) -> str:
-    return sys.stdin.read() if prompt == "-" else prompt
+    if prompt != "-":
+        return prompt
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StlmError(f"stdin is not UTF-8 text ({exc})", fix="pass the prompt as UTF-8") from None
 
 
 @cli.command()
@@ -274,7 +280,7 @@ def generate(
     show_default=True,
     help="4.38: config.json, shards and tokenizer files as stabilityai/stablelm-3b-4e1t is published.",
 )
-@click.option("--overwrite", is_flag=True, help="Write into OUT even if it is not empty.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a checkpoint make-checkpoint wrote.")
 def make_checkpoint(
     out: Path | None,
     output: Path | None,
@@ -295,12 +301,14 @@ def make_checkpoint(
         )
     folder = output if output is not None else out
     assert folder is not None
-    if folder.exists() and not folder.is_dir():
-        raise StlmError(f"{str(folder)!r} is a file, not a folder", fix="pick a new folder for the checkpoint")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise StlmError(f"{str(folder)!r} exists and is not empty", fix="pick a new folder, or add --overwrite")
     path = write_random_checkpoint(
-        folder, shape=preset, seed=seed, tokenizer=tokenizer, dtype=dtype, config_style=config_style
+        folder,
+        shape=preset,
+        seed=seed,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        config_style=config_style,
+        overwrite=overwrite,
     )
     click.echo(str(path))
 

@@ -26,7 +26,7 @@ from stlm.export.engine_build import (
     progress_monitor,
     save_timing_cache,
 )
-from stlm.export.staging import staged_folder
+from stlm.export.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
 from stlm.plugins.partial_rotary.plugin import check_hardware_compat
@@ -74,18 +74,6 @@ def _check_options(options: BuildOptions) -> None:
         raise InvalidArgumentError(
             f"--timing-cache {str(options.timing_cache)!r} is a folder",
             fix="pass a file path, e.g. --timing-cache ~/.cache/stlm/a100.timing",
-        )
-
-
-def _check_output(out: Path, onnx_dir: Path, overwrite: bool) -> None:
-    if out.resolve() == onnx_dir.resolve():
-        raise InvalidArgumentError(
-            f"the engine folder {str(out)!r} is the ONNX package folder", fix="pass another -o folder for the engine"
-        )
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidArgumentError(
-            f"output folder {str(out)!r} already exists and is not empty",
-            fix="pass another -o folder, or --overwrite to replace it",
         )
 
 
@@ -308,7 +296,7 @@ def build_engine(
         opt_seq_len=opt_seq_len,
         prefill_chunk=prefill_chunk,
     )
-    _check_output(out, onnx_dir, overwrite)
+    check_output(out, overwrite=overwrite, protect=[onnx_dir])
     graph = onnx_dir / source.graph
     plugin = _plugin_record(graph, source)
     if plugin is not None and plugin["aot"]:
@@ -320,20 +308,23 @@ def build_engine(
     serialized = _serialize(trt, graph, source, profiles, options, progress)
     seconds = time.perf_counter() - start
     manifest = _engine_manifest(source, onnx_dir, trt.__version__, gpu, profiles, options, plugin, seconds)
-    _write_package(out, serialized, onnx_dir, manifest, progress)
+    _write_package(out, serialized, onnx_dir, manifest, progress, overwrite=overwrite)
     log.info("built %s → %s in %.1f s", onnx_dir, out, seconds)
     return out
 
 
-def _write_package(out: Path, serialized: Any, onnx_dir: Path, manifest: Manifest, progress: Progress | None) -> None:
+def _write_package(
+    out: Path, serialized: Any, onnx_dir: Path, manifest: Manifest, progress: Progress | None, *, overwrite: bool
+) -> None:
     """The engine package folder (engine, tokenizer files of the ONNX package ``onnx_dir``), written
     under a temporary name and renamed when complete."""
     if progress:
         progress("write", 0, 1)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, overwrite=overwrite, protect=[onnx_dir]) as tmp:
         (tmp / ENGINE_NAME).write_bytes(serialized)
         shutil.copyfile(onnx_dir / manifest.tokenizer, tmp / manifest.tokenizer)
         copy_tokenizer_files(onnx_dir, tmp, TokenizerFiles(manifest.chat_template, manifest.tokenizer_config))
         write_manifest(tmp, manifest)
+        read_manifest(tmp)  # a package written is a package that loads
     if progress:
         progress("write", 1, 1)
