@@ -23,6 +23,7 @@ Methods (:data:`METHODS`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -135,15 +136,25 @@ def _hqq_slab(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return q.astype(np.uint8), (1 / inv_scale)[:, 0], best_zero[:, 0].astype(np.float32)
 
 
-def quantize_hqq(weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> QuantizedWeight:
-    """Half-Quadratic Quantization (see the module docstring), slab by slab of blocks: float zero points."""
-    n, k = weight.shape
+Slab = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _by_slabs(weight: np.ndarray, bits: int, block_size: int, slab: Slab) -> tuple[np.ndarray, ...]:
+    """``slab`` over the blocks of ``weight``, :data:`_SLAB` blocks at a time: integers (N, k_blocks,
+    block_size), scales and zero points (N * k_blocks,)."""
     w = _blocks(weight, block_size).reshape(-1, block_size)
     q, scales, zeros = np.empty(w.shape, np.uint8), np.empty(len(w), np.float32), np.empty(len(w), np.float32)
     for start in range(0, len(w), _SLAB):
         part = slice(start, start + _SLAB)
-        q[part], scales[part], zeros[part] = _hqq_slab(w[part], (1 << bits) - 1)
-    return QuantizedWeight(pack(q.reshape(n, -1, block_size), bits), scales, zeros, n, k, bits, block_size)
+        q[part], scales[part], zeros[part] = slab(w[part], (1 << bits) - 1)
+    return q.reshape(weight.shape[0], -1, block_size), scales, zeros
+
+
+def quantize_hqq(weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> QuantizedWeight:
+    """Half-Quadratic Quantization (see the module docstring), slab by slab of blocks: float zero points."""
+    q, scales, zeros = _by_slabs(weight, bits, block_size, _hqq_slab)
+    n, k = weight.shape
+    return QuantizedWeight(pack(q, bits), scales, zeros, n, k, bits, block_size)
 
 
 def _mse_slab(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,14 +177,10 @@ def _mse_slab(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def quantize_mse(weight: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> QuantizedWeight:
     """Per block, the asymmetric grid over ``[s·min, s·max]`` (``s`` in :data:`MSE_SHRINKS`) with the least squared error."""
+    q, scales, zeros = _by_slabs(weight, bits, block_size, _mse_slab)
+    zero_points = pack(zeros.reshape(weight.shape[0], -1), bits)
     n, k = weight.shape
-    w = _blocks(weight, block_size).reshape(-1, block_size)
-    q, scales, zeros = np.empty(w.shape, np.uint8), np.empty(len(w), np.float32), np.empty(len(w), np.float32)
-    for start in range(0, len(w), _SLAB):
-        part = slice(start, start + _SLAB)
-        q[part], scales[part], zeros[part] = _mse_slab(w[part], (1 << bits) - 1)
-    blocks = q.reshape(n, -1, block_size)
-    return QuantizedWeight(pack(blocks, bits), scales, pack(zeros.reshape(n, -1), bits), n, k, bits, block_size)
+    return QuantizedWeight(pack(q, bits), scales, zero_points, n, k, bits, block_size)
 
 
 def quantize_weight(
