@@ -626,5 +626,43 @@ def test_builder_config_clears_tf32_for_fp32_packages(package: Path, dtype: str,
     builder = SimpleNamespace(create_builder_config=lambda: config, create_optimization_profile=_RecordingProfile)
     trt = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="TF32"))
     profiles = engine_profiles(max_batch=2, max_seq_len=64, context_length=source.generation.context_length)
-    assert _builder_config(trt, builder, source, profiles, BuildOptions()) is config
+    assert _builder_config(trt, builder, source, profiles, BuildOptions()) == (config, True)
     assert (config.cleared == ["TF32"]) is tf32_cleared and config.profiles == 2
+
+
+class _CacheConfig:
+    """IBuilderConfig's timing-cache calls: ``readable`` bytes parse, ``matching`` ones fit this GPU."""
+
+    def __init__(self, readable: bool, matching: bool) -> None:
+        self.readable, self.matching = readable, matching
+        self.set: list[object] = []
+
+    def create_timing_cache(self, data: bytes) -> object | None:
+        return ("cache", data) if not data or self.readable else None
+
+    def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        self.set.append(cache)
+        return cache == ("cache", b"") or self.matching
+
+
+@pytest.mark.parametrize(
+    ("content", "readable", "matching", "replaceable"),
+    [
+        (None, True, True, True),
+        (b"ours", True, True, True),
+        (b"notes", False, False, False),
+        (b"a100", True, False, False),
+    ],
+)
+def test_timing_cache_replaced_only_when_read_as_ours(
+    tmp_path: Path, content: bytes | None, readable: bool, matching: bool, replaceable: bool
+) -> None:
+    """A file that is no timing cache, or one for another GPU/TensorRT, is never overwritten."""
+    from stlm.export.engine_build import load_timing_cache
+
+    path = tmp_path / "gpu.timing"
+    if content is not None:
+        path.write_bytes(content)
+    config = _CacheConfig(readable, matching)
+    assert load_timing_cache(config, path) is replaceable
+    assert config.set[-1] == ("cache", content or b"") if replaceable else config.set[-1] == ("cache", b"")

@@ -159,7 +159,8 @@ def _parse(trt: ModuleType, logger: Any, graph: Path, source: Manifest, progress
 
 def _builder_config(
     trt: ModuleType, builder: Any, source: Manifest, profiles: Sequence[Profile], options: BuildOptions
-) -> Any:
+) -> tuple[Any, bool]:
+    """The builder config, and whether ``--timing-cache`` may be replaced (see :func:`load_timing_cache`)."""
     config = builder.create_builder_config()
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
@@ -175,8 +176,7 @@ def _builder_config(
         for name, (lo, opt, hi) in profile_shapes(source.contract, profile).items():
             trt_profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(trt_profile)
-    load_timing_cache(config, options.timing_cache)
-    return config
+    return config, load_timing_cache(config, options.timing_cache)
 
 
 def _gpu_for(options: BuildOptions) -> GpuInfo:
@@ -201,7 +201,7 @@ def _serialize(
     """Parse ``graph`` and build the serialized engine (TensorRT's host memory, a buffer)."""
     logger = make_logger(trt)
     builder, network = _parse(trt, logger, graph, source, progress)
-    config = _builder_config(trt, builder, source, profiles, options)
+    config, replace_cache = _builder_config(trt, builder, source, profiles, options)
     monitor = progress_monitor(trt, progress) if progress else None
     if monitor is not None:
         config.progress_monitor = monitor
@@ -214,8 +214,10 @@ def _serialize(
             f"TensorRT could not build an engine from {graph}: {logger.recent_errors()}",
             fix="rerun with -v for TensorRT's log; lower --max-batch/--max-seq-len if the GPU ran out of memory",
         )
-    if options.timing_cache is not None:
+    if options.timing_cache is not None and replace_cache:
         save_timing_cache(config, options.timing_cache)
+    elif options.timing_cache is not None:
+        log.warning("this build's timing cache was not saved: pass another --timing-cache path to keep it")
     return serialized
 
 

@@ -62,21 +62,27 @@ def progress_monitor(trt: ModuleType, progress: Progress) -> Any | None:
     return _Monitor()
 
 
-def load_timing_cache(config: Any, path: Path | None) -> Any:
-    """Give ``config`` the timing cache in ``path`` (an empty one if absent, unreadable or foreign)."""
+def load_timing_cache(config: Any, path: Path | None) -> bool:
+    """Give ``config`` the timing cache in ``path`` (an empty one if absent, unreadable or foreign).
+
+    Returns whether ``path`` may be replaced by this build's cache: it is absent or was read as a
+    cache for this GPU and TensorRT. A file that is not a timing cache, or one made for another GPU
+    or TensorRT version, is never overwritten (stlm replaces only what it can read as its own).
+    """
     data = b""
     if path is not None and path.is_file():
         data = path.read_bytes()
         log.info("reusing the timing cache %s (%d bytes)", path, len(data))
     cache = config.create_timing_cache(data)
+    replaceable = True
     if cache is None and data:
-        log.warning("the timing cache %s is unreadable; starting an empty one", path)
-        cache = config.create_timing_cache(b"")
+        log.warning("%s is not a TensorRT timing cache: starting an empty one (the file is kept)", path)
+        cache, replaceable = config.create_timing_cache(b""), False
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("the timing cache %s was made for another GPU or TensorRT; starting an empty one", path)
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+        log.warning("the timing cache %s was made for another GPU or TensorRT: starting an empty one (kept)", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        replaceable = False
+    return replaceable
 
 
 def save_timing_cache(config: Any, path: Path) -> None:
