@@ -1,11 +1,13 @@
 """A/B rounds of stlm packages and ONNX Runtime session settings: decode and prefill speed as ratios.
 
-Each arm is a package, optionally with session settings after ``@`` (``intra=N``, ``inter=N``,
-``opt=basic|extended|all|layout``, ``seq=1`` for sequential execution, and any ONNX Runtime
-session config entry such as ``session.intra_op.allow_spinning=0``), for example::
+Each arm is a package, optionally with settings after ``@`` (``batch=N`` overrides ``--batch``;
+session settings: ``intra=N``, ``inter=N``, ``opt=basic|extended|all``, ``seq=0`` for parallel
+execution, and any ONNX Runtime session config entry such as
+``session.intra_op.allow_spinning=0``), for example::
 
     .venv/bin/python benchmarks/ab_packages.py PKG PKG@session.intra_op.allow_spinning=0 --threads 2
     .venv/bin/python benchmarks/ab_packages.py int4-b32 int4-b64 int4-b128 --rounds 5
+    .venv/bin/python benchmarks/ab_packages.py PKG PKG@batch=8      # batch-8 vs batch-1 throughput
 
 Every round runs each arm once, in its own process (so thread pools never compete), in an order
 that rotates from round to round; each run is the runtime's own benchmark loop
@@ -67,6 +69,7 @@ def worker(arm: str, batch: int, prompt_len: int, gen_len: int, runs: int, threa
 
     package, _, spec = arm.partition("@")
     settings = dict(item.split("=", 1) for item in spec.split(",") if item)
+    batch = int(settings.pop("batch", batch))
     backend: Any = Generator.load(package, device="cpu", threads=threads).backend
     if settings:
         options = _session_options(settings, threads)

@@ -11,7 +11,9 @@ LayerNormalization, the rest by op type. "session overhead" is ``model_run`` min
 The machine is shared and noisy: read the shares (percentages), not the absolute milliseconds,
 and compare packages in the same run.
 
-Run: ``.venv/bin/python benchmarks/profile_decode.py PKG [PKG ...] [--steps 32] [--threads 1]``.
+``--prefill`` also breaks down the prefill of the ``--prompt-len`` prompt (one run).
+
+Run: ``.venv/bin/python benchmarks/profile_decode.py PKG [PKG ...] [--steps 32] [--threads 1] [--prefill]``.
 """
 
 from __future__ import annotations
@@ -69,40 +71,46 @@ def _profiled_backend(package: Path, threads: int | None, folder: Path) -> Any:
 
 
 def _run(backend: Any, prompt_len: int, steps: int) -> list[float]:
-    """Prefill then ``steps`` greedy decode steps; the wall seconds of each decode ``forward``."""
+    """Prefill then ``steps`` greedy decode steps; the wall seconds of each ``forward`` (prefill first)."""
     prompt = np.random.default_rng(0).integers(3, 50000, (1, prompt_len)).tolist()
     cache = backend.new_cache(1, prompt_len + steps + 1)
-    token = backend.forward(cache, prompt).argmax(axis=-1)
     walls = []
-    for _ in range(steps):
+    for _ in range(steps + 1):
         start = time.perf_counter()
-        token = backend.forward(cache, token[:, None].tolist()).argmax(axis=-1)
+        token = backend.forward(cache, prompt).argmax(axis=-1)
         walls.append(time.perf_counter() - start)
+        prompt = token[:, None].tolist()
     return walls
 
 
+def _parts(run: dict[str, Any], kernels: list[dict[str, Any]], groups: dict[str, str]) -> dict[str, float]:
+    """Milliseconds of one ``model_run`` by group, and the session overhead (the run minus its kernels)."""
+    lo, hi = run["ts"], run["ts"] + run["dur"]
+    sums: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        if lo <= e["ts"] <= hi:
+            node = re.sub("_kernel_time$", "", e["name"])
+            sums[groups.get(node, e["args"].get("op_name", "?"))] += e["dur"] / 1000.0
+    sums["session overhead"] = run["dur"] / 1000.0 - sum(sums.values())
+    return sums
+
+
 def _summarize(trace: list[dict[str, Any]], groups: dict[str, str], walls: list[float]) -> dict[str, Any]:
-    """Per-group kernel milliseconds per decode step (medians of the per-step sums)."""
-    runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    decode = runs[-len(walls) :]
-    per_step: dict[str, list[float]] = defaultdict(list)
+    """Per-group milliseconds of the decode steps (medians of the per-step sums) and of the prefill."""
+    runs = sorted((e for e in trace if e.get("name") == "model_run"), key=lambda e: e["ts"])[-len(walls) :]
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    for run in decode:
-        lo, hi = run["ts"], run["ts"] + run["dur"]
-        sums: dict[str, float] = defaultdict(float)
-        for e in kernels:
-            if lo <= e["ts"] <= hi:
-                node = re.sub("_kernel_time$", "", e["name"])
-                sums[groups.get(node, e["args"].get("op_name", "?"))] += e["dur"] / 1000.0
-        kernel_total = sum(sums.values())
-        sums["session overhead"] = run["dur"] / 1000.0 - kernel_total
-        for key, value in sums.items():
+    parts = [_parts(run, kernels, groups) for run in runs]
+    for part, run, wall in zip(parts, runs, walls, strict=True):
+        part["host (Python, IOBinding)"] = wall * 1000.0 - run["dur"] / 1000.0
+    per_step: dict[str, list[float]] = defaultdict(list)
+    for part in parts[1:]:
+        for key, value in part.items():
             per_step[key].append(value)
-    model_run = [r["dur"] / 1000.0 for r in decode]
-    per_step["host (Python, IOBinding)"] = [w * 1000.0 - m for w, m in zip(walls, model_run, strict=True)]
     return {
-        "step_ms": float(np.median(walls)) * 1000.0,
+        "step_ms": float(np.median(walls[1:])) * 1000.0,
         "parts_ms": {k: float(np.median(v)) for k, v in sorted(per_step.items(), key=lambda kv: -np.median(kv[1]))},
+        "prefill_ms": walls[0] * 1000.0,
+        "prefill_parts_ms": dict(sorted(parts[0].items(), key=lambda kv: -kv[1])),
     }
 
 
@@ -116,6 +124,12 @@ def profile(package: Path, prompt_len: int, steps: int, threads: int | None) -> 
     return _summarize(trace, _weight_groups(package / backend.manifest.graph), walls)
 
 
+def _print(name: str, what: str, total_ms: float, parts: dict[str, float]) -> None:
+    print(f"\n{name}: {what} {total_ms:.2f} ms (wall of backend.forward; parts sum to {sum(parts.values()):.2f})")
+    for part, ms in parts.items():
+        print(f"  {part:<28} {ms:9.3f} ms  {100.0 * ms / total_ms:5.1f} %")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Profile each package and print a table of per-step milliseconds and shares."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefill", action="store_true", help="also print the prefill's profile")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     results = {str(p): profile(p, args.prompt_len, args.steps, args.threads) for p in args.packages}
@@ -130,13 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=1))
         return 0
     for name, result in results.items():
-        step = result["step_ms"]
-        total = sum(result["parts_ms"].values())
-        print(
-            f"\n{name}: decode step median {step:.2f} ms (wall of backend.forward; parts' medians sum to {total:.2f})"
-        )
-        for part, ms in result["parts_ms"].items():
-            print(f"  {part:<28} {ms:8.3f} ms  {100.0 * ms / step:5.1f} %")
+        _print(name, "decode step median", result["step_ms"], result["parts_ms"])
+        if args.prefill:
+            _print(name, f"prefill of {args.prompt_len} tokens", result["prefill_ms"], result["prefill_parts_ms"])
     return 0
 
 
