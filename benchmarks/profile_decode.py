@@ -13,7 +13,7 @@ and compare packages in the same run.
 
 ``--prefill`` also breaks down the prefill of the ``--prompt-len`` prompt (one run).
 
-Run: ``.venv/bin/python benchmarks/profile_decode.py PKG [PKG ...] [--steps 32] [--threads 1] [--prefill]``.
+Run: ``.venv/bin/python benchmarks/profile_decode.py PKG [PKG ...] [--steps 32] [--threads 1] [--batch 8] [--prefill]``.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def _profiled_backend(package: Path, threads: int | None, folder: Path) -> Any:
     return backend
 
 
-def _run(backend: Any, prompt_len: int, steps: int) -> list[float]:
+def _run(backend: Any, prompt_len: int, steps: int, batch: int) -> list[float]:
     """Prefill then ``steps`` greedy decode steps; the wall seconds of each ``forward`` (prefill first)."""
-    prompt = np.random.default_rng(0).integers(3, 50000, (1, prompt_len)).tolist()
-    cache = backend.new_cache(1, prompt_len + steps + 1)
+    prompt = np.random.default_rng(0).integers(3, 50000, (batch, prompt_len)).tolist()
+    cache = backend.new_cache(batch, prompt_len + steps + 1)
     walls = []
     for _ in range(steps + 1):
         start = time.perf_counter()
@@ -114,12 +114,12 @@ def _summarize(trace: list[dict[str, Any]], groups: dict[str, str], walls: list[
     }
 
 
-def profile(package: Path, prompt_len: int, steps: int, threads: int | None) -> dict[str, Any]:
+def profile(package: Path, prompt_len: int, steps: int, threads: int | None, batch: int = 1) -> dict[str, Any]:
     """The decode profile of ``package`` (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         backend = _profiled_backend(package, threads, Path(tmp))
-        _run(backend, prompt_len, 4)  # warm-up
-        walls = _run(backend, prompt_len, steps)
+        _run(backend, prompt_len, 4, batch)  # warm-up
+        walls = _run(backend, prompt_len, steps, batch)
         trace = json.loads(Path(backend.session.end_profiling()).read_text())
     return _summarize(trace, _weight_groups(package / backend.manifest.graph), walls)
 
@@ -137,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
     parser.add_argument("--prefill", action="store_true", help="also print the prefill's profile")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    results = {str(p): profile(p, args.prompt_len, args.steps, args.threads) for p in args.packages}
+    results = {str(p): profile(p, args.prompt_len, args.steps, args.threads, args.batch) for p in args.packages}
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
