@@ -47,8 +47,12 @@ LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all":
 def _session_options(settings: dict[str, str], threads: int | None) -> Any:
     import onnxruntime as ort
 
+    from stlm.runtime.ort_session import SESSION_CONFIG
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in SESSION_CONFIG.items():  # the runtime's own settings, then the arm's
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     for key, value in settings.items():

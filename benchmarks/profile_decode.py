@@ -40,6 +40,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from stlm.runtime.generator import Generator  # noqa: E402
+from stlm.runtime.ort_session import SESSION_CONFIG  # noqa: E402
 
 WEIGHT_GROUPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 
@@ -60,6 +61,8 @@ def _profiled_backend(package: Path, threads: int | None, folder: Path) -> Any:
     backend: Any = Generator.load(package, device="cpu", threads=threads).backend
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     options.enable_profiling = True
