@@ -137,6 +137,46 @@ def _stlm_bench(package: Path, prompt_len: int, gen_len: int) -> dict:
     )
 
 
+def ttft_lockstep(checkpoint: Path, package: Path, lengths: list[int], rounds: int) -> None:
+    """TTFT of stlm and transformers in one process, one thread each, alternating prefill by prefill;
+    wall and CPU time of the calling thread (both compute in it with one thread), medians of ratios."""
+    import numpy as np
+    import torch
+    from transformers import StableLmForCausalLM
+
+    from stlm.runtime.generator import Generator
+
+    torch.set_num_threads(1)
+    model = StableLmForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    backend = Generator.load(package, device="cpu", threads=1).backend
+
+    def hf(ids: list[int]) -> None:
+        with torch.inference_mode():
+            model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+
+    def ours(ids: list[int]) -> None:
+        backend.forward(backend.new_cache(1, len(ids) + 1), [ids])
+
+    for length in lengths:
+        ids = np.random.default_rng(0).integers(3, 50000, length).tolist()
+        times: dict[str, list[tuple[float, float]]] = {"stlm": [], "transformers": []}
+        for r in range(rounds + 1):  # round 0: warm-up
+            for name, fn in (("stlm", ours), ("transformers", hf))[:: 1 if r % 2 else -1]:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                fn(ids)
+                if r:
+                    times[name].append((time.perf_counter() - wall, time.thread_time() - cpu))
+        for i, kind in enumerate(("wall", "CPU")):
+            s_ms = [t[i] * 1000 for t in times["stlm"]]
+            h_ms = [t[i] * 1000 for t in times["transformers"]]
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(s_ms, h_ms, strict=True))
+            print(
+                f"TTFT {length} tokens, 1 thread, {kind}: stlm {statistics.median(s_ms):.0f} ms, transformers "
+                f"{statistics.median(h_ms):.0f} ms, ratio {statistics.median(a / b for a, b in zip(s_ms, h_ms, strict=True)):.2f} "
+                f"({ratios})"
+            )
+
+
 def _ttft_rounds(me: list[str], checkpoint: Path, packages: dict[str, Path], lengths: list[int], rounds: int) -> None:
     """Time to first token of each package and of transformers at each prompt length, alternating."""
     for length in lengths:
@@ -171,6 +211,9 @@ def main() -> None:
     p.add_argument("--context-scaling", action="store_true", help="also decode at context 64 vs 2048")
     p.add_argument("--ttft", metavar="LENGTHS", help="also time to first token at these prompt lengths (e.g. 512,2048)")
     p.add_argument("--reuse", action="store_true", help="reuse the packages already exported in --workdir")
+    p.add_argument(
+        "--lockstep", action="store_true", help="with --ttft: only TTFT, both in one process, 1 thread, alternating"
+    )
     p.add_argument("--profile", action="store_true", help="op-type breakdown of decode steps")
     p.add_argument("--worker", choices=["hf", "bandwidth"], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -196,6 +239,9 @@ def main() -> None:
         quantize = None if name == "fp32" else name
         reuse = a.reuse and (out / "stlm.json").is_file()
         packages[name] = out if reuse else export_onnx(checkpoint, out, quantize=quantize, overwrite=True)
+    if a.ttft and a.lockstep:
+        ttft_lockstep(checkpoint, packages["fp32"], [int(n) for n in a.ttft.split(",")], a.rounds)
+        return
     me = [str(Path(__file__).resolve())]
     results: dict[str, list[dict]] = {k: [] for k in [*packages, "transformers", "bandwidth"]}
     for r in range(a.rounds):  # alternate A/B/... so machine noise hits every side alike
