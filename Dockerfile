@@ -6,9 +6,11 @@
 #   docker run --rm --gpus all -v "$PWD:/work" stlm-gpu build-engine /work/onnx -o /work/engine
 #   docker run --rm --gpus all --entrypoint /opt/stlm-src/scripts/gpu_check.sh stlm-gpu   # acceptance run
 #
+# Two stages. A plain `docker build .` builds the last one, `serve` (the slim CPU server, below);
+# the GPU image needs `--target gpu`.
 # Stage `gpu` (this one, first): export, build engines, generate, serve, and the GPU checks:
 # TensorRT 11, onnxruntime-gpu (CUDA 13), the CUDA 13 build of torch + triton (the plugin's JIT
-# path and scripts/gpu_check.sh), pytest. The slim serving image is a separate, later stage.
+# path and scripts/gpu_check.sh), pytest.
 #
 # Base: NGC's TensorRT image (CUDA 13, Ubuntu 24.04, Python 3.12, TensorRT 11). Any NGC
 # `tensorrt:<yy.mm>-py3` tag with TensorRT 11 and CUDA 13 works:

@@ -13,11 +13,13 @@ STLM=(.venv/bin/stlm -q)
 fail() { echo "ci_install_checks: FAIL: $*" >&2; exit 1; }
 
 echo "== packages (full venv)" >&2
-"${STLM[@]}" make-checkpoint "$WORK/ckpt" --preset tiny --tokenizer stlm/assets/gpt-neox-20b/tokenizer.json >/dev/null
+"${STLM[@]}" make-checkpoint -o "$WORK/ckpt" --preset tiny --tokenizer stlm/assets/gpt-neox-20b/tokenizer.json >/dev/null
 "${STLM[@]}" export "$WORK/ckpt" -o "$WORK/fp32" >/dev/null
 "${STLM[@]}" export "$WORK/ckpt" -o "$WORK/bf16-concat" --dtype bf16 --kv-cache concat >/dev/null
 "${STLM[@]}" export "$WORK/ckpt" -o "$WORK/int4" --quantize int4 >/dev/null
 expected="$(.venv/bin/stlm generate "$WORK/fp32" -p "Hello world" -n 8 -t 0)"
+"${STLM[@]}" verify "$WORK/ckpt" "$WORK/fp32" --prompts 1 --save-reference "$WORK/ref.json" >/dev/null
+for _ in $(seq 60); do echo "the quick brown fox jumps over the lazy dog."; done >"$WORK/text.txt"
 
 # expect_extra EXTRA CMD...: exit status 2, `error:` first, the pip hint, no traceback.
 expect_extra() {
@@ -41,6 +43,9 @@ expect_extra export "$B" demo --workdir "$WORK/demo"
 expect_extra serve "$B" serve "$WORK/fp32"
 expect_extra reference "$B" verify "$WORK/ckpt" "$WORK/fp32"
 expect_extra eval "$B" eval "$WORK/fp32" --tasks stlm_shakespeare_mc
+expect_extra ray "$B" serve "$WORK/fp32" --replicas 2
+expect_extra export "$B" build-engine "$WORK/fp32" -o "$WORK/never"
+expect_extra reference "$B" perplexity "$WORK/fp32" "$WORK/text.txt" --reference "$WORK/ckpt"
 [[ ! -e "$WORK/never" ]] || fail "a refused export left $WORK/never behind"
 for pkg in fp32 bf16-concat int4; do
     "$B" generate "$WORK/$pkg" -p "Hello world" -n 8 -t 0 >/dev/null || fail "base venv cannot generate with $pkg"
@@ -49,6 +54,10 @@ done
 [[ "$("$B" generate "$WORK/fp32" -p "Hello world" -n 8 -t 0)" == "$expected" ]] || fail "base venv generates other text"
 "$B" bench "$WORK/int4" --prompt-len 8 --gen-len 4 --runs 1 --warmup 0 --json >/dev/null || fail "base venv cannot bench"
 echo "  ok: bench int4" >&2
+"$B" -q verify "$WORK/ref.json" "$WORK/fp32" >/dev/null || fail "base venv cannot verify against a saved reference"
+"$B" -q perplexity "$WORK/fp32" "$WORK/text.txt" --ctx 32 --chunks 2 >/dev/null || fail "base venv cannot run perplexity"
+"$B" -q make-checkpoint -o "$WORK/base-ckpt" --preset tiny >/dev/null || fail "base venv cannot make a checkpoint"
+echo "  ok: verify REF.json, perplexity, make-checkpoint" >&2
 
 echo "== floor venv (base dependencies at their pyproject floors)" >&2
 # The oldest Python that requires-python admits, when this machine has it (pyenv keeps it aside).

@@ -6,62 +6,40 @@ stdout carries only results (generated text, JSON); logs and progress go to stde
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from stlm.cli_common import StlmGroup, add_verbosity_and_envvars, configure_logging, dtype_option
+from stlm.cli_eval import eval_command
+from stlm.cli_output import note, progress
+from stlm.cli_quality import perplexity, verify
 from stlm.cli_serve import serve
 from stlm.errors import StlmError
 from stlm.tensorrt.profiles import DEFAULT_MAX_BATCH
 from stlm.testing.checkpoint import CONFIG_STYLES, PRESETS
 
 
-class _StlmFailure(click.ClickException):
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except StlmError as exc:
-            raise _StlmFailure(str(exc)) from None
-
-
-def _progress(stage: str, done: int, total: int) -> None:
-    """Progress on stderr (a single updating line when stderr is a terminal)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.find_root().params.get("quiet"):
-        return
-    end = "\n" if done >= total or not sys.stderr.isatty() else ""
-    click.echo(f"\r  {stage}: {done}/{total}", err=True, nl=False)
-    if end:
-        click.echo("", err=True)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.group(cls=StlmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="stlm")
-def cli(verbose: bool, quiet: bool) -> None:
-    """stlm: export StableLM-3B-4E1T to ONNX / TensorRT and generate text with it."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """stlm: export StableLM-3B-4E1T to ONNX / TensorRT and generate text with it.
+
+    -v/-q work before or after the command name. Every option can also be set in the environment as
+    STLM_<COMMAND>_<OPTION> (e.g. STLM_GENERATE_TOP_P=0.9; `stlm COMMAND --help` names each one).
+    """
+    configure_logging(ctx)
 
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Package folder to write.")
-@click.option("--dtype", default="fp32", show_default=True, help="Weight and KV precision: fp32, fp16 or bf16.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Package folder to write.")
+@dtype_option("Weight and KV precision.")
+@click.option(
+    "--revision", default=None, help="With a hub id: the branch, tag or commit to fetch [default: the main branch]."
+)
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset.")
 @click.option(
     "--target",
@@ -97,11 +75,12 @@ def cli(verbose: bool, quiet: bool) -> None:
     metavar="FILE",
     help="Jinja chat template to package (replaces the checkpoint's chat_template) [default: the checkpoint's, if any].",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def export(
     model: str,
-    out: Path,
+    output: Path,
     dtype: str,
+    revision: str | None,
     opset: int,
     target: str,
     rotary: str | None,
@@ -113,14 +92,15 @@ def export(
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
     from stlm.export.onnx_export import export_onnx
 
-    click.echo(f"exporting {model} → {out} ({dtype}, opset {opset}, {target})", err=True)
+    note(f"exporting {model} → {output} ({dtype}, opset {opset}, {target})")
     path = export_onnx(
         model,
-        out,
+        output,
         dtype=dtype,
         opset=opset,
+        revision=revision,
         overwrite=overwrite,
-        progress=_progress,
+        progress=progress,
         target=target,
         rotary=rotary,
         kv_cache=kv_cache,
@@ -132,7 +112,7 @@ def export(
 
 @cli.command("build-engine")
 @click.argument("onnx_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
 @click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=int, help="Most sequences per call.")
 @click.option(
     "--max-seq-len",
@@ -163,10 +143,10 @@ def export(
     help="ampere_plus: one engine for every GPU of compute capability ≥ 8.0 (slower kernels).",
 )
 @click.option("--workspace-gib", default=None, type=float, help="Builder workspace limit [default: TensorRT's].")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def build_engine_command(
     onnx_dir: Path,
-    out: Path,
+    output: Path,
     max_batch: int,
     max_seq_len: int | None,
     opt_batch: int | None,
@@ -181,10 +161,10 @@ def build_engine_command(
     """Build a TensorRT engine package from the ONNX package ONNX_DIR (needs TensorRT and a GPU)."""
     from stlm.export.engine import build_engine
 
-    click.echo(f"building a TensorRT engine {onnx_dir} → {out}", err=True)
+    note(f"building a TensorRT engine {onnx_dir} → {output}")
     path = build_engine(
         onnx_dir,
-        out,
+        output,
         max_batch=max_batch,
         max_seq_len=max_seq_len,
         opt_batch=opt_batch,
@@ -195,13 +175,19 @@ def build_engine_command(
         hardware_compat=hardware_compat,
         workspace_gib=workspace_gib,
         overwrite=overwrite,
-        progress=_progress,
+        progress=progress,
     )
     click.echo(str(path))
 
 
 def _read_prompt(prompt: str) -> str:
-    return sys.stdin.read() if prompt == "-" else prompt
+    if prompt != "-":
+        return prompt
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StlmError(f"stdin is not UTF-8 text ({exc})", fix="pass the prompt as UTF-8") from None
 
 
 @cli.command()
@@ -223,6 +209,9 @@ def _read_prompt(prompt: str) -> str:
 @click.option(
     "--chat-template", default=None, metavar="FILE", help="With --chat: this template instead of the package's."
 )
+@click.option(
+    "--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads [default: all cores]."
+)
 def generate(
     package: Path,
     prompt: str,
@@ -238,6 +227,7 @@ def generate(
     chat: bool,
     system: str | None,
     chat_template: str | None,
+    threads: int | None,
 ) -> None:
     """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout).
 
@@ -257,7 +247,7 @@ def generate(
     )
     if (system is not None or chat_template is not None) and not chat:
         raise StlmError("--system and --chat-template apply to chat prompts", fix="add --chat")
-    gen = Generator.load(package)
+    gen = Generator.load(package, threads=threads)
     text = _read_prompt(prompt)
     if chat:
         from stlm.runtime.chat import chat_prompt
@@ -271,102 +261,9 @@ def generate(
         click.echo(gen.generate(text, params))
 
 
-@cli.command()
-@click.argument("reference")
-@click.argument("package", type=click.Path(path_type=Path))
-@click.option("--prompts", default=4, show_default=True, type=int, help="How many of the fixed prompts to run (1-8).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option(
-    "--save-reference",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write the package's logits as polygraphy RunResults JSON (only if it passes), to verify an "
-    "engine later with `stlm verify FILE ENGINE_DIR`.",
-)
-def verify(reference: str, package: Path, prompts: int, as_json: bool, save_reference: Path | None) -> None:
-    """Compare PACKAGE with REFERENCE: a checkpoint (transformers, fp32) or a --save-reference file.
-
-    Exit status 0 within the tolerance for the package's dtype, 1 beyond it, 2 on errors.
-    """
-    import json
-
-    from stlm.verify import verify_package
-
-    report = verify_package(reference, package, prompts=prompts, save_reference_to=save_reference)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
-    sys.exit(0 if report.passed else 1)
-
-
-@cli.command()
-@click.argument("package", type=click.Path(path_type=Path))
-@click.argument("text_file", type=click.Path(path_type=Path))
-@click.option(
-    "--ctx",
-    default=None,
-    type=int,
-    help="Tokens per chunk [default: 512, or the --kl-divergence file's]; first half is context only.",
-)
-@click.option("--chunks", default=None, type=int, help="Score at most this many chunks [default: all].")
-@click.option("--batch", default=1, show_default=True, type=int, help="Chunks run together.")
-@click.option(
-    "--save-logits",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Save the base logits (the package's, or --reference's) to this .npz for a later --kl-divergence.",
-)
-@click.option(
-    "--kl-divergence",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Compare with the logits saved by --save-logits: KLD, top-token agreement, Δppl, Δp.",
-)
-@click.option(
-    "--reference",
-    default=None,
-    help="Compare with a base run beside the package: an stlm package folder (e.g. the fp32 one) or a "
-    "checkpoint run by transformers in fp32 (needs the reference extra).",
-)
-@click.option(
-    "--top-k",
-    default=None,
-    type=int,
-    help="Log-probabilities kept per position by --save-logits [default: 1024; 0: all, and the KLD is exact].",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def perplexity(
-    package: Path,
-    text_file: Path,
-    ctx: int | None,
-    chunks: int | None,
-    batch: int,
-    save_logits: Path | None,
-    kl_divergence: Path | None,
-    reference: str | None,
-    top_k: int | None,
-    as_json: bool,
-) -> None:
-    """Perplexity of PACKAGE over TEXT_FILE (llama-perplexity's chunks), optionally its KL divergence from a base."""
-    import json
-
-    from stlm.quality import run_perplexity
-
-    report = run_perplexity(
-        package,
-        text_file,
-        ctx=ctx,
-        chunks=chunks,
-        batch=batch,
-        save_logits=save_logits,
-        kl_divergence=kl_divergence,
-        reference=reference,
-        top_k=top_k,
-        progress=_progress,
-    )
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
-
-
 @cli.command("make-checkpoint")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Checkpoint folder to write.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True, help="Model scale.")
 @click.option(
     "--tokenizer",
@@ -375,7 +272,7 @@ def perplexity(
     help="tokenizer.json to ship (default: a small BPE trained locally).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--dtype", default="fp32", show_default=True, help="Weight storage: fp32, fp16 or bf16.")
+@dtype_option("Weight storage.")
 @click.option(
     "--config-style",
     type=click.Choice(list(CONFIG_STYLES)),
@@ -383,12 +280,35 @@ def perplexity(
     show_default=True,
     help="4.38: config.json, shards and tokenizer files as stabilityai/stablelm-3b-4e1t is published.",
 )
-def make_checkpoint(out: Path, preset: str, tokenizer: Path | None, seed: int, dtype: str, config_style: str) -> None:
-    """Write a random-weight StableLM checkpoint (the embedded default) to OUT (numpy only, no torch)."""
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a checkpoint make-checkpoint wrote.")
+def make_checkpoint(
+    out: Path | None,
+    output: Path | None,
+    preset: str,
+    tokenizer: Path | None,
+    seed: int,
+    dtype: str,
+    config_style: str,
+    overwrite: bool,
+) -> None:
+    """Write a random-weight StableLM checkpoint (the embedded default) to -o OUT (numpy only, no torch)."""
     from stlm.testing import write_random_checkpoint
 
+    if (out is None) == (output is None):
+        raise StlmError(
+            "make-checkpoint needs its folder once: " + ("none was given" if out is None else "OUT and -o both given"),
+            fix="stlm make-checkpoint -o OUT",
+        )
+    folder = output if output is not None else out
+    assert folder is not None
     path = write_random_checkpoint(
-        out, shape=preset, seed=seed, tokenizer=tokenizer, dtype=dtype, config_style=config_style
+        folder,
+        shape=preset,
+        seed=seed,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        config_style=config_style,
+        overwrite=overwrite,
     )
     click.echo(str(path))
 
@@ -407,8 +327,8 @@ def demo(workdir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None
         prompt=prompt,
         max_new_tokens=max_new_tokens,
         tokenizer=tokenizer,
-        progress=_progress,
-        log=lambda msg: click.echo(msg, err=True),
+        progress=progress,
+        log=note,
     ):
         click.echo(piece, nl=False)
     click.echo()
@@ -437,12 +357,9 @@ def bench(
     click.echo(json.dumps(r.to_dict()) if as_json else r.format())
 
 
-cli.add_command(serve)
-
-
-from stlm.cli_eval import eval_command  # noqa: E402 - the command lives with its options
-
-cli.add_command(eval_command)
+for _command in (verify, perplexity, serve, eval_command):
+    cli.add_command(_command)
+add_verbosity_and_envvars(cli)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from stlm.cli_output import note
+
 
 def _names(*names: str) -> list[str]:
     """An option's lm-eval spelling (``--num_fewshot``) and its dashed alias (``--num-fewshot``)."""
@@ -89,4 +91,4 @@ def eval_command(
     else:
         click.echo(results_table(results))
     if output_path is not None:
-        click.echo(f"results written under {output_path}", err=True)
+        note(f"results written under {output_path}")

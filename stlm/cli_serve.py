@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
+from stlm.cli_output import quiet
 from stlm.extras import require_extra
 from stlm.serve.config import LOG_LEVELS, LOGPROBS_MODES, ServeConfig
 
@@ -141,6 +143,9 @@ def serve(
 
     With --replicas or --autoscale, the same server runs as replicas on Ray Serve (pip install 'stlm[ray]').
     """
+    ctx = click.get_current_context()
+    if quiet() and ctx.get_parameter_source("log_level") in (None, ParameterSource.DEFAULT):
+        options["log_level"] = "error"  # -q: errors only, unless --log-level says otherwise
     if any(v is not None for v in (replicas, autoscale, ray_address, num_cpus, num_gpus)):
         require_extra("ray", feature="serving on Ray Serve (--replicas/--autoscale)")
         from stlm.serve.ray import run_ray_server

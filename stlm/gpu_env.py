@@ -12,7 +12,9 @@ module: with both installed, whichever pip wrote last wins, file by file. pip ca
 docs/tensorrt.md) and this module detects the mixed state.
 
 The functions taking versions or distribution lists are pure (tested with fake inputs);
-:func:`installed_distributions` and :func:`probe_cuda_driver` read the real environment.
+:func:`installed_distributions`, :func:`installed_onnxruntime_builds` and :func:`probe_cuda_driver`
+read the real environment. Used by the ONNX Runtime session (a mixed install is an error when CUDA
+is asked for, a warning otherwise) and the CUDA helpers (an old driver is named as such).
 Nothing here imports onnxruntime, TensorRT or cuda-python at module import.
 """
 
@@ -93,6 +95,20 @@ def installed_distributions() -> dict[str, str]:
         name = dist.metadata["Name"]
         if name:
             found.setdefault(normalize_name(name), dist.version)
+    return found
+
+
+def installed_onnxruntime_builds() -> dict[str, str]:
+    """The installed distributions among :data:`ONNXRUNTIME_BUILDS` (name -> version); cheap enough
+    to call on every session start (a few metadata lookups, not a scan of every distribution)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ONNXRUNTIME_BUILDS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
     return found
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal
 
 from stlm.config import ModelConfig
@@ -23,6 +23,7 @@ MANIFEST_NAME: Final = "stlm.json"
 FORMAT: Final = "stlm-package"
 FORMAT_VERSION: Final = 2
 EXPORT_AGAIN: Final = "export the package again with this version of stlm"
+_MAX_MANIFEST_BYTES: Final = 16 << 20
 
 PackageKind = Literal["onnx", "tensorrt"]
 PACKAGE_KINDS: Final[tuple[PackageKind, ...]] = ("onnx", "tensorrt")
@@ -87,11 +88,11 @@ class Manifest:
             raise ValueError(f"kind is {kind!r}, expected one of {', '.join(PACKAGE_KINDS)}")
         manifest = cls(
             kind=kind,
-            graph=str(data["graph"]),
-            tokenizer=str(data["tokenizer"]),
+            graph=_name(data["graph"]),
+            tokenizer=_name(data["tokenizer"]),
             model=ModelConfig.from_dict(data["model"]),
             contract=Contract.from_dict(data["contract"]),
-            generation=Generation(**data["generation"]),
+            generation=_generation(data["generation"]),
             versions=dict(data.get("versions", {})),
             variant=Variant.from_dict(data["variant"]),
             extra=dict(data.get("extra", {})),
@@ -103,10 +104,51 @@ class Manifest:
         return manifest
 
 
-def _optional_name(value: Any) -> str | None:
-    if value is not None and not isinstance(value, str):
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
         raise TypeError(f"a file name is {type(value).__name__}, expected a string")
     return value
+
+
+def _optional_name(value: Any) -> str | None:
+    return None if value is None else _name(value)
+
+
+def _generation(data: Any) -> Generation:
+    if not isinstance(data, dict):
+        raise TypeError(f"generation is {type(data).__name__}, expected an object")
+    generation = Generation(**data)
+    for key, value in vars(generation).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"generation.{key} is {value!r}, expected a non-negative integer")
+    if generation.context_length < 1:
+        raise ValueError("generation.context_length is 0, expected at least 1")
+    return generation
+
+
+def confined_file(folder: Path, name: str) -> Path:
+    """``folder/name``, which must be a file inside ``folder`` (a relative path without ``..``, and
+    no symlink leading out); else a :class:`PackageError`."""
+    inner = PurePosixPath(name)
+    path = folder / name
+    root = folder.resolve()
+    if inner.is_absolute() or ".." in inner.parts or not name or "\\" in name:
+        raise PackageError(
+            f"{folder}/{MANIFEST_NAME} names the file {name!r}, which is not inside the package",
+            fix="a package names only its own files: " + EXPORT_AGAIN,
+        )
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise PackageError(
+            f"{path} leads out of the package (to {real})",
+            fix="copy the package with its files (not symlinks to elsewhere), or " + EXPORT_AGAIN,
+        )
+    if not real.is_file():
+        raise PackageError(
+            f"{folder} lacks {name}, which its manifest names",
+            fix="copy the whole package folder, or export again",
+        )
+    return path
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -149,17 +191,17 @@ def read_manifest(folder: Path) -> Manifest:
             fix="pass the folder written by `stlm export -o FOLDER`, or export again",
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise ValueError(f"it has more than {_MAX_MANIFEST_BYTES} bytes")
+        data = json.loads(path.read_bytes().decode("utf-8"))
         _check_format(data)
         manifest = Manifest.from_dict(data)
     except PackageError as exc:
         raise PackageError(f"{path}: {exc.problem}", fix=exc.fix) from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PackageError(f"{path} is not a valid stlm manifest ({exc})", fix=EXPORT_AGAIN) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise PackageError(f"{path} is not a valid stlm manifest ({reason})", fix=EXPORT_AGAIN) from None
     for name in (manifest.graph, manifest.tokenizer, manifest.chat_template, manifest.tokenizer_config):
-        if name is not None and not (folder / name).is_file():
-            raise PackageError(
-                f"{folder} lacks {name}, which its manifest names",
-                fix="copy the whole package folder, or export again",
-            )
+        if name is not None:
+            confined_file(folder, name)
     return manifest

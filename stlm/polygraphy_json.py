@@ -91,9 +91,9 @@ def read_run_results(path: Path) -> tuple[list[tuple[str, list[dict[str, np.ndar
             runners.append(
                 (str(name), [{key: _decode_output(value) for key, value in it["outputs"].items()} for it in iterations])
             )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         raise InvalidArgumentError(
-            f"{path} is not a polygraphy RunResults JSON file ({exc})",
+            f"{path} is not a polygraphy RunResults JSON file ({type(exc).__name__}: {str(exc)[:200]})",
             fix="pass the file written by `stlm verify CHECKPOINT PACKAGE --save-reference FILE`",
         ) from None
     return runners, {k: v for k, v in data.items() if k not in ("lst", TYPE_MARKER)}

@@ -37,6 +37,7 @@ from stlm.verify_reference import (
     PROMPTS,
     TWO_STEP_FIX,
     Reference,
+    check_reference_path,
     read_reference,
     save_reference,
     transformers_reference,
@@ -285,6 +286,8 @@ def verify_package(
     from stlm.runtime import Generator
 
     package = Path(package)
+    if save_reference_to is not None:
+        check_reference_path(Path(save_reference_to))
     manifest = read_manifest(package)
     _check_verifiable(package, manifest, prompts, steps)
     ref = _reference(reference, package, manifest, prompts, steps)

@@ -7,6 +7,7 @@ This module imports torch/transformers only when a checkpoint is the reference.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,9 @@ from typing import Final
 
 import numpy as np
 
-from stlm.config import load_model_config
-from stlm.errors import CheckpointError, InvalidArgumentError
-from stlm.extras import require_extra
+from stlm.errors import InvalidArgumentError
 from stlm.polygraphy_json import read_run_results, write_run_results
+from stlm.reference_model import load_reference_model
 
 PROMPTS: Final = (
     "The capital of France is",
@@ -53,27 +53,9 @@ class Reference:
 
 def transformers_reference(checkpoint: str | Path, prompts: Sequence[Sequence[int]], steps: int) -> Reference:
     """Greedy runs of transformers' StableLmForCausalLM in fp32 (safetensors only, no remote code)."""
-    require_extra("reference", feature="verifying against a checkpoint (transformers runs the reference)")
-    import torch
-    from transformers import StableLmForCausalLM
-    from transformers.utils import logging as hf_logging
+    model = load_reference_model(checkpoint, feature="verifying against a checkpoint (transformers runs the reference)")
+    import torch  # after the extra check: without it, the error names the extra
 
-    from stlm.export.checkpoint import resolve_checkpoint
-
-    folder = resolve_checkpoint(checkpoint)
-    load_model_config(folder)  # a clear error for a non-StableLM before transformers tries
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"transformers cannot load {folder} ({type(exc).__name__}: {str(exc)[:300]})",
-            fix="pass a StableLM checkpoint folder with config.json and *.safetensors",
-        ) from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     tokens, logits = [], []
     with torch.no_grad():
         for ids in prompts:
@@ -108,7 +90,7 @@ def read_reference(path: Path) -> Reference:
         prompts = tuple(tuple(int(t) for t in p) for p in meta["prompts"])
         tokens = tuple(tuple(int(t) for t in p) for p in meta["tokens"])
         saved_class = str(meta["accuracy_class"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgumentError(f"{path} has a malformed stlm verify record ({exc!r})", fix=TWO_STEP_FIX) from None
     if not (len(prompts) == len(tokens) == len(logits)) or any(
         len(t) != len(x) for t, x in zip(tokens, logits, strict=True)
@@ -139,5 +121,43 @@ def save_reference(
         "tokens": [list(t) for t in reference.tokens],
         "outputs": {LOGITS: "(steps, vocab) float32 per prompt"},
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return write_run_results(Path(path), [(runner, [{LOGITS: x} for x in package_logits])], extra={REFERENCE_KEY: meta})
+    path = Path(path)
+    check_reference_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write_run_results(tmp, [(runner, [{LOGITS: x} for x in package_logits])], extra={REFERENCE_KEY: meta})
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"could not write {path} ({exc})", fix="pass another --save-reference path"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_reference_path(path: Path) -> None:
+    """Raise unless ``path`` can take a reference file: a new file in a folder we can write (or
+    create), or a reference file written earlier. Checked before a verify run, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidArgumentError(f"{path} is a folder", fix="pass a file name for --save-reference, e.g. ref.json")
+    here = path.parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir() or not os.access(here, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(
+            f"cannot write {path}: {here} is not a folder this user can write to",
+            fix="pass a --save-reference path in a writable folder",
+        )
+    if path.exists():
+        try:
+            _, extra = read_run_results(path)
+        except InvalidArgumentError:
+            extra = {}
+        if REFERENCE_KEY not in extra:
+            raise InvalidArgumentError(
+                f"{path} exists and is not an stlm verify reference; it will not be replaced",
+                fix="pass a new file name for --save-reference (or delete the file yourself)",
+            )

@@ -112,10 +112,10 @@ def test_generate_folder_without_manifest(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--max-new-tokens", "0"], ["max_new_tokens", "0"]),
+        (["--max-new-tokens", "0"], ["--max-new-tokens 0"]),
         (["--max-new-tokens", "-3"], ["-3"]),
-        (["--temperature", "-0.5"], ["temperature", "-0.5"]),
-        (["--top-p", "0"], ["top_p", "0"]),
+        (["--temperature", "-0.5"], ["--temperature -0.5"]),
+        (["--top-p", "0"], ["--top-p 0"]),
         (["--top-p", "1.5"], ["1.5"]),
         (["--max-new-tokens", "5000"], ["5000", "context"]),
     ],

@@ -93,17 +93,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_logprobs_are_the_log_softmax_of_the_models_logits(gen: Generator, temperature: float) -> None:
-    """Greedy: log-softmax of the logits; sampling without truncation: log-softmax of logits / T.
-    The logits come from teacher-forcing the generated sequence (Generator.logits)."""
-    params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=1, logprobs=True)
+@pytest.mark.parametrize(("temperature", "mode"), [(0.0, "raw"), (0.7, "raw"), (0.0, "processed"), (0.7, "processed")])
+def test_logprobs_are_the_log_softmax_of_the_models_logits(gen: Generator, temperature: float, mode: str) -> None:
+    """``raw`` (OpenAI's definition): log-softmax of the model's logits whatever the temperature;
+    ``processed``: log-softmax of logits / T. The logits come from teacher-forcing the generated
+    sequence (Generator.logits)."""
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=1, logprobs=True, logprobs_mode=mode)
     result = gen.complete([PROMPTS[1]], params)[0]
     assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids) > 0
     prompt = gen.encode_prompt(PROMPTS[1])
     logits = gen.logits([prompt + list(result.token_ids)])[0]
     steps = logits[len(prompt) - 1 : len(prompt) - 1 + len(result.token_ids)]
-    want = _log_softmax(steps / (temperature or 1.0))[np.arange(len(result.token_ids)), list(result.token_ids)]
+    scale = temperature if mode == "processed" and temperature else 1.0
+    want = _log_softmax(steps / scale)[np.arange(len(result.token_ids)), list(result.token_ids)]
     np.testing.assert_allclose(result.logprobs, want, rtol=0, atol=1e-4)
     assert gen.complete([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0].logprobs is None
 

@@ -585,3 +585,46 @@ def test_engine_greedy_tokens_match_onnxruntime(engine_dir: Path, package: Path)
     got = Generator.load(engine_dir).complete(prompts, temperature=0, max_new_tokens=12)
     want = Generator.load(package).complete(prompts, temperature=0, max_new_tokens=12)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+class _RecordingConfig:
+    """What the builder config is told (a stand-in for IBuilderConfig's setters)."""
+
+    def __init__(self) -> None:
+        self.cleared: list[str] = []
+        self.profiles = 0
+
+    def clear_flag(self, flag: str) -> None:
+        self.cleared.append(flag)
+
+    def add_optimization_profile(self, profile: object) -> None:
+        self.profiles += 1
+
+    def create_timing_cache(self, data: bytes) -> object:
+        return object()
+
+    def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        return True
+
+
+class _RecordingProfile:
+    def set_shape(self, name: str, lo: object, opt: object, hi: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("dtype", "tf32_cleared"), [("fp32", True), ("fp16", False)])
+def test_builder_config_clears_tf32_for_fp32_packages(package: Path, dtype: str, tf32_cleared: bool) -> None:
+    """TF32 (on by default) would round an fp32 package's matmul inputs to 10-bit mantissas."""
+    from types import SimpleNamespace
+
+    from stlm.export.engine import BuildOptions, _builder_config
+
+    source = read_manifest(package)
+    variant = dataclasses.replace(source.variant, weight_dtype=dtype, compute_dtype=dtype)
+    source = dataclasses.replace(source, variant=variant)
+    config = _RecordingConfig()
+    builder = SimpleNamespace(create_builder_config=lambda: config, create_optimization_profile=_RecordingProfile)
+    trt = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="TF32"))
+    profiles = engine_profiles(max_batch=2, max_seq_len=64, context_length=source.generation.context_length)
+    assert _builder_config(trt, builder, source, profiles, BuildOptions()) is config
+    assert (config.cleared == ["TF32"]) is tf32_cleared and config.profiles == 2

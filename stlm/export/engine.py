@@ -26,9 +26,10 @@ from stlm.export.engine_build import (
     progress_monitor,
     save_timing_cache,
 )
-from stlm.export.staging import staged_folder
+from stlm.export.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
+from stlm.plugins.partial_rotary.plugin import check_hardware_compat
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
 from stlm.progress import Progress
 from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
@@ -73,18 +74,6 @@ def _check_options(options: BuildOptions) -> None:
         raise InvalidArgumentError(
             f"--timing-cache {str(options.timing_cache)!r} is a folder",
             fix="pass a file path, e.g. --timing-cache ~/.cache/stlm/a100.timing",
-        )
-
-
-def _check_output(out: Path, onnx_dir: Path, overwrite: bool) -> None:
-    if out.resolve() == onnx_dir.resolve():
-        raise InvalidArgumentError(
-            f"the engine folder {str(out)!r} is the ONNX package folder", fix="pass another -o folder for the engine"
-        )
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidArgumentError(
-            f"output folder {str(out)!r} already exists and is not empty",
-            fix="pass another -o folder, or --overwrite to replace it",
         )
 
 
@@ -175,6 +164,10 @@ def _builder_config(
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
     config.builder_optimization_level = options.builder_optimization_level
+    if source.variant.compute_dtype == "fp32":
+        # TF32 is on by default and rounds fp32 matmul inputs to 10-bit mantissas: an fp32 package
+        # must compute in fp32 (its tolerance class is fp32's)
+        config.clear_flag(trt.BuilderFlag.TF32)
     if options.hardware_compat == "ampere_plus":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     for profile in profiles:
@@ -303,30 +296,35 @@ def build_engine(
         opt_seq_len=opt_seq_len,
         prefill_chunk=prefill_chunk,
     )
-    _check_output(out, onnx_dir, overwrite)
-    trt, gpu = import_tensorrt(), _gpu_for(options)
+    check_output(out, overwrite=overwrite, protect=[onnx_dir])
     graph = onnx_dir / source.graph
     plugin = _plugin_record(graph, source)
+    if plugin is not None and plugin["aot"]:
+        check_hardware_compat(options.hardware_compat)  # before the GPU: AOT PTX must suit the level
+    trt, gpu = import_tensorrt(), _gpu_for(options)
     if plugin is not None:
         register_rotary_plugin(required=True)
     start = time.perf_counter()
     serialized = _serialize(trt, graph, source, profiles, options, progress)
     seconds = time.perf_counter() - start
     manifest = _engine_manifest(source, onnx_dir, trt.__version__, gpu, profiles, options, plugin, seconds)
-    _write_package(out, serialized, onnx_dir, manifest, progress)
+    _write_package(out, serialized, onnx_dir, manifest, progress, overwrite=overwrite)
     log.info("built %s → %s in %.1f s", onnx_dir, out, seconds)
     return out
 
 
-def _write_package(out: Path, serialized: Any, onnx_dir: Path, manifest: Manifest, progress: Progress | None) -> None:
+def _write_package(
+    out: Path, serialized: Any, onnx_dir: Path, manifest: Manifest, progress: Progress | None, *, overwrite: bool
+) -> None:
     """The engine package folder (engine, tokenizer files of the ONNX package ``onnx_dir``), written
     under a temporary name and renamed when complete."""
     if progress:
         progress("write", 0, 1)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, overwrite=overwrite, protect=[onnx_dir]) as tmp:
         (tmp / ENGINE_NAME).write_bytes(serialized)
         shutil.copyfile(onnx_dir / manifest.tokenizer, tmp / manifest.tokenizer)
         copy_tokenizer_files(onnx_dir, tmp, TokenizerFiles(manifest.chat_template, manifest.tokenizer_config))
         write_manifest(tmp, manifest)
+        read_manifest(tmp)  # a package written is a package that loads
     if progress:
         progress("write", 1, 1)

@@ -21,10 +21,11 @@ from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
-from stlm.export.staging import staged_folder
+from stlm.export.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
+from stlm.export.validate import check_tokenizer, check_weights
 from stlm.export.weights import SafetensorsCheckpoint
-from stlm.manifest import Generation, Manifest, write_manifest
+from stlm.manifest import Generation, Manifest, read_manifest, write_manifest
 from stlm.ort_versions import MAX_OPSET, required_onnxruntime
 from stlm.progress import Progress
 from stlm.variant import (
@@ -168,14 +169,6 @@ def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str, chat:
     )
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidArgumentError(
-            f"output folder {str(out)!r} already exists and is not empty",
-            fix="pass another -o folder, or --overwrite to replace it",
-        )
-
-
 def export_onnx(
     model: str | Path,
     out: Path,
@@ -187,6 +180,7 @@ def export_onnx(
     kv_cache: str | None = None,
     quantize: str | None = None,
     chat_template: str | Path | None = None,
+    revision: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -198,12 +192,13 @@ def export_onnx(
     own ``RotaryEmbedding`` (opset ≥ 23). ``kv_cache``: 'inplace' (default for ONNX Runtime) or
     'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
     ``chat_template`` (a file, or the template text) replaces the checkpoint's chat template
-    (:mod:`stlm.export.tokenizer_files`).
+    (:mod:`stlm.export.tokenizer_files`). ``revision``: the branch, tag or commit of a hub id.
     """
     out = Path(out)
     parse_dtype(dtype)
-    _check_output(out, overwrite)
-    checkpoint = resolve_checkpoint(model)
+    protect = [Path(model)] if Path(model).exists() else []
+    check_output(out, overwrite=overwrite, protect=protect)
+    checkpoint = resolve_checkpoint(model, revision=revision)
     cfg = load_model_config(checkpoint)
     variant, opset = plan_variant(
         cfg, dtype=dtype, target=target, rotary=rotary, kv_cache=kv_cache, quantize=quantize, opset=opset
@@ -215,8 +210,10 @@ def export_onnx(
             fix="copy the checkpoint's tokenizer.json (the fast tokenizer file) into the folder",
         )
     ckpt = SafetensorsCheckpoint(checkpoint)
+    check_weights(cfg, ckpt, str(checkpoint))
+    check_tokenizer(cfg, tokenizer)
     start = time.perf_counter()
-    with staged_folder(out) as tmp:
+    with staged_folder(out, overwrite=overwrite, protect=[checkpoint]) as tmp:
         data_path = tmp / DATA_NAME if variant.external_data else None
         graph = build_decoder(cfg, ckpt, variant, opset=opset, data_path=data_path, progress=progress)
         (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
@@ -227,5 +224,6 @@ def export_onnx(
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
         chat = write_tokenizer_files(checkpoint, tmp, chat_template)
         write_manifest(tmp, _manifest(cfg, variant, opset, str(model), chat))
+        read_manifest(tmp)  # a package written is a package that loads
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out

@@ -45,7 +45,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc})", fix="restore the checkpoint's file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds {type(data).__name__}, expected an object", fix="restore the file")

@@ -76,7 +76,7 @@ def _is_logits_file(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as data:
             return bool(json.loads(bytes(data["meta"]).decode("utf-8")).get("format") == FORMAT)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError):
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, AttributeError, RecursionError):
         return False
 
 
@@ -139,7 +139,7 @@ def load_base_logits(path: Path) -> BaseLogits:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode("utf-8"))
             arrays = {name: data[name] for name in data.files if name != "meta"}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, RecursionError) as exc:
         raise _bad(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _bad(path, "no stlm-logits record")

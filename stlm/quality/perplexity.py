@@ -192,18 +192,7 @@ def run_perplexity(
         _check_saved(saved, tokens, ctx, vocab, saved_path)
         ctx, chunks = saved.ctx, min(chunks or saved.chunks, saved.chunks)
         base = Base(f"{saved.source} (saved logits {saved_path})", saved=saved)
-    ctx = ctx or min(DEFAULT_CTX, gen.context_length)
-    if ctx > gen.context_length:
-        raise InvalidArgumentError(
-            f"--ctx {ctx} exceeds the package's context of {gen.context_length} tokens",
-            fix=f"pass --ctx ≤ {gen.context_length}",
-        )
-    pieces = make_chunks(tokens, ctx, chunks)
-    if not pieces:
-        raise InvalidArgumentError(
-            f"{text_file} has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}",
-            fix=f"pass a longer text, or a smaller --ctx (≤ {len(tokens)})",
-        )
+    pieces = _chunks_of(tokens, ctx or min(DEFAULT_CTX, gen.context_length), chunks, gen.context_length, text_file)
     if reference is not None:
         base = _reference(Path(reference))
     keep = None if save is None else (0 if top_k >= vocab else top_k)
@@ -217,6 +206,21 @@ def run_perplexity(
         source = base.name if base is not None else f"{package} ({_describe(gen)})"
         saved_to = str(save_base_logits(save, _to_save(got, pieces, vocab, keep or 0, source)))
     return _report(gen, package, text_file, len(tokens), pieces, got, seconds, base, saved_to)
+
+
+def _chunks_of(tokens: list[int], ctx: int, chunks: int | None, context: int, text_file: str | Path) -> list[list[int]]:
+    """The chunks to score, or an error when ``ctx`` exceeds the package's context or the text is too short."""
+    if ctx > context:
+        raise InvalidArgumentError(
+            f"--ctx {ctx} exceeds the package's context of {context} tokens", fix=f"pass --ctx ≤ {context}"
+        )
+    pieces = make_chunks(tokens, ctx, chunks)
+    if not pieces:
+        raise InvalidArgumentError(
+            f"{text_file} has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}",
+            fix=f"pass a longer text, or a smaller --ctx (≤ {len(tokens)})",
+        )
+    return pieces
 
 
 def _evaluate(

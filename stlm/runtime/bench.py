@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
-from stlm.manifest import read_manifest
+from stlm.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
+from stlm.runtime.memory import host_memory_available, kv_cache_bytes
 from stlm.variant import Variant
 
 
@@ -77,6 +78,30 @@ def _check_sizes(**sizes: int) -> None:
             )
 
 
+MAX_BATCH = 4096
+#: the KV cache plus the prefill's activations may take at most this fraction of the memory left
+MEMORY_FRACTION = 0.8
+
+
+def _check_memory(manifest: Manifest, batch: int, prompt_len: int, gen_len: int) -> None:
+    """Refuse a run the machine cannot hold (rather than be ended by the OOM killer)."""
+    if batch > MAX_BATCH:
+        raise InvalidArgumentError(f"--batch {batch} is more than {MAX_BATCH}", fix=f"pass --batch ≤ {MAX_BATCH}")
+    cfg = manifest.model
+    kv = kv_cache_bytes(manifest, batch, prompt_len + gen_len)
+    widest = max(3 * cfg.hidden_size, 2 * cfg.intermediate_size, cfg.num_heads * prompt_len)
+    # activations: the widest prefill tensor (MLP, or the attention scores) twice over, in float32
+    need = kv + batch * prompt_len * widest * 4 * 2 + batch * cfg.vocab_size * 4
+    available = host_memory_available()
+    if available is not None and need > available * MEMORY_FRACTION:
+        fits = int(available * MEMORY_FRACTION) // max(1, need // batch)
+        raise InvalidArgumentError(
+            f"--batch {batch} × {prompt_len + gen_len} tokens needs about {need / 1e9:.1f} GB "
+            f"(KV cache {kv / 1e9:.1f} GB and activations), but {available / 1e9:.1f} GB of memory is available",
+            fix=f"pass --batch ≤ {fits}" if fits >= 1 else "pass a shorter --prompt-len/--gen-len, or free memory",
+        )
+
+
 def _timed_run(backend: Backend[Any], prompts: list[list[int]], gen_len: int) -> tuple[float, float, list[float]]:
     """One prefill + greedy decode: (time to first token, decode seconds, each decode step's seconds)."""
     cache = backend.new_cache(len(prompts), len(prompts[0]) + gen_len)
@@ -110,6 +135,7 @@ def run_benchmark(
             f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the context of {manifest.generation.context_length}",
             fix="lower --prompt-len or --gen-len",
         )
+    _check_memory(manifest, batch, prompt_len, gen_len)
     from stlm.runtime.generator import Generator
 
     backend = Generator.load(package, threads=threads).backend

@@ -116,7 +116,7 @@ def _package_variables(folder: Path, manifest: Manifest, tokenizer: Tokenizer) -
         path = folder / manifest.tokenizer_config
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise PackageError(f"{path} is not valid JSON ({exc})", fix="export the package again") from None
         variables.update(special_tokens(config if isinstance(config, dict) else {}))
     return variables

@@ -7,6 +7,7 @@ threads: it holds no per-call state (each call owns its KV cache, freed when the
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,11 @@ __all__ = ["Completion", "Generator"]
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    if params is not None and not isinstance(params, SamplingParams):
+        raise InvalidArgumentError(
+            f"params is a {type(params).__name__}, expected a SamplingParams",
+            fix="pass SamplingParams(...), or the options as keywords: generate(prompt, max_new_tokens=...)",
+        )
     base = params or SamplingParams()
     try:
         return dataclasses.replace(base, **overrides) if overrides else base
@@ -36,6 +42,20 @@ def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> Samplin
             f"unknown sampling option ({exc})",
             fix=f"use the fields of SamplingParams: {', '.join(f.name for f in dataclasses.fields(SamplingParams))}",
         ) from None
+
+
+MAX_THREADS = 1024  # ONNX Runtime starts every intra-op thread up front
+
+
+def _check_threads(threads: object) -> None:
+    """``threads``: None or 1 .. :data:`MAX_THREADS`."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise InvalidArgumentError(
+            f"threads={threads!r} is invalid: expected an int from 1 to {MAX_THREADS}",
+            fix=f"pass --threads N with N ≤ the number of cores ({os.cpu_count()} here), or omit it to use them all",
+        )
 
 
 class Generator:
@@ -55,6 +75,7 @@ class Generator:
         ONNX packages run on ``device`` ('cpu' or 'cuda'; None: CUDA when onnxruntime-gpu has a GPU,
         else the CPU) with ``threads`` intra-op threads.
         """
+        _check_threads(threads)
         folder = Path(folder)
         manifest = read_manifest(folder)
         tokenizer = Tokenizer.from_file(folder / manifest.tokenizer)

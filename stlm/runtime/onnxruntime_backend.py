@@ -28,11 +28,11 @@ import onnxruntime as ort
 from stlm.contract import ATTENTION_MASK, LOGITS
 from stlm.dtypes import ONNX_BFLOAT16, numpy_dtype
 from stlm.errors import BackendUnavailableError
+from stlm.gpu_env import GPU_INSTALL_FIX
 from stlm.manifest import Manifest
 from stlm.runtime.backend import last_position_logits
 from stlm.runtime.ort_session import CUDA_PROVIDER, device_for, open_session, providers_for
 from stlm.runtime.steps import InplaceCall, check_capacity, check_feed, concat_step, plan_inplace_step
-from stlm.tensorrt.gpu import GPU_FIX
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class OnnxRuntimeBackend:
 def _cuda_unavailable(session: ort.InferenceSession) -> Exception:
     return BackendUnavailableError(
         f"ONNX Runtime could not start its CUDA execution provider (running on {session.get_providers()})",
-        fix=GPU_FIX,
+        fix=GPU_INSTALL_FIX,
     )
 
 

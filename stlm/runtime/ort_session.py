@@ -7,15 +7,20 @@ otherwise the CPU.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import onnxruntime as ort
 
 from stlm.errors import BackendUnavailableError, PackageError
+from stlm.gpu_env import GPU_INSTALL_FIX, installed_onnxruntime_builds, onnxruntime_conflict
 from stlm.manifest import EXPORT_AGAIN, Manifest
 from stlm.ort_versions import check_onnxruntime
-from stlm.tensorrt.gpu import GPU_FIX
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 CPU_PROVIDER: Final = "CPUExecutionProvider"
 CUDA_PROVIDER: Final = "CUDAExecutionProvider"
@@ -31,8 +36,19 @@ def cuda_provider_available() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-def device_for(device: str | None) -> str:
-    """``'cuda'`` or ``'cpu'``: the one asked for, else CUDA when onnxruntime-gpu has it."""
+def device_for(device: str | None, *, installed: Mapping[str, str] | None = None) -> str:
+    """``'cuda'`` or ``'cpu'``: the one asked for, else CUDA when onnxruntime-gpu has it.
+
+    Several ONNX Runtime builds installed at once (``installed``: name -> version; default: this
+    environment's) are an error when CUDA is asked for, else a warning (once per process).
+    """
+    conflict = onnxruntime_conflict(installed_onnxruntime_builds() if installed is None else installed)
+    if conflict is not None:
+        if device == "cuda":
+            raise conflict.as_error()
+        if conflict.problem not in _warned:
+            _warned.add(conflict.problem)
+            log.warning("%s (fix: %s)", conflict.problem, conflict.fix)
     if device is None:
         return "cuda" if cuda_provider_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -41,7 +57,7 @@ def device_for(device: str | None) -> str:
         raise BackendUnavailableError(
             f"this ONNX Runtime ({ort.__version__}) has no CUDA execution provider "
             f"(available: {', '.join(ort.get_available_providers())})",
-            fix=GPU_FIX,
+            fix=GPU_INSTALL_FIX,
         )
     return device
 

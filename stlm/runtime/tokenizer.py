@@ -91,7 +91,10 @@ class Tokenizer:
                 f"text to encode is {type(text).__name__} {text!r:.60}, expected a str",
                 fix="pass the prompt as a Python str (decode bytes with .decode('utf-8') first)",
             )
-        return self._backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a str the Rust side cannot take: lone surrogates
+            raise _not_unicode(text) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode` for several texts (encoded in parallel by the backend)."""
@@ -107,7 +110,10 @@ class Tokenizer:
                     f"text to encode is {type(text).__name__} {text!r:.60}, expected a str",
                     fix="pass every prompt as a Python str",
                 )
-        return [e.ids for e in self._backend.encode_batch(batch, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._backend.encode_batch(batch, add_special_tokens=False)]
+        except TypeError:
+            raise _not_unicode(next((t for t in batch if _has_surrogate(t)), "")) from None
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; equals transformers' ``decode(ids, skip_special_tokens=...)``."""
@@ -118,15 +124,36 @@ class Tokenizer:
                     "expected a 1-D integer array",
                     fix="pass one sequence of token ids (one row of a batch)",
                 )
-            if ids.size and int(ids.min()) < 0:
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= _MAX_ID):
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
                 raise InvalidArgumentError(
-                    f"ids to decode contain the negative id {int(ids.min())}, expected ids >= 0",
+                    f"ids to decode contain the id {bad}, expected ids from 0 to {_MAX_ID - 1}",
                     fix="pass token ids produced by the model or by encode()",
                 )
             id_list = ids.tolist()
         else:
             id_list = [_check_id(i) for i in ids]
         return self._backend.decode(id_list, skip_special_tokens=skip_special_tokens)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _not_unicode(text: str) -> InvalidArgumentError:
+    where = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+    at = f" (a lone surrogate {text[where]!r} at index {where})" if where is not None else ""
+    return InvalidArgumentError(
+        f"text to encode is not valid Unicode{at}",
+        fix="pass well-formed text (decode bytes with .decode('utf-8', errors='replace'))",
+    )
+
+
+_MAX_ID = 2**32  # the tokenizers library stores ids as u32
 
 
 def _check_id(token_id: object) -> int:
@@ -137,9 +164,9 @@ def _check_id(token_id: object) -> int:
             fix="pass integer token ids",
         )
     value = int(token_id)
-    if value < 0:
+    if not 0 <= value < _MAX_ID:
         raise InvalidArgumentError(
-            f"token id {value} is negative, expected an int >= 0",
+            f"token id {value} is out of range, expected an int from 0 to {_MAX_ID - 1}",
             fix="pass token ids produced by the model or by encode()",
         )
     return value

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.manifest import Manifest
+from stlm.runtime.memory import DEVICE_BACKENDS, host_memory_available, kv_cache_bytes
 
 __all__ = ["KV_MEMORY_FRACTION", "MemoryBudget", "check_kv_cache", "kv_cache_bytes"]
 
@@ -23,18 +23,6 @@ log = logging.getLogger(__name__)
 #: logits, tokenizer, request buffers).
 KV_MEMORY_FRACTION = 0.8
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-# backends whose cache lives on the GPU; TensorRT keeps two slabs of twice the columns
-_DEVICE_BACKENDS = {"onnxruntime-cuda": 1, "onnxruntime-iobinding": 1, "tensorrt": 4}
-
-
-def kv_cache_bytes(manifest: Manifest, batch: int, capacity: int, backend: str = "onnxruntime") -> int:
-    """Bytes of a KV cache of ``batch`` slots × ``capacity`` tokens for ``backend``."""
-    cfg = manifest.model
-    itemsize = _ITEMSIZE.get(manifest.contract.kv_dtype, 4)
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize  # keys and values
-    return per_token * batch * capacity * _DEVICE_BACKENDS.get(backend, 1)
-
 
 @dataclass(frozen=True)
 class MemoryBudget:
@@ -42,28 +30,6 @@ class MemoryBudget:
 
     available: int
     where: str
-
-
-def host_memory_available() -> int | None:
-    """Bytes of host memory this process can still use: MemAvailable, capped by a cgroup limit."""
-    candidates: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
-            if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:
-                candidates.append(max(0, int(limit) - int(usage)))
-        except OSError:
-            continue
-    return min(candidates) if candidates else None
 
 
 def _device_memory_available() -> int | None:
@@ -78,7 +44,7 @@ def _device_memory_available() -> int | None:
 
 def memory_budget(backend: str) -> MemoryBudget | None:
     """Memory the cache of ``backend`` can use (None when it cannot be measured here)."""
-    if backend in _DEVICE_BACKENDS:
+    if backend in DEVICE_BACKENDS:
         free = _device_memory_available()
         return None if free is None else MemoryBudget(free, "free GPU memory")
     free = host_memory_available()

@@ -13,8 +13,9 @@ from types import ModuleType
 from typing import Any, Final
 
 from stlm.errors import BackendUnavailableError
+from stlm.gpu_env import GPU_INSTALL_FIX
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
-from stlm.tensorrt.gpu import GPU_FIX
+from stlm.tensorrt.gpu import driver_problem_here
 
 log = logging.getLogger("stlm.tensorrt")
 
@@ -27,18 +28,23 @@ def import_tensorrt() -> ModuleType:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"TensorRT is not installed: the Python module 'tensorrt' cannot be imported ({exc})", fix=GPU_FIX
+            f"TensorRT is not installed: the Python module 'tensorrt' cannot be imported ({exc})", fix=GPU_INSTALL_FIX
         ) from None
     except (OSError, RuntimeError) as exc:  # the wheel is there but its CUDA libraries are not
+        problem = driver_problem_here()  # an old driver is the usual cause: say so
+        if problem is not None:
+            raise BackendUnavailableError(
+                f"TensorRT is installed but cannot load its libraries ({exc}): {problem.problem}", fix=problem.fix
+            ) from None
         raise BackendUnavailableError(
-            f"TensorRT is installed but cannot load its libraries ({exc})", fix=GPU_FIX
+            f"TensorRT is installed but cannot load its libraries ({exc})", fix=GPU_INSTALL_FIX
         ) from None
     version = getattr(trt, "__version__", None)
     if version is None:
         raise BackendUnavailableError(
             "TensorRT is installed but unusable: its Python module has no __version__ (a partial install, "
             "or its native libraries did not load)",
-            fix=GPU_FIX,
+            fix=GPU_INSTALL_FIX,
         )
     major = int(str(version).split(".")[0] or 0)
     if major < MIN_TRT_MAJOR:
@@ -89,17 +95,14 @@ def register_rotary_plugin(*, required: bool) -> bool:
     """
     try:
         from stlm.plugins.partial_rotary.plugin import register_plugin
-
-        register_plugin()
-    except (ImportError, BackendUnavailableError) as exc:
+    except ImportError as exc:
         if not required:
             log.debug("%s not registered: %s", PLUGIN_ID, exc)
             return False
-        if isinstance(exc, BackendUnavailableError):
-            raise
         raise BackendUnavailableError(
             f"the {PLUGIN_ID} TensorRT plugin cannot be loaded ({exc})",
             fix="install stlm with the plugins and gpu extras: pip install 'stlm[gpu,plugins]' (tensorrt, triton), "
             "or use the Dockerfile",
         ) from None
-    return True
+    # a missing TensorRT is an error only when required; a definition TensorRT rejects always is
+    return register_plugin(required=required)

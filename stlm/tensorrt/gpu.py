@@ -15,15 +15,11 @@ from typing import Any, Final
 
 import numpy as np
 
+from stlm import gpu_env
 from stlm.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
-GPU_FIX: Final = (
-    "install the GPU extra on a machine with an NVIDIA GPU and driver: pip install 'stlm[gpu]' "
-    "(TensorRT 11, onnxruntime-gpu, cuda-python), or use the Dockerfile "
-    "(docker build -t stlm . && docker run --gpus all ...; see docs/tensorrt.md)"
-)
 ALIGNMENT: Final = 256
 
 _cudart: ModuleType | None = None
@@ -42,7 +38,7 @@ def cudart() -> ModuleType:
                 raise BackendUnavailableError(
                     "cuda-python is not installed (neither cuda.bindings.runtime nor cuda.cudart imports), "
                     "so stlm cannot reach the GPU",
-                    fix=GPU_FIX,
+                    fix=gpu_env.GPU_INSTALL_FIX,
                 ) from None
         _cudart = module
     return _cudart
@@ -50,6 +46,20 @@ def cudart() -> ModuleType:
 
 def _error_name(err: Any) -> str:
     return str(getattr(err, "name", err))
+
+
+def driver_problem_here(error: str | None = None) -> gpu_env.EnvProblem | None:
+    """What :func:`stlm.gpu_env.probe_cuda_driver` finds wrong with this machine's NVIDIA driver
+    (None when cuda-python is missing or the driver is fine); ``error``: a CUDA error name already
+    seen, e.g. ``cudaErrorInsufficientDriver``, named when the probe itself learns nothing."""
+    try:
+        problem = gpu_env.probe_cuda_driver(cudart())
+    except Exception:  # a diagnosis must not hide the error it explains
+        log.debug("could not probe the CUDA driver", exc_info=True)
+        problem = None
+    if problem is None and error is not None:
+        problem = gpu_env.driver_problem(driver_version=None, error=error)
+    return problem
 
 
 def call(result: Any, what: str) -> Any:
@@ -64,7 +74,11 @@ def call(result: Any, what: str) -> Any:
                 fix="lower the batch size or max_new_tokens, or build the engine "
                 "with a smaller --max-batch / --max-seq-len",
             )
-        if "NoDevice" in name or "InsufficientDriver" in name:
+        if "InsufficientDriver" in name:  # the GPU is there; the driver is too old for CUDA 13
+            problem = driver_problem_here(name)
+            assert problem is not None  # driver_problem always names an InsufficientDriver error
+            raise problem.as_error()
+        if "NoDevice" in name:
             raise BackendUnavailableError(
                 f"no usable CUDA GPU: {what} failed with {name}",
                 fix="run on a machine with an NVIDIA GPU and driver (in Docker: --gpus all)",

@@ -29,6 +29,7 @@ import numpy as np
 
 from stlm.dtypes import SAFETENSORS_NAME, DType, numpy_dtype, parse_dtype
 from stlm.errors import InvalidArgumentError
+from stlm.export.staging import CHECKPOINT_MARKER, checkpoint_files, staged_folder
 from stlm.testing.tokenizer import train_small_tokenizer
 
 log = logging.getLogger(__name__)
@@ -227,21 +228,7 @@ def _resolve_shape(shape: Shape | str) -> Shape:
     return PRESETS[shape]
 
 
-def write_random_checkpoint(
-    out: Path,
-    *,
-    shape: Shape | str = "small",
-    tokenizer: Path | None = None,
-    seed: int = 0,
-    dtype: str = "fp32",
-    config_style: str = "transformers-5",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
-    """Write a random-weight StableLM checkpoint of ``shape`` (a :class:`Shape` or a preset name) to
-    ``out`` and return it. ``tokenizer``: a tokenizer.json to ship (default: a small byte-level BPE
-    trained here); ``dtype``: the safetensors storage type; ``config_style``: see the module docstring."""
-    resolved = _resolve_shape(shape)
-    kind = parse_dtype(dtype)
+def _check_arguments(config_style: str, tokenizer: Path | None) -> None:
     if config_style not in CONFIG_STYLES:
         raise InvalidArgumentError(
             f"unknown config style {config_style!r}; expected one of {', '.join(CONFIG_STYLES)}",
@@ -252,8 +239,11 @@ def write_random_checkpoint(
             f"tokenizer file {str(tokenizer)!r} does not exist",
             fix="pass the path of a tokenizer.json, or omit it to train a small one",
         )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_checkpoint(
+    out: Path, resolved: Shape, kind: DType, config_style: str, tokenizer: Path | None, seed: int, max_bytes: int
+) -> None:
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.json")
     else:
@@ -266,10 +256,38 @@ def write_random_checkpoint(
         )
     assert resolved.vocab_size is not None
     published = config_style == "4.38"
-    _write_weights(out, resolved, resolved.vocab_size, numpy_dtype(kind), seed, published, max_shard_bytes)
+    _write_weights(out, resolved, resolved.vocab_size, numpy_dtype(kind), seed, published, max_bytes)
     _write_json(out / "config.json", _config(resolved, resolved.vocab_size, kind, config_style))
     if published:
         _write_published_extras(out)
+    files = sorted(p.name for p in out.iterdir())
+    _write_json(out / CHECKPOINT_MARKER, {"format": "stlm-checkpoint", "files": files})
+
+
+def write_random_checkpoint(
+    out: Path,
+    *,
+    shape: Shape | str = "small",
+    tokenizer: Path | None = None,
+    seed: int = 0,
+    dtype: str = "fp32",
+    config_style: str = "transformers-5",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write a random-weight StableLM checkpoint of ``shape`` (a :class:`Shape` or a preset name) to
+    ``out`` and return it. ``tokenizer``: a tokenizer.json to ship (default: a small byte-level BPE
+    trained here); ``dtype``: the safetensors storage type; ``config_style``: see the module docstring.
+
+    The folder is written atomically (:func:`stlm.export.staging.staged_folder`); a non-empty
+    ``out`` is refused unless ``overwrite`` and it is a checkpoint this function wrote."""
+    resolved = _resolve_shape(shape)
+    kind = parse_dtype(dtype)
+    _check_arguments(config_style, tokenizer)
+    out = Path(out)
+    protect = [Path(tokenizer).parent] if tokenizer is not None else []
+    with staged_folder(out, overwrite=overwrite, owner=checkpoint_files, protect=protect) as tmp:
+        _write_checkpoint(tmp, resolved, kind, config_style, tokenizer, seed, max_shard_bytes)
     log.info(
         "wrote a random %s checkpoint (%s, %s config) to %s",
         shape if isinstance(shape, str) else "custom",
