@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode_vs_transformers.py [--checkpoint DIR | --preset medium]
         [--prompt-len 128] [--gen-len 64] [--rounds 3] [--quantize int4] [--context-scaling] [--profile]
+        [--ttft 512,2048] [--reuse]
 
 Builds the checkpoint (default: the 'medium' preset — hidden 1024, 8 layers, 16 heads, vocab
 50304 — random weights) unless one is given, exports it (fp32, in-place KV cache), then alternates
@@ -136,6 +137,67 @@ def _stlm_bench(package: Path, prompt_len: int, gen_len: int) -> dict:
     )
 
 
+def ttft_lockstep(checkpoint: Path, package: Path, lengths: list[int], rounds: int) -> None:
+    """TTFT of stlm and transformers in one process, one thread each, alternating prefill by prefill;
+    wall and CPU time of the calling thread (both compute in it with one thread), medians of ratios."""
+    import numpy as np
+    import torch
+    from transformers import StableLmForCausalLM
+
+    from stlm.runtime.generator import Generator
+
+    torch.set_num_threads(1)
+    model = StableLmForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    backend = Generator.load(package, device="cpu", threads=1).backend
+
+    def hf(ids: list[int]) -> None:
+        with torch.inference_mode():
+            model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+
+    def ours(ids: list[int]) -> None:
+        backend.forward(backend.new_cache(1, len(ids) + 1), [ids])
+
+    for length in lengths:
+        ids = np.random.default_rng(0).integers(3, 50000, length).tolist()
+        times: dict[str, list[tuple[float, float]]] = {"stlm": [], "transformers": []}
+        for r in range(rounds + 1):  # round 0: warm-up
+            for name, fn in (("stlm", ours), ("transformers", hf))[:: 1 if r % 2 else -1]:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                fn(ids)
+                if r:
+                    times[name].append((time.perf_counter() - wall, time.thread_time() - cpu))
+        for i, kind in enumerate(("wall", "CPU")):
+            s_ms = [t[i] * 1000 for t in times["stlm"]]
+            h_ms = [t[i] * 1000 for t in times["transformers"]]
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(s_ms, h_ms, strict=True))
+            print(
+                f"TTFT {length} tokens, 1 thread, {kind}: stlm {statistics.median(s_ms):.0f} ms, transformers "
+                f"{statistics.median(h_ms):.0f} ms, ratio {statistics.median(a / b for a, b in zip(s_ms, h_ms, strict=True)):.2f} "
+                f"({ratios})"
+            )
+
+
+def _ttft_rounds(me: list[str], checkpoint: Path, packages: dict[str, Path], lengths: list[int], rounds: int) -> None:
+    """Time to first token of each package and of transformers at each prompt length, alternating."""
+    for length in lengths:
+        ttft: dict[str, list[float]] = {name: [] for name in [*packages, "transformers"]}
+        for r in range(rounds):
+            print(f"TTFT {length}: round {r + 1}/{rounds}", file=sys.stderr)
+            for name, pkg in packages.items():
+                ttft[name].append(_stlm_bench(pkg, length, 2)["ttft_ms"])
+            hf = [*me, "--worker", "hf", "--checkpoint", str(checkpoint), "--prompt-len", str(length)]
+            ttft["transformers"].append(_run([*hf, "--gen-len", "2"])["ttft_ms"])
+        hf_ms = ttft["transformers"]
+        print(f"time to first token, {length}-token prompt (ms, medians; ratio stlm / transformers, < 1: faster):")
+        print(f"  transformers {statistics.median(hf_ms):8.0f}")
+        for name in packages:
+            ratios = [s / h for s, h in zip(ttft[name], hf_ms, strict=True)]
+            per_round = ", ".join(f"{x:.2f}" for x in ratios)
+            print(
+                f"  stlm {name:<7} {statistics.median(ttft[name]):8.0f}  ratio {statistics.median(ratios):.2f} ({per_round})"
+            )
+
+
 def main() -> None:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +209,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quantize", choices=["int8", "int4"], default=None)
     p.add_argument("--context-scaling", action="store_true", help="also decode at context 64 vs 2048")
-    p.add_argument("--ttft-512", action="store_true", help="also time to first token at a 512-token prompt")
+    p.add_argument("--ttft", metavar="LENGTHS", help="also time to first token at these prompt lengths (e.g. 512,2048)")
+    p.add_argument("--reuse", action="store_true", help="reuse the packages already exported in --workdir")
+    p.add_argument(
+        "--lockstep", action="store_true", help="with --ttft: only TTFT, both in one process, 1 thread, alternating"
+    )
     p.add_argument("--profile", action="store_true", help="op-type breakdown of decode steps")
     p.add_argument("--worker", choices=["hf", "bandwidth"], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -167,11 +233,15 @@ def main() -> None:
     if not (checkpoint / "config.json").is_file():
         print(f"building a random '{a.preset}' checkpoint in {checkpoint}", file=sys.stderr)
         write_random_checkpoint(checkpoint, shape=a.preset, tokenizer=NEOX if NEOX.is_file() else None)
-    packages = {"fp32": export_onnx(checkpoint, a.workdir / "pkg-fp32", overwrite=True)}
-    if a.quantize:
-        packages[a.quantize] = export_onnx(
-            checkpoint, a.workdir / f"pkg-{a.quantize}", quantize=a.quantize, overwrite=True
-        )
+    packages = {}
+    for name in ["fp32", *([a.quantize] if a.quantize else [])]:
+        out = a.workdir / f"pkg-{name}"
+        quantize = None if name == "fp32" else name
+        reuse = a.reuse and (out / "stlm.json").is_file()
+        packages[name] = out if reuse else export_onnx(checkpoint, out, quantize=quantize, overwrite=True)
+    if a.ttft and a.lockstep:
+        ttft_lockstep(checkpoint, packages["fp32"], [int(n) for n in a.ttft.split(",")], a.rounds)
+        return
     me = [str(Path(__file__).resolve())]
     results: dict[str, list[dict]] = {k: [] for k in [*packages, "transformers", "bandwidth"]}
     for r in range(a.rounds):  # alternate A/B/... so machine noise hits every side alike
@@ -214,18 +284,8 @@ def main() -> None:
             f"{'stlm ' + name:14}{tok_s:14.1f}{1000 / tok_s:10.2f}{med(name, 'ttft_ms'):10.1f}"
             f"{tok_s / hf_tok_s:8.2f}{floor_ms:10.2f}{floor_ms * tok_s / 1000:10.0%}"
         )
-    if a.ttft_512:
-        stlm_512 = statistics.median(_stlm_bench(packages["fp32"], 512, 2)["ttft_ms"] for _ in range(3))
-        hf_512 = statistics.median(
-            _run([*me, "--worker", "hf", "--checkpoint", str(checkpoint), "--prompt-len", "512", "--gen-len", "2"])[
-                "ttft_ms"
-            ]
-            for _ in range(3)
-        )
-        print(
-            f"time to first token, 512-token prompt: stlm {stlm_512:.0f} ms, transformers {hf_512:.0f} ms "
-            f"(ratio {stlm_512 / hf_512:.2f})"
-        )
+    if a.ttft:
+        _ttft_rounds(me, checkpoint, packages, [int(n) for n in a.ttft.split(",")], a.rounds)
     if a.context_scaling:
         short = [_stlm_bench(packages["fp32"], 64, 32)["token_ms_p50"] for _ in range(3)]
         long = [_stlm_bench(packages["fp32"], 2048, 32)["token_ms_p50"] for _ in range(3)]

@@ -102,3 +102,12 @@ def test_device_choice_without_cuda(package: Path) -> None:
     with pytest.raises(BackendUnavailableError) as err:
         OnnxRuntimeBackend(package, manifest, device="cuda")
     assert "CUDA execution provider" in str(err.value)
+
+
+def test_sessions_do_not_spin_and_take_the_thread_count(package: Path) -> None:
+    """Intra-op threads block between parallel sections (spinning ones starve busy shared cores:
+    docs/benchmarks.md); ``threads`` sets the pool size."""
+    backend = OnnxRuntimeBackend(package, read_manifest(package), device="cpu", threads=2)
+    options = backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
