@@ -111,3 +111,9 @@ def test_sessions_do_not_spin_and_take_the_thread_count(package: Path) -> None:
     options = backend.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == 2
+
+
+def test_spinning_can_be_restored_for_dedicated_machines(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STLM_ORT_ALLOW_SPINNING", "1")
+    backend = OnnxRuntimeBackend(package, read_manifest(package), device="cpu", threads=2)
+    assert backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"

@@ -8,6 +8,7 @@ otherwise the CPU.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -27,8 +28,10 @@ CUDA_PROVIDER: Final = "CUDAExecutionProvider"
 #: Session config entries of every session. Intra-op threads block between parallel sections
 #: instead of spinning: with more threads than free cores (shared machines, a server beside other
 #: work) spinning threads take the cores the working ones need — measured 1.8x faster decode with
-#: 2 threads on 2 busy cores (docs/benchmarks.md). One thread (no pool) is unaffected.
+#: 2 threads on 2 busy cores (docs/benchmarks.md). One thread (no pool) is unaffected. On a
+#: dedicated machine, STLM_ORT_ALLOW_SPINNING=1 restores ONNX Runtime's default (spinning).
 SESSION_CONFIG: Final = {"session.intra_op.allow_spinning": "0"}
+SPINNING_ENV: Final = "STLM_ORT_ALLOW_SPINNING"
 
 
 def cuda_provider_available() -> bool:
@@ -107,7 +110,10 @@ def open_session(
     check_onnxruntime(manifest.variant.min_onnxruntime, ort.__version__, package=str(folder))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for key, value in SESSION_CONFIG.items():
+    config = dict(SESSION_CONFIG)
+    if os.environ.get(SPINNING_ENV) == "1":
+        config["session.intra_op.allow_spinning"] = "1"
+    for key, value in config.items():
         options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
