@@ -15,7 +15,7 @@ import pytest
 from test_errors import assert_user_error, run_cli
 
 from stlm.errors import StlmError
-from stlm.export.staging import clean_leftovers, staged_folder
+from stlm.staging import clean_leftovers, staged_folder
 
 
 def tree_hash(root: Path) -> dict[str, str]:

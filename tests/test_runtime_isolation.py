@@ -77,3 +77,19 @@ def test_runtime_and_exporter_do_not_import_each_other() -> None:
     assert len(runtime) > 10 and len(export) > 10
     assert {f: m for f, m in runtime.items() if m} == {}
     assert {f: m for f, m in export.items() if m} == {}
+
+
+BASE_COMMANDS = """
+import json, sys
+import stlm.cli, stlm.testing, stlm.verify, stlm.quality
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "torch", "transformers") or m.startswith("stlm.export"))
+print(json.dumps(loaded))
+"""
+
+
+def test_the_cli_and_base_commands_import_without_the_exporter() -> None:
+    """The base install runs generate, bench, verify REF.json, perplexity and make-checkpoint: importing
+    the CLI (and what those commands import) must not load stlm.export (it needs onnx) or torch."""
+    proc = subprocess.run([sys.executable, "-c", BASE_COMMANDS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -26,7 +26,7 @@ from stlm.export.engine_build import (
     progress_monitor,
     save_timing_cache,
 )
-from stlm.export.staging import check_output, staged_folder
+from stlm.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
 from stlm.plugins.partial_rotary.plugin import check_hardware_compat

@@ -21,7 +21,7 @@ from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
-from stlm.export.staging import check_output, staged_folder
+from stlm.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
 from stlm.export.validate import check_tokenizer, check_weights
 from stlm.export.weights import SafetensorsCheckpoint
