@@ -26,12 +26,12 @@ from stlm.export.engine_build import (
     progress_monitor,
     save_timing_cache,
 )
-from stlm.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
 from stlm.manifest import Manifest, read_manifest, write_manifest
 from stlm.plugins.partial_rotary.plugin import check_hardware_compat
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
 from stlm.progress import Progress
+from stlm.staging import check_output, staged_folder
 from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
 from stlm.tensorrt.engine_manifest import AMPERE, ENGINE_NAME, HARDWARE_COMPAT_LEVELS, engine_extra
 from stlm.tensorrt.gpu import GpuInfo, gpu_info

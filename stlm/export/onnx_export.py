@@ -21,13 +21,13 @@ from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
-from stlm.staging import check_output, staged_folder
 from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
 from stlm.export.validate import check_tokenizer, check_weights
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, read_manifest, write_manifest
 from stlm.ort_versions import MAX_OPSET, required_onnxruntime
 from stlm.progress import Progress
+from stlm.staging import check_output, staged_folder
 from stlm.variant import (
     KV_CACHES,
     TARGETS,
