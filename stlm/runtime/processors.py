@@ -94,14 +94,20 @@ def _token_id(key: object) -> int | None:
     return None
 
 
-def _float32(logits: Any) -> np.ndarray:
+def check_logits(logits: Any) -> np.ndarray:
+    """``logits`` as one float32 row (the same array when it already is one), or an
+    :class:`InvalidArgumentError` for anything that is not a non-empty 1-D float array."""
     x = np.asarray(logits)
     if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
         raise InvalidArgumentError(
             f"logits have shape {x.shape} and dtype {x.dtype}, expected a non-empty 1-D float array",
             fix="pass one row of logits, shape (vocab,)",
         )
-    return x.astype(np.float32)  # always a copy
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+def _float32(logits: Any) -> np.ndarray:
+    return np.array(check_logits(logits), dtype=np.float32, copy=True)  # always a copy
 
 
 def apply_logit_bias(logits: np.ndarray, bias: Iterable[tuple[int, float]]) -> np.ndarray:

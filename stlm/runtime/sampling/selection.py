@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
+from stlm.runtime.processors import check_logits
 from stlm.runtime.sampling.params import SamplingParams, checked
 
 __all__ = [
@@ -65,16 +66,6 @@ _MIN_P_SLACK = 1e-3
 _INV_T_LIMIT = 1e30
 # Penalised logits are clipped to the finite float32 range, so no penalty makes them inf.
 _F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _check_logits(logits: Any) -> np.ndarray:
-    x = np.asarray(logits)
-    if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
-        raise InvalidArgumentError(
-            f"logits have shape {x.shape} and dtype {x.dtype}, expected a non-empty 1-D float array",
-            fix="pass one row of logits, shape (vocab,)",
-        )
-    return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
 def _finite_max(x: np.ndarray) -> float:
@@ -113,7 +104,7 @@ def apply_repetition_penalty(
     For every distinct id in ``previous_ids`` (prompt and generated tokens): ``logit / penalty``
     if the logit is > 0, else ``logit * penalty``; penalised once however often the id occurs.
     """
-    x = _check_logits(logits)
+    x = check_logits(logits)
     penalty = checked("repetition_penalty", penalty)
     if previous_ids is None or penalty == 1.0:
         return x
@@ -135,7 +126,7 @@ def apply_repetition_penalty(
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """``logits / temperature`` (temperature > 0; greedy is handled by :func:`sample_token`)."""
-    x = _check_logits(logits)
+    x = check_logits(logits)
     t = checked("temperature", temperature)
     if t == 0.0:
         raise InvalidArgumentError(
@@ -147,7 +138,7 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities (float32) of ``logits``; the normaliser is accumulated in float64."""
-    x = _check_logits(logits)
+    x = check_logits(logits)
     m = _finite_max(x)
     shifted = x - np.float32(m)
     lse = math.log(float(np.exp(shifted).sum(dtype=np.float64)))
@@ -200,7 +191,7 @@ def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
     Exactly ``min(k, vocab)`` entries are kept; among equal logits at the boundary the lowest
     ids are kept, so ``k=1`` keeps the greedy token.
     """
-    x = _check_logits(logits)
+    x = check_logits(logits)
     k = checked("top_k", k)
     n = x.shape[0]
     if k == 0 or k >= n:
@@ -266,7 +257,7 @@ def top_p_mask(logits: np.ndarray, top_p: float) -> np.ndarray:
     probabilities) whose cumulative probability is >= ``top_p``; always at least one token;
     ``top_p=1`` keeps everything.
     """
-    x = _check_logits(logits)
+    x = check_logits(logits)
     p = checked("top_p", top_p)
     if p == 1.0:
         return np.ones(x.shape[0], dtype=bool)
@@ -278,7 +269,7 @@ def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
 
     The ratio ``p / p_max = exp(logit - max_logit)`` is evaluated in float64.
     """
-    x = _check_logits(logits)
+    x = check_logits(logits)
     mp = checked("min_p", min_p)
     if mp == 0.0:
         return np.ones(x.shape[0], dtype=bool)
@@ -337,7 +328,7 @@ def sample_token(
     ``previous_ids`` (prompt + generated ids) feed the repetition penalty. See the module
     docstring for the order of operations, tie rules and the meaning of ``logprob``.
     """
-    x = _check_logits(logits)
+    x = check_logits(logits)
     if params.repetition_penalty != 1.0 and previous_ids is not None:
         x = apply_repetition_penalty(x, previous_ids, params.repetition_penalty)
     m = _finite_max(x)
