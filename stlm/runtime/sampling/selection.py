@@ -281,7 +281,8 @@ def _min_p_candidates(x: np.ndarray, m: float, inv_t: float, min_p: float) -> np
     loose = m + (math.log(min_p) - _MIN_P_SLACK) / inv_t
     threshold = np.float32(loose)
     if float(threshold) > loose:  # rounded up: could drop a candidate the float64 test keeps
-        threshold = np.nextafter(threshold, np.float32(-np.inf))
+        with np.errstate(over="ignore"):  # below -FLT_MAX it becomes -inf: every id is a candidate
+            threshold = np.nextafter(threshold, np.float32(-np.inf))
     ids = np.flatnonzero(x >= threshold)
     ratio = np.exp((x[ids].astype(np.float64) - m) * inv_t)
     return ids[ratio >= min_p]
