@@ -6,8 +6,10 @@ or the new complete one.
   only when stlm made it (:func:`owned_files` recognises it) and it holds nothing else; never a
   folder the run reads (the checkpoint, the ONNX package), an ancestor of one, the current folder
   or an ancestor of it.
-* **The swap.** The new folder is built as ``.OUT.partial-PID`` (files fsynced), then ``OUT`` is
-  renamed to ``.OUT.old-PID``, the new folder renamed to ``OUT``, and the old one deleted.
+* **The swap.** The new folder is built as ``.OUT.partial-PID`` (files fsynced); ``OUT`` is checked
+  again, then exchanged with it in one atomic ``renameat2(RENAME_EXCHANGE)`` and the old one
+  deleted. Where the kernel cannot exchange, ``OUT`` is renamed to ``.OUT.old-PID`` and the new
+  folder to ``OUT``.
 * **The lock.** ``.OUT.lock`` (``flock``) is held for the whole write: a second writer to the same
   ``OUT`` is refused. Under the lock every ``.OUT.partial-*`` / ``.OUT.old-*`` sibling is a
   leftover of a killed writer: partials are deleted, and an ``.old`` is put back when ``OUT`` is
@@ -198,17 +200,53 @@ def _fsync_tree(folder: Path, *, recurse: bool = True) -> None:
             os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the C library or the file system cannot (the caller then renames twice)."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _publish(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the complete ``tmp``: at every instant ``out`` or ``.out.old-PID`` is complete."""
+    """Replace ``out`` by the complete ``tmp``. Where the kernel can, the two are exchanged atomically
+    (``OUT`` is complete at every instant; the old folder, now at ``tmp``, is deleted by the caller);
+    else ``out`` is renamed aside first, so at every instant ``out`` or ``.out.old-PID`` is complete
+    (:func:`clean_leftovers` puts an ``.old`` back)."""
     _fsync_tree(tmp)
-    if out.exists():
+    if out.exists() and not _exchange(tmp, out):
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
+    elif not out.exists():
         os.replace(tmp, out)
     _fsync_tree(out.parent, recurse=False)
+
+
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of the file ``path`` to write; when the block succeeds it replaces
+    ``path`` atomically (fsynced), and it never remains otherwise. The caller checks first that
+    ``path`` is new or a file stlm wrote."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_error(out: Path, exc: OSError) -> StlmError:
@@ -241,6 +279,7 @@ def staged_folder(
             try:
                 tmp.mkdir()
                 yield tmp
+                check_output(out, overwrite=overwrite, owner=owner, protect=protect)  # changed meanwhile?
                 _publish(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ import numpy as np
 from stlm.errors import InvalidArgumentError
 from stlm.polygraphy_json import read_run_results, write_run_results
 from stlm.reference_model import load_reference_model
+from stlm.staging import staged_file
 
 PROMPTS: Final = (
     "The capital of France is",
@@ -124,16 +125,13 @@ def save_reference(
     path = Path(path)
     check_reference_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        write_run_results(tmp, [(runner, [{LOGITS: x} for x in package_logits])], extra={REFERENCE_KEY: meta})
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            write_run_results(tmp, [(runner, [{LOGITS: x} for x in package_logits])], extra={REFERENCE_KEY: meta})
     except OSError as exc:
         raise InvalidArgumentError(
             f"could not write {path} ({exc})", fix="pass another --save-reference path"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -140,6 +140,23 @@ def test_a_failed_write_leaves_the_old_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replacing_swaps_in_the_new_folder_and_leaves_nothing_else(
+    tmp_path: Path, exchange: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atomic exchange (renameat2) where the kernel has one, two renames where it has not."""
+    import stlm.staging
+
+    if not exchange:
+        monkeypatch.setattr(stlm.staging, "_exchange", lambda a, b: False)
+    out = tmp_path / "pkg"
+    for version in ("old", "new"):
+        with staged_folder(out, overwrite=True) as tmp:
+            (tmp / "stlm.json").write_text(json.dumps({"format": "stlm-package", "graph": version}))
+    assert json.loads((out / "stlm.json").read_text())["graph"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
 @pytest.mark.parametrize("out_present", [True, False])
 def test_leftovers_of_a_killed_swap_are_cleaned(tmp_path: Path, out_present: bool) -> None:
     """A kill between the two renames (OUT missing, .OUT.old complete) or after them (.old stale)."""

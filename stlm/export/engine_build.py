@@ -4,13 +4,13 @@ reusable timing cache."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from stlm.progress import Progress
+from stlm.staging import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,6 @@ def save_timing_cache(config: Any, path: Path) -> None:
     """Write ``config``'s timing cache to ``path`` atomically."""
     data = config.get_timing_cache().serialize()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
     log.info("saved the timing cache to %s", path)

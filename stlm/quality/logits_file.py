@@ -18,8 +18,6 @@ only if it is itself an stlm logits file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.quality.stats import BaseRows
+from stlm.staging import staged_file
 
 FORMAT: Final = "stlm-logits"
 VERSION: Final = 1
@@ -109,14 +108,8 @@ def save_base_logits(path: Path, logits: BaseLogits) -> Path:
     }
     if logits.rows.ids is not None:
         arrays["ids"] = logits.rows.ids.astype(np.int32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
