@@ -15,7 +15,8 @@
 4. ``--verify``: ``stlm verify`` of the fp32 package against transformers (saving a reference),
    then fp16/bf16/int4 against that reference.
 
-Needs ~25 GB of free disk in --workdir; everything is deleted at the end unless --keep.
+Needs ~25 GB of free disk in --workdir; everything is written to a new run-* folder in it, deleted at
+the end unless --keep (nothing else in --workdir is touched).
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def main() -> None:
 
     me = [sys.executable, str(Path(__file__).resolve())]
     stlm = [sys.executable, "-m", "stlm", "-q"]
-    work = a.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=a.workdir))  # ours alone: the only folder deleted at the end
+    print(f"working in {work}", flush=True)
     ckpt = work / "checkpoint"
     rows: list[str] = []
     try:
