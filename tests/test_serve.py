@@ -24,10 +24,10 @@ import openai
 import pytest
 
 from stlm.runtime import Generator, SamplingParams
+from stlm.runtime.jobs import Job
 from stlm.runtime.sequence import SequenceState
 from stlm.serve import BackgroundServer, CompletionService, ServeConfig, load_service
 from stlm.serve.metrics import parse_metrics
-from stlm.serve.scheduler import Job
 
 KEY = "test-key"
 PROMPTS = [

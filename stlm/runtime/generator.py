@@ -1,4 +1,5 @@
-"""The generation loop and the object services embed: :class:`Generator`.
+"""The object services embed: :class:`Generator` (its generation runs on
+:class:`stlm.runtime.engine.Engine`, the server's decoding engine, synchronously).
 
 One ``Generator`` is loaded from a package folder once and called many times, from any number of
 threads: it holds no per-call state (each call owns its KV cache, freed when the call ends).
@@ -18,6 +19,8 @@ import numpy as np
 from stlm.errors import InvalidArgumentError
 from stlm.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
+from stlm.runtime.engine import Engine
+from stlm.runtime.jobs import Job, Sink, StepOutput
 from stlm.runtime.sampling import SamplingParams
 from stlm.runtime.sequence import Completion, SequenceState, check_fits
 from stlm.runtime.tokenizer import Tokenizer
@@ -214,21 +217,27 @@ class Generator:
         return rows
 
     def _steps(self, rows: list[SequenceState], cancel: threading.Event | None) -> Iterator[list[str]]:
-        """Run the batch to the end; after each step yield the new text of every row ('' if none).
+        """Run the batch to the end on the engine (one slot per row, each prompt in one chunk);
+        after each step yield the new text of every row ('' if none).
 
-        Finished rows stay in the cache, idle, until the whole batch is done; the cache is freed
-        when this generator ends (or is closed).
+        Finished rows are released at once; the cache is freed when this generator ends (or is
+        closed). Errors reach the caller (the engine runs without failure isolation).
         """
         capacity = max(len(r.prompt) + r.params.max_new_tokens for r in rows)
-        cache = self.backend.new_cache(len(rows), capacity)
-        logits = self.backend.forward(cache, [r.prompt for r in rows])
-        while True:
-            cancelled = cancel is not None and cancel.is_set()
-            pieces = [
-                ("" if r.finished else r.cancel() if cancelled else r.step(logits[b])) for b, r in enumerate(rows)
-            ]
+        texts: list[list[str]] = [[] for _ in rows]
+        engine = Engine(self.backend, max_batch=len(rows), capacity=capacity, prefill_chunk=capacity, isolate=False)
+        engine.waiting.extend(Job(row, _collector(texts[i])) for i, row in enumerate(rows))
+        for _ in engine.steps(cancel):
+            pieces = ["".join(t) for t in texts]
+            for t in texts:
+                t.clear()
             yield pieces
-            feed = [[] if r.finished else [r.last_token] for r in rows]
-            if not any(feed):
-                return
-            logits = self.backend.forward(cache, feed)
+
+
+def _collector(texts: list[str]) -> Sink:
+    """A sink that keeps the text of each output in ``texts``."""
+
+    def collect(output: StepOutput) -> None:
+        texts.append(output.text)
+
+    return collect

@@ -28,15 +28,16 @@ from stlm.extras import require_extra
 if TYPE_CHECKING:
     from stlm.serve.app import CompletionService, create_app, load_service
     from stlm.serve.config import ServeConfig
-    from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
+    from stlm.serve.jobs import QueueFullError, SchedulerStoppedError
+    from stlm.serve.scheduler import Scheduler
     from stlm.serve.server import BackgroundServer, run_server
 
 _WHERE = {
     "BackgroundServer": "server",
     "CompletionService": "app",
-    "QueueFullError": "scheduler",
+    "QueueFullError": "jobs",
     "Scheduler": "scheduler",
-    "SchedulerStoppedError": "scheduler",
+    "SchedulerStoppedError": "jobs",
     "ServeConfig": "config",
     "create_app": "app",
     "load_service": "app",

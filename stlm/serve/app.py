@@ -4,7 +4,7 @@ Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or serv
 ``GET /v1/models``, the tokenizer and operational routes of :mod:`stlm.serve.ops`
 (``/tokenize``, ``/detokenize``, ``/tokenizer_info``, ``/version``, ``/health``, ``/ready``,
 ``/metrics``). Each generation request becomes a :class:`~stlm.serve.service.Plan` whose decoding
-states become :class:`~stlm.serve.scheduler.Job`\\ s; the scheduler thread posts their step
+states become :class:`~stlm.runtime.jobs.Job`\\ s; the scheduler thread posts their step
 outputs to the event loop, and the response (:mod:`stlm.serve.responses`) streams or collects
 them. A client that disconnects cancels its jobs, which frees their slots at the scheduler's
 next step.
@@ -32,13 +32,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from stlm.errors import StlmError
+from stlm.runtime.jobs import Job, StepOutput
 from stlm.serve import protocol
 from stlm.serve.apierror import ApiError
 from stlm.serve.config import ServeConfig
 from stlm.serve.guard import Guard, GuardPolicy, internal_error, request_id
+from stlm.serve.jobs import QueueFullError, SchedulerStoppedError
 from stlm.serve.ops import json_response, ops_routes
 from stlm.serve.responses import ChatResponse, CompletionResponse, GenerationResponse
-from stlm.serve.scheduler import Job, QueueFullError, SchedulerStoppedError, StepOutput
 from stlm.serve.service import CompletionService, Plan, load_service
 
 __all__ = ["CompletionService", "ServeConfig", "create_app", "load_service"]

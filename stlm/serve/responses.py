@@ -23,12 +23,12 @@ from typing import Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from stlm.runtime.jobs import Job, StepOutput
 from stlm.runtime.logprobs import TokenLogprob, mean_logprob
 from stlm.runtime.sequence import Completion
 from stlm.serve import jsonio, protocol
 from stlm.serve.chat_protocol import chat_logprobs_body
 from stlm.serve.guard import internal_error
-from stlm.serve.scheduler import Job, StepOutput
 from stlm.serve.service import CompletionService, Plan
 
 __all__ = ["ChatResponse", "CompletionResponse", "GenerationResponse"]

@@ -1,4 +1,4 @@
-"""The forward calls of a scheduler step: a batched call whose failure is retried row by row, and
+"""The forward calls of an engine step: a batched call whose failure is retried row by row, and
 every fed position's logits (for prompts that are scored).
 """
 
@@ -14,7 +14,7 @@ from stlm.runtime.backend import Backend
 
 __all__ = ["by_row", "forward_all"]
 
-log = logging.getLogger("stlm.serve.scheduler")
+log = logging.getLogger("stlm.runtime.engine")
 
 
 def by_row(
