@@ -60,7 +60,7 @@ import numpy as np
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend
 from stlm.runtime.engine_metrics import EngineMetrics, NoMetrics
-from stlm.runtime.forwarding import by_row
+from stlm.runtime.forwarding import by_row, forward_all
 from stlm.runtime.jobs import Job, StepOutput
 from stlm.runtime.logprobs import prompt_logprobs
 
@@ -156,7 +156,7 @@ class Engine:
     def _call(self, part: Feed, *, every_position: bool) -> Sequence[np.ndarray] | np.ndarray:
         """The one backend call of the engine (``part``: one token list per cache row)."""
         if every_position:
-            return [np.asarray(x, dtype=np.float32) for x in self.backend.forward_all(self.cache, part)]
+            return forward_all(self.backend, self.cache, part)
         return self.backend.forward(self.cache, part)
 
     # -- the step -------------------------------------------------------------------------------
