@@ -74,9 +74,7 @@ def test_a_foreign_graph_is_refused_at_load(random_package: Path, other_package:
     assert_refused(stlm("generate", str(pkg), "-p", "hi", "-n", "2"), "model.onnx", "manifest")
 
 
-def test_serve_refuses_to_start_with_a_foreign_graph(
-    random_package: Path, other_package: Path, tmp_path: Path
-) -> None:
+def test_serve_refuses_to_start_with_a_foreign_graph(random_package: Path, other_package: Path, tmp_path: Path) -> None:
     pkg = copy_package(random_package, tmp_path)
     shutil.copy(other_package / "model.onnx", pkg / "model.onnx")
     assert_refused(stlm("serve", str(pkg), "--port", "0"), "model.onnx")

@@ -111,20 +111,19 @@ def _all_finite(array: np.ndarray, block: int = 1 << 22) -> bool:
     return all(bool(np.isfinite(flat[i : i + block]).all()) for i in range(0, flat.size, block))
 
 
-def _check_finite(name: str, entry: _Entry, stored: np.ndarray, converted: np.ndarray) -> None:
+def check_finite(name: str, stored: np.ndarray, converted: np.ndarray, where: str = "the checkpoint") -> None:
     """A NaN/Inf weight (stored, or made by converting to a narrower dtype) is a :class:`CheckpointError`."""
     if _all_finite(converted):
         return
     count = int(converted.size - np.count_nonzero(np.isfinite(converted)))
     if stored is converted or not _all_finite(stored):
         raise CheckpointError(
-            f"tensor {name!r} in {entry.file.name} holds {count} non-finite values (NaN or Inf)",
+            f"tensor {name!r} in {where} holds {count} non-finite values (NaN or Inf)",
             fix="the checkpoint is corrupt or was saved after a diverged training step: use a checkpoint with "
             "finite weights",
         )
     raise CheckpointError(
-        f"tensor {name!r} in {entry.file.name} has {count} values beyond the range of {converted.dtype} "
-        "(they would become Inf)",
+        f"tensor {name!r} in {where} has {count} values beyond the range of {converted.dtype} (they would become Inf)",
         fix="export with a wider --dtype (fp32 or bf16)",
     )
 
@@ -196,8 +195,9 @@ class SafetensorsCheckpoint:
             )
         arr = buf.reshape(e.shape)
         target = np.dtype(dtype or np.float32)
-        out = arr if arr.dtype == target else arr.astype(target)
-        _check_finite(name, e, arr, out)
+        with np.errstate(over="ignore"):
+            out = arr if arr.dtype == target else arr.astype(target)
+        check_finite(name, arr, out, e.file.name)
         return out
 
     def names(self) -> Iterator[str]:
