@@ -6,6 +6,7 @@ stdout carries only results (generated text, JSON); logs and progress go to stde
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import click
 
 from stlm.cli_common import StlmGroup, add_verbosity_and_envvars, configure_logging, dtype_option
 from stlm.cli_eval import eval_command
-from stlm.cli_output import note, progress
+from stlm.cli_output import note, progress, run_guarding_stdout
 from stlm.cli_quality import perplexity, verify
 from stlm.cli_serve import serve
 from stlm.errors import StlmError
@@ -180,14 +181,13 @@ def build_engine_command(
     click.echo(str(path))
 
 
-def _read_prompt(prompt: str) -> str:
+def _read_prompt(prompt: str, context_length: int) -> str:
     if prompt != "-":
         return prompt
-    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise StlmError(f"stdin is not UTF-8 text ({exc})", fix="pass the prompt as UTF-8") from None
+    from stlm.runtime.text_limits import read_prompt_stream
+
+    stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(sys.stdin.read().encode())
+    return read_prompt_stream(stream, context_length)
 
 
 @cli.command()
@@ -248,7 +248,7 @@ def generate(
     if (system is not None or chat_template is not None) and not chat:
         raise StlmError("--system and --chat-template apply to chat prompts", fix="add --chat")
     gen = Generator.load(package, threads=threads)
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, gen.context_length)
     if chat:
         from stlm.runtime.chat import chat_prompt
 
@@ -363,5 +363,5 @@ add_verbosity_and_envvars(cli)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="stlm")
+    """Console-script entry point (a write error on stdout is an ``error:``, exit status 2)."""
+    run_guarding_stdout(lambda: cli(prog_name="stlm"))

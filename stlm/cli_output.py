@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from typing import Final
 
 import click
@@ -37,3 +39,33 @@ def progress(stage: str, done: int, total: int) -> None:
     click.echo(f"\r  {stage}: {done}/{total}", err=True, nl=False)
     if end:
         click.echo("", err=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    sys.stdout = open(os.devnull, "w")
+
+
+def run_guarding_stdout(command: Callable[[], object]) -> None:
+    """Run ``command`` (the CLI); a write error on stdout (``> /dev/full``: ENOSPC, a closed pipe:
+    EPIPE, EIO) ends it with ``error: …`` on stderr and exit status 2, never a traceback."""
+    try:
+        try:
+            command()
+        finally:
+            sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        reason = exc.strerror or type(exc).__name__
+        try:
+            click.echo(f"error: could not write the output to stdout: {reason}", err=True)
+            click.echo("  fix: write to a file or pipe that can take it (free disk space)", err=True)
+        except OSError:
+            pass
+        sys.exit(2)

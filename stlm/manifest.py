@@ -101,7 +101,18 @@ class Manifest:
         )
         if manifest.contract != decoder_contract(manifest.model, manifest.variant):
             raise ValueError("its contract differs from the graph variant it records")
+        _check_token_ids(manifest.generation, manifest.model.vocab_size)
         return manifest
+
+
+def _check_token_ids(generation: Generation, vocab_size: int) -> None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(generation, key)
+        if value >= vocab_size:
+            raise PackageError(
+                f"generation.{key} is {value}, not an id of the model's vocabulary of {vocab_size} tokens",
+                fix=f"set generation.{key} to the tokenizer's id (< {vocab_size}), or " + EXPORT_AGAIN,
+            )
 
 
 def _name(value: Any) -> str:
@@ -163,7 +174,13 @@ def _check_format(data: Any) -> None:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"format is {found!r}, expected {FORMAT!r}")
     version = data.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PackageError(
+            f"the package's format_version is {version!r} ({type(version).__name__}), expected an integer "
+            f"(this stlm reads {FORMAT_VERSION})",
+            fix=f'write "format_version": {FORMAT_VERSION} (a number, not a string), or ' + EXPORT_AGAIN,
+        )
+    if version > FORMAT_VERSION:
         raise PackageError(
             f"the package's format_version {version!r} is newer than this stlm reads ({FORMAT_VERSION})",
             fix="upgrade stlm (pip install -U stlm), or export the package with this version",

@@ -14,6 +14,9 @@ or the new complete one.
   ``OUT`` is refused. Under the lock every ``.OUT.partial-*`` / ``.OUT.old-*`` sibling is a
   leftover of a killed writer: partials are deleted, and an ``.old`` is put back when ``OUT`` is
   missing (the kill fell between the two renames), else deleted.
+* **SIGTERM** (``timeout``, ``docker stop``, CI) unwinds like Ctrl-C: the partial folder and the
+  lock are removed and the process exits with status 143; during the swap itself it waits until
+  the swap is done. Only ``kill -9`` leaves them, for the next writer to clean.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -258,6 +263,44 @@ def _write_error(out: Path, exc: OSError) -> StlmError:
     )
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived while a staged write ran: unwinds like Ctrl-C (the partial folder and the lock
+    are removed on the way out), then the process exits with status 143 (128 + SIGTERM)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated(128 + signum)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGTERM raises :class:`Terminated` instead of
+    killing the process on the spot, so ``finally`` blocks clean up as they do on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """SIGTERM waits until the block ends (the swap of OUT is never cut between its two renames)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 @contextmanager
 def staged_folder(
     out: Path, *, overwrite: bool = False, owner: Owner = package_files, protect: Sequence[Path] = ()
@@ -273,14 +316,15 @@ def staged_folder(
         raise _write_error(out, exc) from None
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        with _lock(out):
+        with _sigterm_unwinds(), _lock(out):
             clean_leftovers(out)
             check_output(out, overwrite=overwrite, owner=owner, protect=protect)
             try:
                 tmp.mkdir()
                 yield tmp
                 check_output(out, overwrite=overwrite, owner=owner, protect=protect)  # changed meanwhile?
-                _publish(tmp, out)
+                with _sigterm_deferred():
+                    _publish(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:

@@ -164,14 +164,15 @@ def _prompt_result(ids: Sequence[int], tokens: Sequence[int], want: np.ndarray, 
         )
     diff = np.abs(have.astype(np.float64) - want).max(axis=1)
     worst_step = int(np.argmax(np.nan_to_num(diff, nan=np.inf)))
+    finite = np.isfinite(have).all(axis=1)  # a NaN/Inf row agrees with nothing (argmax of NaN is 0)
     package_top1 = have.argmax(axis=1)
-    follows = package_top1 == np.asarray(tokens)
+    follows = (package_top1 == np.asarray(tokens)) & finite
     return PromptResult(
         prompt_tokens=len(ids),
         max_abs_diff=float(diff[worst_step]),
         worst_step=worst_step,
         scale=float(np.abs(want).max()),
-        top1_agree=int((package_top1 == want.argmax(axis=1)).sum()),
+        top1_agree=int(((package_top1 == want.argmax(axis=1)) & finite).sum()),
         steps=len(tokens),
         greedy_agree=len(tokens) if follows.all() else int(np.argmin(follows)),
         reference_tokens=tuple(tokens),

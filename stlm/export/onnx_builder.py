@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from stlm.dtypes import ONNX_ELEM
+from stlm.export.weights import check_finite
 
 
 class InitializerStore:
@@ -86,7 +87,10 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """Store float ``array`` as initializer ``name`` in the weight dtype; return it in the compute dtype."""
-        stored = self.store.add(name, array.astype(self.weights, copy=False))
+        with np.errstate(over="ignore"):
+            converted = array.astype(self.weights, copy=False)
+        check_finite(name, array, converted)  # NaN/Inf, or beyond the range of the weight dtype
+        stored = self.store.add(name, converted)
         return self.cast(stored, self.compute, name=f"/{name}/cast")
 
     def cast(self, x: str, dtype: np.dtype, name: str | None = None) -> str:

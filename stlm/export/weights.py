@@ -105,6 +105,29 @@ def _shard_files(folder: Path, index: Path) -> list[Path]:
     return sorted({folder / f for f in weight_map.values()})
 
 
+def _all_finite(array: np.ndarray, block: int = 1 << 22) -> bool:
+    """Whether every value is finite, checked in blocks (no full-size temporary)."""
+    flat = array.reshape(-1)
+    return all(bool(np.isfinite(flat[i : i + block]).all()) for i in range(0, flat.size, block))
+
+
+def check_finite(name: str, stored: np.ndarray, converted: np.ndarray, where: str = "the checkpoint") -> None:
+    """A NaN/Inf weight (stored, or made by converting to a narrower dtype) is a :class:`CheckpointError`."""
+    if _all_finite(converted):
+        return
+    count = int(converted.size - np.count_nonzero(np.isfinite(converted)))
+    if stored is converted or not _all_finite(stored):
+        raise CheckpointError(
+            f"tensor {name!r} in {where} holds {count} non-finite values (NaN or Inf)",
+            fix="the checkpoint is corrupt or was saved after a diverged training step: use a checkpoint with "
+            "finite weights",
+        )
+    raise CheckpointError(
+        f"tensor {name!r} in {where} has {count} values beyond the range of {converted.dtype} (they would become Inf)",
+        fix="export with a wider --dtype (fp32 or bf16)",
+    )
+
+
 class SafetensorsCheckpoint:
     """Lazy access to a checkpoint's tensors by name, with their source dtype and shape."""
 
@@ -172,7 +195,10 @@ class SafetensorsCheckpoint:
             )
         arr = buf.reshape(e.shape)
         target = np.dtype(dtype or np.float32)
-        return arr if arr.dtype == target else arr.astype(target)
+        with np.errstate(over="ignore"):
+            out = arr if arr.dtype == target else arr.astype(target)
+        check_finite(name, arr, out, e.file.name)
+        return out
 
     def names(self) -> Iterator[str]:
         """All tensor names."""

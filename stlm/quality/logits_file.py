@@ -18,6 +18,7 @@ only if it is itself an stlm logits file.
 from __future__ import annotations
 
 import json
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,18 @@ def check_writable(path: Path) -> None:
             f"{path} exists and is not an stlm logits file; it will not be replaced",
             fix="pass a new file name for --save-logits (or delete the file yourself)",
         )
+    try:  # a read-only folder or file system is refused now, not after the whole run
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def _write_error(path: Path, exc: OSError) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"cannot write the logits file {str(path)!r}: {exc.strerror or type(exc).__name__}",
+        fix="pass a --save-logits path on a writable disk with free space",
+    )
 
 
 def save_base_logits(path: Path, logits: BaseLogits) -> Path:
@@ -108,8 +121,11 @@ def save_base_logits(path: Path, logits: BaseLogits) -> Path:
     }
     if logits.rows.ids is not None:
         arrays["ids"] = logits.rows.ids.astype(np.int32)
-    with staged_file(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    try:
+        with staged_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as exc:  # the disk filled (or went away) during the write: nothing is left behind
+        raise _write_error(path, exc) from None
     return path
 
 

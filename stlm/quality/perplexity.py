@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from stlm.errors import InvalidArgumentError
+from stlm.errors import InvalidArgumentError, PackageError
 from stlm.manifest import MANIFEST_NAME
 from stlm.quality import stats
 from stlm.quality.logits_file import BaseLogits, check_writable, load_base_logits, save_base_logits
@@ -81,9 +81,12 @@ def score_chunk(logits: np.ndarray, chunk: Sequence[int]) -> tuple[np.ndarray, P
     return rows, stats.score_positions(rows, np.asarray(chunk[first + 1 :]))
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limit: int | None) -> str:
+    """The text of ``path``; at most ``limit`` bytes of it (None: up to MAX_TEXT_BYTES, else refused)."""
+    from stlm.runtime.text_limits import read_text_prefix
+
     try:
-        return path.read_text(encoding="utf-8")
+        return read_text_prefix(path, limit)[0]
     except FileNotFoundError:
         raise InvalidArgumentError(f"text file {str(path)!r} does not exist", fix="pass a UTF-8 text file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -182,7 +185,10 @@ def run_perplexity(
     save = None if save_logits is None else Path(save_logits)
     saved_path = None if kl_divergence is None else Path(kl_divergence)
     _check_options(saved_path, None if reference is None else Path(reference), save, top_k)
-    text = _read_text(Path(text_file))
+    from stlm.runtime.text_limits import BYTES_PER_TOKEN
+
+    limit = None if chunks is None else chunks * (ctx or DEFAULT_CTX) * BYTES_PER_TOKEN
+    text = _read_text(Path(text_file), limit)
     gen = Generator.load(package)
     tokens = gen.tokenizer.encode(text)
     vocab = gen.manifest.model.vocab_size
@@ -218,7 +224,9 @@ def _chunks_of(tokens: list[int], ctx: int, chunks: int | None, context: int, te
     if not pieces:
         raise InvalidArgumentError(
             f"{text_file} has {len(tokens)} tokens, fewer than one chunk of --ctx {ctx}",
-            fix=f"pass a longer text, or a smaller --ctx (≤ {len(tokens)})",
+            fix=f"pass a longer text, or a smaller --ctx (≥ 4, ≤ {len(tokens)})"
+            if len(tokens) >= 4
+            else "pass a longer text (at least 4 tokens: --ctx is at least 4)",
         )
     return pieces
 
@@ -245,9 +253,11 @@ def _evaluate(
         beside = base.source(group) if base is not None and base.source is not None else None
         for i, chunk in enumerate(group):
             rows, scores = score_chunk(outputs[i], chunk)
+            _check_finite(scores, start + i, "the package")
             got.add(nll=scores.nll)
             if beside is not None:
                 base_rows, base_scores = score_chunk(beside[i], chunk)
+                _check_finite(base_scores, start + i, "the --reference")
                 _compare(got, rows, scores, stats.base_rows(base_rows, base_scores.lse, 0), base_scores)
                 rows, scores = base_rows, base_scores  # what --save-logits keeps
             elif base is not None and base.saved is not None:
@@ -261,6 +271,18 @@ def _evaluate(
             running = float(np.exp(got.get("nll").mean()))
             progress(f"chunks (PPL so far {running:.4f})", min(start + batch, len(pieces)), len(pieces))
     return got, seconds
+
+
+def _check_finite(scores: PositionScores, chunk: int, whose: str) -> None:
+    """A NaN/Inf log-likelihood (from NaN/Inf logits) is a :class:`PackageError`, never a ``PPL = nan``."""
+    bad = ~np.isfinite(scores.nll)
+    if bad.any():
+        raise PackageError(
+            f"{whose}'s logits are not finite (NaN or Inf) at {int(bad.sum())} scored positions of chunk {chunk}, "
+            "so its perplexity is undefined",
+            fix="the package's weights hold NaN/Inf or overflow its dtype: export it again from a checkpoint with "
+            "finite weights (stlm export refuses non-finite weights), or use a wider --dtype",
+        )
 
 
 def _compare(

@@ -21,6 +21,7 @@ from stlm.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
 from stlm.runtime.engine import Engine
 from stlm.runtime.jobs import Job, Sink, StepOutput
+from stlm.runtime.package_check import check_tokenizer
 from stlm.runtime.sampling import SamplingParams
 from stlm.runtime.sequence import Completion, SequenceState, check_fits
 from stlm.runtime.tokenizer import Tokenizer
@@ -79,9 +80,15 @@ class Generator:
         else the CPU) with ``threads`` intra-op threads.
         """
         _check_threads(threads)
+        if not isinstance(folder, str | os.PathLike):
+            raise InvalidArgumentError(
+                f"the package folder is {folder!r} ({type(folder).__name__}), expected a path (str or Path)",
+                fix="pass the folder written by `stlm export`, e.g. Generator.load('pkg')",
+            )
         folder = Path(folder)
         manifest = read_manifest(folder)
         tokenizer = Tokenizer.from_file(folder / manifest.tokenizer)
+        check_tokenizer(folder / manifest.tokenizer, tokenizer, manifest.model.vocab_size)
         backend: Backend[Any]
         if manifest.kind == "tensorrt":
             from stlm.runtime.tensorrt_backend import TensorRTBackend

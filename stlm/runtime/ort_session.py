@@ -17,8 +17,9 @@ import onnxruntime as ort
 
 from stlm.errors import BackendUnavailableError, PackageError
 from stlm.gpu_env import GPU_INSTALL_FIX, installed_onnxruntime_builds, onnxruntime_conflict
-from stlm.manifest import EXPORT_AGAIN, Manifest
+from stlm.manifest import Manifest
 from stlm.ort_versions import check_onnxruntime
+from stlm.runtime.package_check import check_graph_io
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -122,7 +123,5 @@ def open_session(
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for bad files
         raise _load_error(exc, path, manifest, providers) from None
-    missing = {s.name for s in manifest.contract.inputs} - {i.name for i in session.get_inputs()}
-    if missing:
-        raise PackageError(f"{path} lacks the inputs {sorted(missing)[:4]} its manifest declares", fix=EXPORT_AGAIN)
+    check_graph_io(path, manifest, session.get_inputs(), session.get_outputs())
     return session
