@@ -54,6 +54,11 @@ class PerplexityReport:
         return "\n".join(lines)
 
 
+def _nonnegative(kld: float) -> float:
+    """A KL divergence as printed: never below 0 (rounding in the log-softmax gives -1e-9), never ``-0``."""
+    return max(kld, 0.0) + 0.0
+
+
 def _est(e: Estimate, scale: float = 1.0, unit: str = "") -> str:
     return f"{scale * e.value:11.6f} ± {scale * e.error:.6f}{unit}"
 
@@ -72,9 +77,9 @@ def format_kld(k: KldSummary, base: str) -> list[str]:
         f"  Mean ln(PPL(Q)/PPL(base))      : {_est(k.ln_ppl_ratio)}",
         f"  Mean PPL(Q)/PPL(base)          : {_est(k.ppl_ratio)}",
         f"  Mean PPL(Q)-PPL(base)          : {_est(k.delta_ppl)}",
-        f"  Mean    KLD: {_est(k.mean_kld)}",
+        f"  Mean    KLD: {_est(Estimate(_nonnegative(k.mean_kld.value), k.mean_kld.error))}",
     ]
-    lines += [f"  {_label(name)} KLD: {value:11.6f}" for name, value in k.kld.items()]
+    lines += [f"  {_label(name)} KLD: {_nonnegative(value):11.6f}" for name, value in k.kld.items()]
     lines.append(f"  Mean    Δp: {_est(k.mean_delta_p, 100, ' %')}")
     lines += [f"  {_label(name)}  Δp: {100 * value:8.3f} %" for name, value in k.delta_p.items()]
     lines += [
