@@ -4,6 +4,7 @@ exit codes and first lines checked. Ctrl-C is a real SIGINT to a real process.""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_ctrl_c_in_generate_exits_130_with_one_line(package: Path) -> None:
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _wait(lambda: _blocked_on_stdin(proc.pid), proc)  # loaded, reading the prompt: inside the command
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=TIMEOUT)
+    _out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, err
     assert err.decode().splitlines() == ["interrupted (Ctrl-C)"]
 
@@ -160,3 +161,21 @@ def test_fix_bounds_name_the_flag_and_kld_is_never_negative() -> None:
     assert with_flags("pass max_new_tokens ≤ 6, or shorten", flags) == "pass --max-new-tokens ≤ 6, or shorten"
     assert f"{_nonnegative(-1e-9):.6f}" == "0.000000"
     assert _nonnegative(0.25) == 0.25
+
+
+# -- 5. setup.sh says what it does ---------------------------------------------------------------------
+def test_setup_script_announces_its_steps_and_lets_pip_name_the_packages() -> None:
+    script = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "setup.sh")], check=False).returncode == 0
+    installs = [line for line in script.splitlines() if '"${PIP[@]}" install' in line and "pip" not in line.split()[-1]]
+    assert installs and all(" -q " not in line for line in installs), installs  # only pip's own upgrade is -q
+    assert [int(n) for n in re.findall(r'^\s*step (\d) "', script, flags=re.MULTILINE)] == [1, 2, 3, 4]
+
+
+# -- 7. perplexity names its ctx -------------------------------------------------------------------------
+def test_perplexity_first_line_names_the_ctx(package: Path, tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40, encoding="utf-8")
+    done = stlm("perplexity", str(package), str(text), "--ctx", "32", "--chunks", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].endswith(f"on {text}, ctx 32"), done.stdout

@@ -40,7 +40,7 @@ class PerplexityReport:
     def format(self) -> str:
         """The human-readable report."""
         lines = [
-            f"stlm perplexity: {self.package} ({self.description}) on {self.text}",
+            f"stlm perplexity: {self.package} ({self.description}) on {self.text}, ctx {self.ctx}",
             f"  {self.text_tokens} tokens → {self.chunks} chunks of {self.ctx} (first {self.ctx // 2} context "
             f"only): {self.scored} tokens scored",
             f"  PPL = {self.ppl.value:.4f} ± {self.ppl.error:.4f}   ({self.tokens_per_second:.1f} tok/s, "
