@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -92,8 +93,10 @@ def export(
 ) -> None:
     """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
     from stlm.export.onnx_export import export_onnx
+    from stlm.export.quantize import parse_quantization
 
-    note(f"exporting {model} → {output} ({dtype}, opset {opset}, {target})")
+    precision = dtype if quantize is None else f"{dtype}, {parse_quantization(quantize).describe()}"
+    note(f"exporting {model} → {output} ({precision}, opset {opset}, {target})")
     path = export_onnx(
         model,
         output,
@@ -229,7 +232,8 @@ def generate(
     chat_template: str | None,
     threads: int | None,
 ) -> None:
-    """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout).
+    """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout, with a final
+    newline only on a terminal). Ctrl-C prints the text generated so far and exits with status 130.
 
     With --chat, the reply to --prompt as a user message (the package's chat template, or --chat-template).
     """
@@ -253,12 +257,24 @@ def generate(
         from stlm.runtime.chat import chat_prompt
 
         text = chat_prompt(package, gen, text, system=system, chat_template=chat_template)
-    if stream:
-        for piece in gen.stream(text, params):
-            click.echo(piece, nl=False)
-        click.echo()
-    else:
-        click.echo(gen.generate(text, params))
+    _print_generation(gen.stream(text, params), stream=stream)
+
+
+def _print_generation(pieces: Iterable[str], *, stream: bool) -> None:
+    """The continuation on stdout: each piece as it comes with --stream, else all at the end, or what
+    was generated when Ctrl-C stops it. A newline follows only on a terminal (piped stdout gets exactly
+    the continuation)."""
+    produced: list[str] = []
+    try:
+        for piece in pieces:
+            if stream:
+                click.echo(piece, nl=False)
+            else:
+                produced.append(piece)
+    except KeyboardInterrupt:  # the text so far is not lost
+        click.echo("".join(produced), nl=sys.stdout.isatty())
+        raise
+    click.echo("".join(produced), nl=sys.stdout.isatty())
 
 
 @cli.command("make-checkpoint")

@@ -38,6 +38,19 @@ class StlmFailure(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C (SIGINT) as the CLI shows it: one line on stderr, exit status 130 (128 + SIGINT), the shell's
+    convention, instead of click's ``Aborted!`` and 1 (which docs/reliability.md gives other meanings)."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted (Ctrl-C)")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"\n{self.format_message()}" if sys.stderr.isatty() else self.format_message(), err=True)
+
+
 def option_flags(command: click.Command) -> dict[str, str]:
     """Python name of each of ``command``'s options → its long flag (``top_p`` → ``--top-p``)."""
     flags = {}
@@ -49,9 +62,11 @@ def option_flags(command: click.Command) -> dict[str, str]:
 
 
 def with_flags(message: str, flags: dict[str, str]) -> str:
-    """``message`` with each ``name=value`` of a Python field that is an option spelled ``--flag value``."""
+    """``message`` with each ``name=value`` of a Python field that is an option spelled ``--flag value``,
+    and each bound on it (``name ≤ 6`` in a fix) spelled ``--flag ≤ 6``."""
     for name, flag in flags.items():
         message = re.sub(rf"(?<![\w.-]){re.escape(name)}=", f"{flag} ", message)
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)} (?=[≤≥<>])", f"{flag} ", message)
     return message
 
 
@@ -65,6 +80,8 @@ class StlmGroup(click.Group):
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             flags = option_flags(command) if command is not None else {}
             raise StlmFailure(with_flags(str(exc), flags)) from None
+        except KeyboardInterrupt:
+            raise Interrupted() from None
 
 
 def _verbosity(ctx: click.Context) -> dict[str, bool]:

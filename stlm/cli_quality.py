@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from stlm.cli_output import progress
+from stlm.cli_output import progress, quiet
 
 
 @click.command()
@@ -25,14 +25,15 @@ from stlm.cli_output import progress
 def verify(reference: str, package: Path, prompts: int, as_json: bool, save_reference: Path | None) -> None:
     """Compare PACKAGE with REFERENCE: a checkpoint (transformers, fp32) or a --save-reference file.
 
-    Exit status 0 within the tolerance for the package's dtype, 1 beyond it, 2 on errors.
+    Exit status 0 within the tolerance for the package's dtype, 1 beyond it, 2 on errors; with -q only
+    the verdict line (PASS, or FAIL naming the outputs) is printed.
     """
     import json
 
     from stlm.verify import verify_package
 
     report = verify_package(reference, package, prompts=prompts, save_reference_to=save_reference)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format(table=not quiet()))
     sys.exit(0 if report.passed else 1)
 
 

@@ -33,7 +33,8 @@ def _api_key(value: str | None) -> str | None:
     default=None,
     envvar="STLM_API_KEY",
     callback=lambda ctx, param, value: _api_key(value),
-    help="Require 'Authorization: Bearer KEY' on every route but /health (or set STLM_API_KEY). Without a key "
+    help="Require 'Authorization: Bearer KEY' on every route but the probes /health and /ready (or set "
+    "STLM_API_KEY). Without a key "
     "only loopback Host names and application/json bodies are accepted.",
 )
 @click.option(

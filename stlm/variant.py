@@ -141,6 +141,21 @@ class Quantization:
         """``int4`` / ``int8``: the accuracy class of the package."""
         return f"int{self.bits}"
 
+    def describe(self) -> str:
+        """The preset and its options, e.g. ``int4 (rtn, block 32, edge 8-bit)`` or ``int4-rtn (rtn, block 32)``:
+        the one description of a quantization in export headers and bench/verify/perplexity reports."""
+        preset = next((k for k, v in QUANTIZE_PRESETS.items() if v == self), None)
+        options = [self.method, f"block {self.block_size}"]
+        if self.symmetric:
+            options.append("symmetric")
+        if self.edge_bits is not None and self.edge_bits != self.bits:
+            options.append(f"edge {self.edge_bits}-bit")
+        if self.lm_head_bits != 8:  # the default head
+            options.append(f"head {self.lm_head_bits}-bit")
+        if self.accuracy_level != 4:
+            options.append(f"accuracy level {self.accuracy_level}")
+        return f"{preset or self.name} ({', '.join(options)})"
+
     @property
     def all_bits(self) -> tuple[int, ...]:
         """Every bit width the graph's MatMulNBits use (layers, edge layers, LM head)."""
@@ -244,9 +259,7 @@ class Variant:
         """One line for reports: ``fp16 weights, compute fp32, KV fp16, inplace KV cache``."""
         parts = [f"{self.weight_dtype} weights"]
         if self.quantization is not None:
-            parts.append(
-                f"{self.quantization.name} {self.quantization.method} blocks of {self.quantization.block_size}"
-            )
+            parts.append(self.quantization.describe())
         parts += [f"compute {self.compute_dtype}", f"KV {self.kv_dtype}", f"{self.kv_cache} KV cache"]
         return ", ".join(parts)
 

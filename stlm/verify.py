@@ -27,7 +27,7 @@ import numpy as np
 from stlm.config import load_model_config
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.extras import require_extra
-from stlm.manifest import Manifest, read_manifest
+from stlm.manifest import MANIFEST_NAME, Manifest, read_manifest
 from stlm.runtime.backend import Backend
 from stlm.tolerance import TOLERANCES, Tolerance, looser
 from stlm.verify_reference import (
@@ -122,8 +122,12 @@ class VerifyReport:
             "notes": list(self.notes),
         }
 
-    def format(self) -> str:
-        """The human-readable report."""
+    def format(self, *, table: bool = True) -> str:
+        """The human-readable report (``table=False``: only its last line, PASS or FAIL: ...)."""
+        failed = [c.output for c in self.checks if not c.passed]
+        verdict = "PASS" if not failed else f"FAIL: {', '.join(failed)} beyond the {self.accuracy_class} tolerance"
+        if not table:
+            return verdict
         steps = self.prompts[0].steps if self.prompts else 0
         lines = [
             f"stlm verify: {self.package} ({self.description}) vs {self.reference}",
@@ -141,8 +145,7 @@ class VerifyReport:
                 f"greedy {p.greedy_agree}/{p.steps}"
             )
         lines += [f"  note: {n}" for n in self.notes]
-        failed = [c.output for c in self.checks if not c.passed]
-        lines.append("PASS" if not failed else f"FAIL: {', '.join(failed)} beyond the {self.accuracy_class} tolerance")
+        lines.append(verdict)
         return "\n".join(lines)
 
 
@@ -271,6 +274,17 @@ def _check_verifiable(package: Path, manifest: Manifest, prompts: int, steps: in
         )
 
 
+def _check_order(reference: str | Path | Reference, package: Path) -> None:
+    """An error hinting at the argument order when REFERENCE is a package and PACKAGE is not."""
+    if isinstance(reference, Reference) or (package / MANIFEST_NAME).is_file():
+        return
+    if (Path(reference) / MANIFEST_NAME).is_file():
+        raise InvalidArgumentError(
+            f"{package} is not an stlm package but {reference} is: the arguments look swapped",
+            fix=f"the reference comes first: stlm verify {package} {reference}",
+        )
+
+
 def verify_package(
     reference: str | Path | Reference,
     package: str | Path,
@@ -289,6 +303,7 @@ def verify_package(
     package = Path(package)
     if save_reference_to is not None:
         check_reference_path(Path(save_reference_to))
+    _check_order(reference, package)
     manifest = read_manifest(package)
     _check_verifiable(package, manifest, prompts, steps)
     ref = _reference(reference, package, manifest, prompts, steps)
@@ -299,7 +314,8 @@ def verify_package(
     results, checks = compare(ref, got, TOLERANCES[compared_as])
     notes: list[str] = []
     if package_class != "fp32" and ref.source.startswith("transformers"):
-        notes.append(f"a {package_class} package is compared with transformers in fp32 on the same weights")
+        article = "an" if package_class[0] in "aefhilmnorsx" else "a"  # an int8, an fp16, a bf16
+        notes.append(f"{article} {package_class} package is compared with transformers in fp32 on the same weights")
     saved = None
     if save_reference_to is not None and all(c.passed for c in checks):
         runner = f"stlm-{manifest.kind}-{package_class}"

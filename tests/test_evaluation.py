@@ -155,6 +155,7 @@ def test_concat_package_scores_items_as_hf(subject: dict[str, Any], hf_reference
     _assert_items_equal(items, hf_reference[1])
 
 
+@pytest.mark.shared
 def test_trained_model_beats_chance(subject: dict[str, Any], stlm_inplace: tuple[dict[str, Any], Items]) -> None:
     if not subject["trained"]:
         pytest.skip("needs ../shared (the trained tiny StableLM), absent from a public clone")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,12 @@ DEFAULT_MAX_BATCH_TOKENS = 8192
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 Request = tuple[Any, list[int], list[int]]
+
+
+def _bars_off() -> bool:
+    """Whether progress bars are off (``TQDM_DISABLE``, set by ``stlm -q``): tqdm reads it only for
+    bars created without an explicit ``disable``, and lm-eval passes one."""
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
 
 
 def _batch_size(batch_size: int | str | None, max_batch_size: int | None) -> int:
@@ -173,6 +180,10 @@ class StlmLM(TemplateLM):
         return self.generator.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
     # -- log-likelihoods ------------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenizing loglikelihood, with its bar off under ``stlm -q`` (TQDM_DISABLE)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or _bars_off())
+
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
@@ -183,7 +194,7 @@ class StlmLM(TemplateLM):
             inputs.setdefault(model_input(ctx, continuation, self.max_length), []).append(i)
         unique = list(inputs)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="stlm loglikelihood")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or _bars_off(), desc="stlm loglikelihood")
         for group in batches([len(u) for u in unique], self.batch_size, self._max_batch_tokens):
             for u, logits in zip(group, self._logits([unique[u] for u in group]), strict=True):
                 for i in inputs[unique[u]]:
@@ -225,7 +236,7 @@ class StlmLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         results = [""] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="stlm generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or _bars_off(), desc="stlm generate_until")
         for members in groups.values():
             params, until = self._sampling(requests[members[0]].args[1])
             max_ctx = self.max_length - params.max_new_tokens

@@ -22,6 +22,7 @@ from lm_eval.utils import make_table
 
 import stlm.evaluation.lm  # noqa: F401 - registers the "stlm" model
 from stlm.errors import InvalidArgumentError
+from stlm.evaluation.quiet import lm_eval_quietly
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +110,20 @@ def evaluate(
         raise InvalidArgumentError(f"seeds={seeds!r}: expected 4 values", fix="pass (python, numpy, torch, fewshot)")
     manager = _task_manager(tasks, include_path, include_defaults)
     tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
-    results = simple_evaluate(
-        model=model,
-        model_args=model_args,
-        tasks=list(tasks),
-        log_samples=log_samples or keep_samples,
-        evaluation_tracker=tracker,
-        task_manager=manager,
-        random_seed=seeds[0],
-        numpy_random_seed=seeds[1],
-        torch_random_seed=seeds[2],
-        fewshot_random_seed=seeds[3],
-        **options,
-    )
+    with lm_eval_quietly():
+        results = simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=list(tasks),
+            log_samples=log_samples or keep_samples,
+            evaluation_tracker=tracker,
+            task_manager=manager,
+            random_seed=seeds[0],
+            numpy_random_seed=seeds[1],
+            torch_random_seed=seeds[2],
+            fewshot_random_seed=seeds[3],
+            **options,
+        )
     if results is None:  # only on non-zero ranks of a distributed run
         return {}
     if tracker is not None:

@@ -142,7 +142,7 @@ def _describe(gen: Generator) -> str:
     m = gen.manifest
     parts = [m.kind, m.dtype, f"{m.variant.kv_cache} KV"]
     if m.variant.quantization is not None:
-        parts.append(f"{m.variant.quantization.name} {m.variant.quantization.method}")
+        parts.append(m.variant.quantization.describe())
     return ", ".join(parts)
 
 

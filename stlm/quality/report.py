@@ -40,7 +40,7 @@ class PerplexityReport:
     def format(self) -> str:
         """The human-readable report."""
         lines = [
-            f"stlm perplexity: {self.package} ({self.description}) on {self.text}",
+            f"stlm perplexity: {self.package} ({self.description}) on {self.text}, ctx {self.ctx}",
             f"  {self.text_tokens} tokens → {self.chunks} chunks of {self.ctx} (first {self.ctx // 2} context "
             f"only): {self.scored} tokens scored",
             f"  PPL = {self.ppl.value:.4f} ± {self.ppl.error:.4f}   ({self.tokens_per_second:.1f} tok/s, "
@@ -52,6 +52,11 @@ class PerplexityReport:
             lines.append(f"  saved logits to {self.saved_logits}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _nonnegative(kld: float) -> float:
+    """A KL divergence as printed: never below 0 (rounding in the log-softmax gives -1e-9), never ``-0``."""
+    return max(kld, 0.0) + 0.0
 
 
 def _est(e: Estimate, scale: float = 1.0, unit: str = "") -> str:
@@ -72,9 +77,9 @@ def format_kld(k: KldSummary, base: str) -> list[str]:
         f"  Mean ln(PPL(Q)/PPL(base))      : {_est(k.ln_ppl_ratio)}",
         f"  Mean PPL(Q)/PPL(base)          : {_est(k.ppl_ratio)}",
         f"  Mean PPL(Q)-PPL(base)          : {_est(k.delta_ppl)}",
-        f"  Mean    KLD: {_est(k.mean_kld)}",
+        f"  Mean    KLD: {_est(Estimate(_nonnegative(k.mean_kld.value), k.mean_kld.error))}",
     ]
-    lines += [f"  {_label(name)} KLD: {value:11.6f}" for name, value in k.kld.items()]
+    lines += [f"  {_label(name)} KLD: {_nonnegative(value):11.6f}" for name, value in k.kld.items()]
     lines.append(f"  Mean    Δp: {_est(k.mean_delta_p, 100, ' %')}")
     lines += [f"  {_label(name)}  Δp: {100 * value:8.3f} %" for name, value in k.delta_p.items()]
     lines += [

@@ -89,6 +89,8 @@ def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Ev
     application = bind(config, options)
     # Ray's proxies load this callback at start (in processes the Ray instance started here inherits).
     os.environ.setdefault(CALLBACK_ENV, CALLBACK_PATH)
+    if not sys.stderr.isatty():  # Ray's worker-log prefixes without ANSI colours in files and pipes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         ray.init(address=options.address)
     except ConnectionError as exc:
