@@ -18,8 +18,9 @@ import numpy as np
 from stlm.errors import InvalidArgumentError
 from stlm.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
+from stlm.runtime.constraints import masks_alongside
 from stlm.runtime.sampling import SamplingParams
-from stlm.runtime.sequence import Completion, SequenceState, check_fits
+from stlm.runtime.sequence import Completion, SequenceState, check_fits, truncate_prompt
 from stlm.runtime.tokenizer import Tokenizer
 
 #: Tokens per row fed at once by :meth:`Generator.logits` (bounds the (rows, chunk, vocab) logits).
@@ -67,6 +68,8 @@ class Generator:
         self.manifest = manifest
         self.context_length = manifest.generation.context_length
         self.eos_token_id = manifest.generation.eos_token_id
+        #: every id that ends generation (the package's full EOS set, ``eos_token_id`` first)
+        self.eos_token_ids = manifest.generation.eos_set
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str | None = None, threads: int | None = None) -> Generator:
@@ -208,9 +211,9 @@ class Generator:
         rows = []
         for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
-            ids = self.encode_prompt(prompt)
+            ids = truncate_prompt(self.encode_prompt(prompt), sp)
             check_fits(len(ids), sp.max_new_tokens, self.context_length)
-            rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_id))
+            rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_ids, self.manifest.model.vocab_size))
         return rows
 
     def _steps(self, rows: list[SequenceState], cancel: threading.Event | None) -> Iterator[list[str]]:
@@ -231,4 +234,4 @@ class Generator:
             feed = [[] if r.finished else [r.last_token] for r in rows]
             if not any(feed):
                 return
-            logits = self.backend.forward(cache, feed)
+            logits = masks_alongside(rows, lambda: self.backend.forward(cache, feed))
