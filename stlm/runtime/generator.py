@@ -7,6 +7,7 @@ threads: it holds no per-call state (each call owns its KV cache, freed when the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -234,4 +235,4 @@ class Generator:
             feed = [[] if r.finished else [r.last_token] for r in rows]
             if not any(feed):
                 return
-            logits = masks_alongside(rows, lambda: self.backend.forward(cache, feed))
+            logits = masks_alongside(rows, functools.partial(self.backend.forward, cache, feed))
