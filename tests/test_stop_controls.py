@@ -24,7 +24,7 @@ def _greedy(gen: Generator, n: int = 8, **kw: object) -> tuple[str, tuple[int, .
 
 
 def test_stop_token_ids_finish_with_stop_and_keep_the_token(gen: Generator) -> None:
-    text, ids, _ = _greedy(gen)
+    _text, ids, _ = _greedy(gen)
     _, cut, reason = _greedy(gen, stop_token_ids=[ids[3]])
     first = ids.index(ids[3])
     assert reason == "stop" and cut == ids[: first + 1]  # vLLM: the stop token is in the output ids
@@ -91,7 +91,7 @@ def test_include_stop_str_in_output(gen: Generator) -> None:
 
 
 def test_min_tokens_defers_stop_strings(gen: Generator) -> None:
-    text, ids, _ = _greedy(gen)
+    _text, ids, _ = _greedy(gen)
     first = gen.tokenizer.decode([ids[0]])
     stop = first.strip()[:2] or first
     early, _, _ = _greedy(gen, stop=[stop])
@@ -100,7 +100,7 @@ def test_min_tokens_defers_stop_strings(gen: Generator) -> None:
 
 
 def test_bad_words_never_appear(gen: Generator) -> None:
-    text, ids, _ = _greedy(gen)
+    _text, ids, _ = _greedy(gen)
     tok = gen.tokenizer
     # vLLM bans a word as written and, when that is as many tokens, with a leading space
     k, word = next(
@@ -108,7 +108,7 @@ def test_bad_words_never_appear(gen: Generator) -> None:
         for i, t in enumerate(ids)
         if (w := tok.decode([t]).strip()) and len(tok.encode(w)) == len(tok.encode(" " + w)) == 1
     )
-    banned, got, _ = _greedy(gen, bad_words=[word])
+    _banned, got, _ = _greedy(gen, bad_words=[word])
     assert got[:k] == ids[:k] and got[k] != ids[k]
     assert not {tok.encode(word)[0], tok.encode(" " + word)[0]} & set(got)
     # a two-token word: only its last token is banned, and only right after the first
