@@ -128,3 +128,30 @@ def test_bad_schema_is_an_error_naming_the_construct() -> None:
         Constraint("choice", [])
     with pytest.raises(InvalidArgumentError, match="constraint"):
         SamplingParams(constraint="json")  # type: ignore[arg-type]
+
+
+def test_cli_generate_constraints(package: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stlm.cli import cli
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    base = ["generate", str(package), "-p", "Output:", "-n", "96", "--seed", "4", "--threads", "1"]
+    out = CliRunner().invoke(cli, [*base, "--json-schema", str(schema)])
+    assert out.exit_code == 0, out.output
+    jsonschema.validate(json.loads(out.stdout), SCHEMA)
+    out = CliRunner().invoke(cli, [*base, "--choice", "alpha", "--choice", "beta"])
+    assert out.exit_code == 0 and out.stdout.strip() in ("alpha", "beta")
+    out = CliRunner().invoke(cli, [*base, "--regex", "[0-9]{4}"])
+    assert out.exit_code == 0 and re.fullmatch(r"[0-9]{4}", out.stdout.strip())
+    grammar = tmp_path / "g.gbnf"
+    grammar.write_text('root ::= "ab" [0-9]')
+    out = CliRunner().invoke(cli, [*base, "--grammar", str(grammar)])
+    assert out.exit_code == 0 and re.fullmatch(r"ab[0-9]", out.stdout.strip())
+    out = CliRunner().invoke(cli, [*base, "--regex", "(", "--stream"])
+    assert out.exit_code == 2 and "error:" in out.output and "regex" in out.output
+    out = CliRunner().invoke(cli, [*base, "--regex", "a", "--choice", "b"])
+    assert out.exit_code == 2 and "one" in out.output
+    out = CliRunner().invoke(cli, [*base, "-n", "4", "--min-tokens", "4", "--ignore-eos", "--bad-word", "the"])
+    assert out.exit_code == 0, out.output

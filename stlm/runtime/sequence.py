@@ -100,6 +100,7 @@ class SequenceState:
         eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
         self.eos_token_id = eos[0]
         self.eos_token_ids = frozenset(eos)
+        self._eos = eos
         self.rng = make_rng(params.seed)
         self.generated: list[int] = []
         self.logprobs: list[float] = []
@@ -136,7 +137,7 @@ class SequenceState:
         assert not self.finished
         p = self.params
         if p.constraint is not None and self.constraint is None:
-            self.constraint = ConstraintState(p.constraint, self._tokenizer, np.shape(logits)[-1], self.eos_token_ids)
+            self.constraint = ConstraintState(p.constraint, self._tokenizer, np.shape(logits)[-1], self._eos)
         if self.constraint is not None and self.constraint.stopped:
             return self._close("eos")  # the grammar is complete: only EOS may follow
         x = self._masked(self._processed(logits))

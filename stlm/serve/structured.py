@@ -52,6 +52,16 @@ CONTROL_FIELDS = frozenset(
 )
 #: accepted and ignored: they never change the generated output
 IGNORED_FIELDS = frozenset({"request_id", "priority", "cache_salt", "service_tier", "store", "metadata"})
+_ORDER = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "grammar",
+    "json_schema",
+)
 _OUTPUTS_KEYS = frozenset({"json", "regex", "choice", "grammar", "json_object", "backend"})
 
 
@@ -151,9 +161,9 @@ def constraint_from(body: Mapping[str, Any]) -> Constraint | None:
     except ApiError:
         raise
     except StlmError as exc:
-        name = next((n for n in STRUCTURED_FIELDS if body.get(n) is not None and n not in sources), None)
+        culprit = next((n for n in _ORDER if body.get(n) is not None and n not in sources), "response_format")
         message = exc.problem if exc.fix is None else f"{exc.problem} (fix: {exc.fix})"
-        raise _bad(name or "response_format", message) from None
+        raise _bad(culprit, message) from None
     chosen = {k: v for k, v in sources.items() if v is not None}
     if len(chosen) > 1:
         raise _bad(next(iter(chosen)), f"the request sets several output constraints ({', '.join(chosen)}); pass one")
