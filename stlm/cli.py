@@ -10,10 +10,18 @@ import io
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from stlm.cli_common import StlmGroup, add_verbosity_and_envvars, configure_logging, dtype_option
+from stlm.cli_common import (
+    StlmGroup,
+    add_verbosity_and_envvars,
+    configure_logging,
+    dtype_option,
+    output_fields,
+    output_options,
+)
 from stlm.cli_eval import eval_command
 from stlm.cli_output import note, progress, run_guarding_stdout
 from stlm.cli_quality import perplexity, verify
@@ -215,6 +223,7 @@ def _read_prompt(prompt: str, context_length: int) -> str:
 @click.option(
     "--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime intra-op threads [default: all cores]."
 )
+@output_options
 def generate(
     package: Path,
     prompt: str,
@@ -231,6 +240,7 @@ def generate(
     system: str | None,
     chat_template: str | None,
     threads: int | None,
+    **controls: Any,
 ) -> None:
     """Generate a continuation of --prompt with the package in PACKAGE (printed to stdout, with a final
     newline only on a terminal). Ctrl-C prints the text generated so far and exits with status 130.
@@ -248,6 +258,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=tuple(stop),
+        **output_fields(controls),
     )
     if (system is not None or chat_template is not None) and not chat:
         raise StlmError("--system and --chat-template apply to chat prompts", fix="add --chat")

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import click
@@ -168,3 +169,64 @@ def dtype_option(help_text: str) -> Callable[[F], F]:
         callback=lambda ctx, param, value: parse_dtype(value),
         help=help_text,
     )
+
+
+_OUTPUT_OPTIONS = (
+    click.option(
+        "--json-schema", "json_schema", default=None, metavar="FILE", help="Output must match this JSON Schema."
+    ),
+    click.option("--regex", default=None, help="Output must match this regular expression."),
+    click.option(
+        "--grammar", default=None, metavar="FILE", help="Output must match this Lark (or GBNF, with ::=) grammar."
+    ),
+    click.option("--choice", multiple=True, help="Output must be one of these strings (repeatable)."),
+    click.option(
+        "--stop-token-id", "stop_token_ids", multiple=True, type=int, help="Stop at this token id (repeatable)."
+    ),
+    click.option("--min-tokens", default=0, show_default=True, type=int, help="No EOS / stop before this many tokens."),
+    click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS."),
+    click.option("--skip-special-tokens/--keep-special-tokens", default=True, show_default=True),
+    click.option("--include-stop-str-in-output", is_flag=True, help="Keep the stop string in the output."),
+    click.option("--bad-word", "bad_words", multiple=True, help="Never generate this word (repeatable)."),
+    click.option("--truncate-prompt-tokens", default=None, type=int, help="Keep only the last N prompt tokens."),
+)
+
+
+def output_options(f: Any) -> Any:
+    """The structured-output (--json-schema, --regex, --grammar, --choice) and vLLM stop/length options."""
+    for option in reversed(_OUTPUT_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StlmError(f"cannot read the {what} file {path} ({exc})", fix="pass a readable UTF-8 file") from None
+
+
+def output_fields(options: dict[str, Any]) -> dict[str, Any]:
+    """``SamplingParams`` keywords from :func:`output_options`' values (at most one constraint)."""
+    from stlm.runtime.constraints import Constraint
+
+    given = [k for k in ("json_schema", "regex", "grammar", "choice") if options.get(k)]
+    if len(given) > 1:
+        raise StlmError(
+            f"--{' and --'.join(g.replace('_', '-') for g in given)} both constrain the output", fix="pass one"
+        )
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, tuple | list) else v
+        for k, v in options.items()
+        if k not in ("json_schema", "regex", "grammar", "choice")
+    }
+    if options.get("json_schema"):
+        fields["constraint"] = Constraint("json_schema", _read_text(options["json_schema"], "JSON Schema"))
+    elif options.get("regex"):
+        fields["constraint"] = Constraint("regex", options["regex"])
+    elif options.get("grammar"):
+        text = _read_text(options["grammar"], "grammar")
+        fields["constraint"] = Constraint("gbnf" if "::=" in text else "lark", text)
+    elif options.get("choice"):
+        fields["constraint"] = Constraint("choice", list(options["choice"]))
+    return fields

@@ -37,6 +37,13 @@ class Generation:
     eos_token_id: int
     pad_token_id: int
     context_length: int
+    #: the full EOS set (generation_config.json's ``eos_token_id`` list); () = just ``eos_token_id``
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def eos_set(self) -> tuple[int, ...]:
+        """Every id that ends generation: ``eos_token_id`` first, then the rest of ``eos_token_ids``."""
+        return tuple(dict.fromkeys((self.eos_token_id, *self.eos_token_ids)))
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Manifest:
             "variant": self.variant.to_dict(),
             "model": self.model.to_dict(),
             "contract": self.contract.to_dict(),
-            "generation": vars(self.generation),
+            "generation": {**vars(self.generation), "eos_token_ids": list(self.generation.eos_token_ids)},
             "versions": self.versions,
             "extra": self.extra,
             "chat_template": self.chat_template,
@@ -128,8 +135,14 @@ def _optional_name(value: Any) -> str | None:
 def _generation(data: Any) -> Generation:
     if not isinstance(data, dict):
         raise TypeError(f"generation is {type(data).__name__}, expected an object")
-    generation = Generation(**data)
+    data = dict(data)
+    extra = data.pop("eos_token_ids", [])
+    if not isinstance(extra, list) or not all(type(t) is int and t >= 0 for t in extra):
+        raise ValueError(f"generation.eos_token_ids is {extra!r}, expected a list of non-negative integers")
+    generation = Generation(**data, eos_token_ids=tuple(extra))
     for key, value in vars(generation).items():
+        if key == "eos_token_ids":
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"generation.{key} is {value!r}, expected a non-negative integer")
     if generation.context_length < 1:

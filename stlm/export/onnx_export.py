@@ -21,7 +21,7 @@ from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
-from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
+from stlm.export.tokenizer_files import TokenizerFiles, eos_token_ids, write_tokenizer_files
 from stlm.export.validate import check_tokenizer, check_weights
 from stlm.export.weights import SafetensorsCheckpoint
 from stlm.manifest import Generation, Manifest, read_manifest, write_manifest
@@ -148,7 +148,9 @@ def plan_variant(
     return dataclasses.replace(variant, min_onnxruntime=required_onnxruntime(variant, opset)), opset
 
 
-def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str, chat: TokenizerFiles) -> Manifest:
+def _manifest(
+    cfg: ModelConfig, variant: Variant, opset: int, source: str, chat: TokenizerFiles, eos: tuple[int, ...]
+) -> Manifest:
     return Manifest(
         kind="onnx",
         graph=GRAPH_NAME,
@@ -160,6 +162,7 @@ def _manifest(cfg: ModelConfig, variant: Variant, opset: int, source: str, chat:
             eos_token_id=cfg.eos_token_id,
             pad_token_id=cfg.eos_token_id,
             context_length=cfg.max_position_embeddings,
+            eos_token_ids=eos if len(eos) > 1 else (),
         ),
         versions={"stlm": stlm.__version__, "onnx": onnx.__version__, "numpy": np.__version__, "opset": opset},
         variant=variant,
@@ -212,6 +215,7 @@ def export_onnx(
     ckpt = SafetensorsCheckpoint(checkpoint)
     check_weights(cfg, ckpt, str(checkpoint))
     check_tokenizer(cfg, tokenizer)
+    eos = eos_token_ids(checkpoint, cfg.eos_token_id, cfg.vocab_size)
     start = time.perf_counter()
     with staged_folder(out, overwrite=overwrite, protect=[checkpoint]) as tmp:
         data_path = tmp / DATA_NAME if variant.external_data else None
@@ -223,7 +227,7 @@ def export_onnx(
             progress("checked", 1, 1)
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
         chat = write_tokenizer_files(checkpoint, tmp, chat_template)
-        write_manifest(tmp, _manifest(cfg, variant, opset, str(model), chat))
+        write_manifest(tmp, _manifest(cfg, variant, opset, str(model), chat, eos))
         read_manifest(tmp)  # a package written is a package that loads
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out

@@ -95,3 +95,27 @@ def copy_tokenizer_files(source: Path, folder: Path, files: TokenizerFiles) -> N
     for name in (files.chat_template, files.tokenizer_config):
         if name is not None:
             (folder / name).write_bytes((source / name).read_bytes())
+
+
+def eos_token_ids(checkpoint: Path, eos_token_id: int, vocab_size: int) -> tuple[int, ...]:
+    """The full EOS set of ``checkpoint``: ``eos_token_id`` first, then the rest of
+    generation_config.json's (or config.json's) ``eos_token_id`` when it is a list (fine-tunes add
+    end-of-turn tokens); ids outside the vocabulary are a :class:`CheckpointError`."""
+    found: list[int] = [eos_token_id]
+    for name in ("config.json", "generation_config.json"):
+        path = checkpoint / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (ValueError, AttributeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not a JSON object ({exc})", fix="restore the file") from None
+        ids = value if isinstance(value, list) else [] if value is None else [value]
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise CheckpointError(
+                    f"{path}: eos_token_id holds {t!r}, expected token ids in [0, {vocab_size})",
+                    fix="fix eos_token_id in that file",
+                )
+            found.append(t)
+    return tuple(dict.fromkeys(found))

@@ -11,9 +11,10 @@ Never imports torch or transformers. Typical use::
 """
 
 from stlm.errors import StlmError
+from stlm.runtime.constraints import Constraint
 from stlm.runtime.generator import Generator
 from stlm.runtime.sampling import SamplingParams
 from stlm.runtime.sequence import Completion
 from stlm.runtime.tokenizer import Tokenizer
 
-__all__ = ["Completion", "Generator", "SamplingParams", "StlmError", "Tokenizer"]
+__all__ = ["Completion", "Constraint", "Generator", "SamplingParams", "StlmError", "Tokenizer"]

@@ -17,6 +17,7 @@ U+FFFD is released when a later token shows it was real (the text goes on past i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from stlm.errors import InvalidArgumentError
@@ -43,9 +44,12 @@ class IncrementalDetokenizer:
     the middle of a character) is not used as context. Each push costs O(1) decode work.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None) -> None:
-        """Start a stream; ``prompt_ids`` (optional) give the decoder its left context."""
-        self._decode = tokenizer.backend.decode
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None, *, skip_special_tokens: bool = True
+    ) -> None:
+        """Start a stream; ``prompt_ids`` (optional) give the decoder its left context;
+        ``skip_special_tokens=False`` keeps special tokens in the text."""
+        self._decode = functools.partial(tokenizer.backend.decode, skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []  # the window: context tokens, then unreleased tokens
         self._read = 0  # window[:read] is context whose text was released (or is the prompt)
         self._done = 0  # chars of decode(window) already released or belonging to the context

@@ -60,6 +60,7 @@ import numpy as np
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend
 from stlm.runtime.engine_metrics import EngineMetrics, NoMetrics
+from stlm.runtime.constraints import masks_alongside
 from stlm.runtime.forwarding import by_row, forward_all
 from stlm.runtime.jobs import Job, StepOutput
 from stlm.runtime.logprobs import prompt_logprobs
@@ -185,9 +186,11 @@ class Engine:
             return
         scored = [row for row in fed_rows if self._scores_prompt(row)]
         plain = [row for row in fed_rows if row not in scored]
-        logits, failures = self._forward_step(feed, plain) if plain else (None, {})
+        # constrained rows' next-token masks are computed on llguidance's threads meanwhile
+        states = [job.state for job in self.slots if job is not None]
+        logits, failures = masks_alongside(states, lambda: self._forward_step(feed, plain)) if plain else (None, {})
         if scored:
-            logits = self._forward_scored(feed, scored, logits, failures)
+            logits = masks_alongside(states, lambda: self._forward_scored(feed, scored, logits, failures))
         for row, exc in failures.items():
             job = self.slots[row]
             if job is not None:

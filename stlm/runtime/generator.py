@@ -23,7 +23,7 @@ from stlm.runtime.engine import Engine
 from stlm.runtime.jobs import Job, Sink, StepOutput
 from stlm.runtime.package_check import check_tokenizer
 from stlm.runtime.sampling import SamplingParams
-from stlm.runtime.sequence import Completion, SequenceState, check_fits
+from stlm.runtime.sequence import Completion, SequenceState, check_fits, truncate_prompt
 from stlm.runtime.tokenizer import Tokenizer
 
 #: Tokens per row fed at once by :meth:`Generator.logits` (bounds the (rows, chunk, vocab) logits).
@@ -71,6 +71,8 @@ class Generator:
         self.manifest = manifest
         self.context_length = manifest.generation.context_length
         self.eos_token_id = manifest.generation.eos_token_id
+        #: every id that ends generation (the package's full EOS set, ``eos_token_id`` first)
+        self.eos_token_ids = manifest.generation.eos_set
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str | None = None, threads: int | None = None) -> Generator:
@@ -218,9 +220,9 @@ class Generator:
         rows = []
         for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
-            ids = self.encode_prompt(prompt)
+            ids = truncate_prompt(self.encode_prompt(prompt), sp)
             check_fits(len(ids), sp.max_new_tokens, self.context_length)
-            rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_id))
+            rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_ids, self.manifest.model.vocab_size))
         return rows
 
     def _steps(self, rows: list[SequenceState], cancel: threading.Event | None) -> Iterator[list[str]]:

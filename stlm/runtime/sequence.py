@@ -6,12 +6,15 @@ hands each sequence its row of logits; the sequence picks the next token and the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
+from stlm.runtime.badwords import BadWords
+from stlm.runtime.constraints import ConstraintState
 from stlm.runtime.detokenize import IncrementalDetokenizer
 from stlm.runtime.logprobs import TokenLogprob, token_logprob
 from stlm.runtime.processors import apply_logit_bias, apply_presence_frequency
@@ -72,13 +75,32 @@ def check_fits(
         )
 
 
+def truncate_prompt(prompt: list[int], params: SamplingParams) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the last k prompt ids (all when unset or shorter)."""
+    k = params.truncate_prompt_tokens
+    return prompt[-k:] if k is not None and len(prompt) > k else prompt
+
+
 class SequenceState:
     """Decoding state of one prompt; feed it logits with :meth:`step` until :attr:`finished`."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, eos_token_id: int) -> None:
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        eos_token_id: int | Sequence[int],
+        vocab: int | None = None,
+    ) -> None:
+        """``eos_token_id``: the package's EOS id or its full EOS set; ``vocab``: the logits'
+        width (needed up front by a ``params.constraint``; else taken from the first logits)."""
+        prompt = truncate_prompt(prompt, params)
         self.prompt = prompt
         self.params = params
-        self.eos_token_id = eos_token_id
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        self.eos_token_id = eos[0]
+        self.eos_token_ids = frozenset(eos)
+        self._eos = eos
         self.rng = make_rng(params.seed)
         self.generated: list[int] = []
         self.logprobs: list[float] = []
@@ -86,8 +108,15 @@ class SequenceState:
         self._counts: np.ndarray | None = None  # generated tokens per id (presence/frequency penalties)
         self.finish_reason: str | None = None
         self._text: list[str] = []
-        self._detok = IncrementalDetokenizer(tokenizer, prompt)
-        self._stops = StopMatcher(params.stop)
+        self._tokenizer = tokenizer
+        self._detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=params.skip_special_tokens)
+        self._stops = StopMatcher(params.stop, include=params.include_stop_str_in_output)
+        self._bad = BadWords(params.bad_words, tokenizer) if params.bad_words else None
+        self.constraint: ConstraintState | None = None
+        if params.constraint is not None and vocab is not None:
+            self.constraint = ConstraintState(params.constraint, tokenizer, vocab, eos)
+        # ids that end the sequence, forbidden before min_tokens (vLLM: EOS unless ignore_eos, stop_token_ids)
+        self._enders = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
         # prompt + generated ids, for the repetition penalty (a view of it is passed per step)
         self._seen = np.zeros(len(prompt) + params.max_new_tokens, dtype=np.int64)
         self._seen[: len(prompt)] = prompt
@@ -107,24 +136,50 @@ class SequenceState:
         """Choose the next token from ``logits`` (vocab,) and return the text that became final."""
         assert not self.finished
         p = self.params
-        x = self._processed(logits)
+        if p.constraint is not None and self.constraint is None:
+            self.constraint = ConstraintState(p.constraint, self._tokenizer, np.shape(logits)[-1], self._eos)
+        if self.constraint is not None and self.constraint.stopped:
+            return self._close("eos")  # the grammar is complete: only EOS may follow
+        x = self._masked(self._processed(logits))
+        if not np.isfinite(x).any():  # nothing allowed (a grammar end that min_tokens forbids)
+            return self._close("stop")
         penalised = p.repetition_penalty != 1.0
         token, _ = sample_token(x, p, self.rng, self._seen[: self._n_seen] if penalised else None)
-        if token == self.eos_token_id:
+        if token in self.eos_token_ids and not p.ignore_eos:
             return self._close("eos")
         if p.logprobs:
             entry = self._logprob(logits, x, token)
             self.logprobs.append(entry.logprob)
             self.top_logprobs.append(entry.top)
+        self._record(token)
+        if token in p.stop_token_ids:
+            shown = self._emit(self._detok.push(token)) if p.include_stop_str_in_output else ""
+            return shown + self._close("stop")
+        shown = self._emit(self._detok.push(token))
+        if not self.finished and len(self.generated) >= self.params.max_new_tokens:
+            shown += self._close("length")
+        return shown
+
+    def _record(self, token: int) -> None:
         self.generated.append(token)
         if self._counts is not None:
             self._counts[token] += 1
         self._seen[self._n_seen] = token
         self._n_seen += 1
-        shown = self._emit(self._detok.push(token))
-        if not self.finished and len(self.generated) >= self.params.max_new_tokens:
-            shown += self._close("length")
-        return shown
+        if self.constraint is not None:
+            self.constraint.advance(token)
+
+    def _masked(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with the tokens min_tokens, bad_words and the constraint forbid at -inf."""
+        p = self.params
+        if self._bad is not None:
+            x = self._bad.apply(x, self.generated)
+        if len(self.generated) < p.min_tokens and self._enders:
+            x = np.array(x, copy=True)
+            x[[i for i in self._enders if i < x.shape[-1]]] = -np.inf
+        if self.constraint is not None:
+            x = self.constraint.mask(x)
+        return x
 
     def _processed(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` after ``logit_bias`` and the presence/frequency penalties (itself when unset)."""
@@ -166,6 +221,9 @@ class SequenceState:
         )
 
     def _emit(self, piece: str) -> str:
+        if len(self.generated) <= self.params.min_tokens:  # vLLM: no stop strings until past min_tokens
+            self._text.append(piece)
+            return piece
         shown, stopped = self._stops.feed(piece)
         if stopped:
             self.finish_reason = "stop"

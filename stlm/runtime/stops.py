@@ -26,8 +26,11 @@ class StopMatcher:
     held-back tail (shorter than the longest stop string, unless a match is pending) is searched.
     """
 
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        """``stop``: the stop strings (non-empty str); an empty sequence never stops."""
+    def __init__(self, stop: Sequence[str] = (), *, include: bool = False) -> None:
+        """``stop``: the stop strings (non-empty str); an empty sequence never stops. With
+        ``include`` the stop string itself is kept at the end of the text (vLLM's
+        ``include_stop_str_in_output``)."""
+        self._include = include
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, list | tuple):
@@ -101,7 +104,7 @@ class StopMatcher:
 
     def _stop_at(self, held: str, match: tuple[int, str]) -> tuple[str, bool]:
         self._stopped, self._matched, self._held = True, match[1], ""
-        return held[: match[0]], True
+        return held[: match[0] + (len(match[1]) if self._include else 0)], True
 
     def _earliest_match(self, text: str) -> tuple[int, str] | None:
         """(start, stop) of the earliest complete occurrence; the longest stop on ties."""

@@ -6,9 +6,10 @@ string or a list of text parts, optional ``name``), ``max_completion_tokens`` or
 the sampling fields of :mod:`stlm.serve.protocol` (``temperature``, ``top_p``, ``top_k``,
 ``min_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
 ``seed``, ``stop``, ``n``, ``stream``, ``stream_options``, ``user``, ``model``),
-``response_format`` only ``{"type": "text"}``, ``tools`` only empty; and vLLM's extensions
+``response_format`` and the other structured-output and stop/length fields of
+:mod:`stlm.serve.structured`, ``tools`` only empty; and vLLM's extensions
 ``add_generation_prompt`` (default true), ``continue_final_message`` and ``chat_template_kwargs``
-(variables for the template). Any other field is a 400.
+(variables for the template). Any other field is a 400 (the policy: :mod:`stlm.serve.structured`).
 """
 
 from __future__ import annotations
@@ -119,13 +120,6 @@ def _messages(body: dict[str, Any]) -> tuple[dict[str, Any], ...]:
 
 
 def _neutral(body: dict[str, Any]) -> None:
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad(
-            "response_format",
-            f'response_format={json.dumps(response_format)[:60]} is not supported (accepted: {{"type": "text"}})',
-            "unsupported_value",
-        )
     if body.get("tools") not in (None, []):
         raise bad("tools", "tools are not supported by this server (fix: omit tools)", "unsupported_value")
     if body.get("tool_choice") not in (None, "none"):

@@ -7,7 +7,8 @@ or a list of token-id lists), ``max_tokens`` (default 16), ``temperature``, ``to
 ``logit_bias``, ``seed``, ``stop`` (str or list of str), ``stream``, ``stream_options``
 (``include_usage``, ``continuous_usage_stats``), ``logprobs`` (0-5 alternatives per token),
 ``echo``, ``n``, ``best_of`` (≥ n; not with ``stream``), ``user``, and ``suffix`` only as null.
-Any other field is a 400, so a misspelt option is never silently ignored. The chat protocol
+the structured-output and stop/length fields and the ignored extras of
+:mod:`stlm.serve.structured`. Any other field is a 400, so a misspelt option is never silently ignored. The chat protocol
 (:mod:`stlm.serve.chat_protocol`) shares the sampling fields parsed here.
 """
 
@@ -24,6 +25,7 @@ from stlm.errors import StlmError
 from stlm.runtime.sampling import SamplingParams
 from stlm.serve import jsonio
 from stlm.serve.apierror import ApiError
+from stlm.serve.structured import CONTROL_FIELDS, IGNORED_FIELDS, STRUCTURED_FIELDS, extra_params
 
 __all__ = [
     "ApiError",  # re-exported
@@ -61,7 +63,7 @@ SAMPLING_FIELDS = frozenset(
         "n",
         "user",
     }
-)
+) | (STRUCTURED_FIELDS | CONTROL_FIELDS | IGNORED_FIELDS)  # stlm.serve.structured
 _FIELDS = SAMPLING_FIELDS | {"prompt", "max_tokens", "logprobs", "echo", "best_of", "suffix"}
 
 
@@ -185,6 +187,7 @@ def sampling_params(
     }
     typed(body, "user", (str,), "a string")
     typed(body, "model", (str,), "a string")
+    fields = {**extra_params(body), **fields}
     try:
         return SamplingParams(**{k: v for k, v in options.items() if v is not None}, stop=_stop(body), **fields)
     except StlmError as exc:

@@ -20,7 +20,7 @@ from stlm.errors import InvalidArgumentError, PackageError, StlmError
 from stlm.runtime.chat import ChatTemplate, load_chat_template, missing_template
 from stlm.runtime.generator import Generator
 from stlm.runtime.sampling import SamplingParams
-from stlm.runtime.sequence import SequenceState
+from stlm.runtime.sequence import SequenceState, truncate_prompt
 from stlm.runtime.token_bytes import TokenTexts
 from stlm.serve.apierror import ApiError
 from stlm.serve.chat_protocol import ChatRequest, parse_chat_request
@@ -211,11 +211,20 @@ class CompletionService:
         if per_prompt > n:  # best_of ranks candidates by their mean log-probability
             params = dataclasses.replace(params, logprobs=True)
         states = []
+        prompts = [truncate_prompt(list(ids), params) for ids in prompts]
         for i, ids in enumerate(prompts):
             limit = self._max_tokens(i, len(prompts), ids, params, fields)
             for c in range(per_prompt):
                 choice = dataclasses.replace(params, max_new_tokens=limit, seed=derive_seed(params.seed, c))
-                states.append(SequenceState(ids, choice, self.generator.tokenizer, self.generator.eos_token_id))
+                states.append(
+                    SequenceState(
+                        ids,
+                        choice,
+                        self.generator.tokenizer,
+                        self.generator.eos_token_ids,
+                        self.generator.manifest.model.vocab_size,
+                    )
+                )
         return Plan(request, tuple(tuple(p) for p in prompts), texts, tuple(states), per_prompt, n, scored)
 
     def _max_tokens(

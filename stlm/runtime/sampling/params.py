@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.runtime.logprobs import LOGPROBS_MODES, check_top_logprobs
 from stlm.runtime.processors import check_logit_bias, check_penalty
+from stlm.runtime.sampling.controls import check_controls
+
+if TYPE_CHECKING:
+    from stlm.runtime.constraints import Constraint
 
 __all__ = ["SamplingParams", "checked", "make_rng"]
 
@@ -66,6 +70,11 @@ class SamplingParams:
     each generated token's log-probability and ``top_logprobs`` (0..20) alternatives, from the
     model's own distribution (``logprobs_mode="raw"``) or after bias, penalties and temperature
     (``"processed"``); see :mod:`stlm.runtime.logprobs`.
+
+    vLLM's stop and length controls (``stop_token_ids``, ``min_tokens``, ``ignore_eos``,
+    ``skip_special_tokens``, ``include_stop_str_in_output``, ``bad_words``,
+    ``truncate_prompt_tokens``: :mod:`stlm.runtime.sampling.controls`) and ``constraint`` (a
+    :class:`stlm.runtime.constraints.Constraint`: the output must match it).
     """
 
     max_new_tokens: int = 64
@@ -82,6 +91,15 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0
     logprobs_mode: str = "raw"
+    # vLLM's stop and length controls and the output constraint (see stlm.runtime.sampling.controls)
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    bad_words: tuple[str, ...] = ()
+    truncate_prompt_tokens: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
@@ -95,6 +113,7 @@ class SamplingParams:
             )
         object.__setattr__(self, "logprobs", bool(self.logprobs))
         _check_openai_fields(self)
+        check_controls(self)
 
     @property
     def greedy(self) -> bool:
