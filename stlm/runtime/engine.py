@@ -59,8 +59,8 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.runtime.backend import Backend
-from stlm.runtime.engine_metrics import EngineMetrics, NoMetrics
 from stlm.runtime.constraints import masks_alongside
+from stlm.runtime.engine_metrics import EngineMetrics, NoMetrics
 from stlm.runtime.forwarding import by_row, forward_all
 from stlm.runtime.jobs import Job, StepOutput
 from stlm.runtime.logprobs import prompt_logprobs
