@@ -42,7 +42,6 @@ from tqdm import tqdm
 from stlm.errors import InvalidArgumentError
 from stlm.evaluation.scoring import batches, model_input, score_continuation
 from stlm.runtime import Generator, SamplingParams
-from stlm.runtime.sequence import SequenceState
 
 log = logging.getLogger(__name__)
 
@@ -282,23 +281,8 @@ class StlmLM(TemplateLM):
         return params, until
 
     def _generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple[int, ...]]:
-        """Generated token ids of each prompt, run as one batch over the package's backend."""
-        gen = self.generator
-        bos = gen.manifest.generation.bos_token_id
-        rows = [
-            SequenceState(p or [bos], sp, gen.tokenizer, gen.eos_token_id)
-            for p, sp in zip(prompts, params, strict=True)
-        ]
-        cache = gen.backend.new_cache(len(rows), max(len(r.prompt) + r.params.max_new_tokens for r in rows))
-        logits = gen.backend.forward(cache, [r.prompt for r in rows])
-        while True:
-            for b, row in enumerate(rows):
-                if not row.finished:
-                    row.step(logits[b])
-            feed = [[] if r.finished else [r.last_token] for r in rows]
-            if not any(feed):
-                return [r.completion().token_ids for r in rows]
-            logits = gen.backend.forward(cache, feed)
+        """Generated token ids of each prompt, run as one batch on the package's engine."""
+        return [c.token_ids for c in self.generator.complete(prompts, params)]
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -115,13 +115,14 @@ class Generator:
 
     def complete(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         cancel: threading.Event | None = None,
         **overrides: Any,
     ) -> list[Completion]:
-        """Full results (text, tokens, finish reason, logprobs) for a batch of prompts."""
+        """Full results (text, tokens, finish reason, logprobs) for a batch of prompts, each given
+        as text or as token ids (an empty prompt starts from BOS)."""
         rows = self._rows(prompts, params, overrides)
         for _ in self._steps(rows, cancel):
             pass
@@ -202,7 +203,7 @@ class Generator:
 
     def _rows(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None,
         overrides: dict[str, Any],
     ) -> list[SequenceState]:
@@ -220,7 +221,11 @@ class Generator:
         rows = []
         for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
-            ids = truncate_prompt(self.encode_prompt(prompt), sp)
+            if isinstance(prompt, str):
+                ids = self.encode_prompt(prompt)
+            else:
+                ids = self._token_rows([prompt])[0] if prompt else [self.manifest.generation.bos_token_id]
+            ids = truncate_prompt(ids, sp)
             check_fits(len(ids), sp.max_new_tokens, self.context_length)
             rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_ids, self.manifest.model.vocab_size))
         return rows
