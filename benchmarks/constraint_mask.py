@@ -39,6 +39,27 @@ def _per_token(gen: Generator, batch: int, tokens: int, constraint: Constraint |
     return elapsed / tokens
 
 
+def mask_only(batch: int, steps: int) -> float:
+    """Median seconds per step of the mask alone for ``batch`` rows (no model): prepare_masks,
+    mask application on (vocab,) logits and the matcher's advance, following a greedy walk."""
+    import numpy as np
+
+    from stlm.runtime.constraints import ConstraintState, prepare_masks
+    from stlm.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(assets.NEOX_TOKENIZER)
+    logits = np.random.default_rng(0).standard_normal(50304).astype(np.float32)
+    rows = [ConstraintState(Constraint("json_schema", SCHEMA), tok, 50304, [0]) for _ in range(batch)]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        prepare_masks(rows)
+        for r in rows:
+            r.advance(int(np.argmax(r.mask(logits))))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the A/B medians (ms per decode step) for each batch size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mask-only", action="store_true", help="time the mask alone (no model)")
     args = parser.parse_args(argv)
+    if args.mask_only:
+        for batch in args.batch or [1, 8]:
+            print(f"batch {batch}: mask alone {mask_only(batch, args.tokens) * 1e3:.2f} ms/step")
+        return 0
     constraint = Constraint("json_schema", SCHEMA)
     with tempfile.TemporaryDirectory() as tmp:
         ck = write_random_checkpoint(Path(tmp) / "ck", shape=args.shape, tokenizer=assets.NEOX_TOKENIZER, seed=0)
