@@ -141,3 +141,22 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(gen: Generator) -> None:
 def test_bad_values_name_the_field(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
         SamplingParams(**bad)  # type: ignore[arg-type]
+
+
+def test_export_carries_the_eos_list_and_old_manifests_load(checkpoint: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from stlm.export.onnx_export import export_onnx
+    from stlm.manifest import read_manifest
+
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5, 9]}))
+    pkg = export_onnx(ck, tmp_path / "pkg", kv_cache="concat")
+    assert read_manifest(pkg).generation.eos_set == (0, 5, 9)
+    assert Generator.load(pkg, device="cpu", threads=1).eos_token_ids == (0, 5, 9)
+    manifest = json.loads((pkg / "stlm.json").read_text())
+    del manifest["generation"]["eos_token_ids"]  # a manifest written before the EOS set
+    (pkg / "stlm.json").write_text(json.dumps(manifest))
+    assert read_manifest(pkg).generation.eos_set == (0,)
