@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from conftest import build_checkpoint
 from test_export_parity import check_concat_graph, hf_greedy
+from test_perplexity import TRAINED, _report, _transformers_ppl, needs_trained
 
 from stlm.cli import cli
 from stlm.export.onnx_export import export_onnx
@@ -28,6 +29,7 @@ from stlm.runtime import Generator, SamplingParams
 peft = pytest.importorskip("peft")
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+SONNETS = TRAINED.parents[1] / "corpora" / "shakespeare-heldout" / "sonnets.txt"
 PROMPTS = ["The quick brown fox jumps over the lazy dog, and then", "Hi"]
 
 
@@ -152,3 +154,45 @@ def test_base_model_mismatch_is_warned(base: Path, tmp_path: Path, caplog: pytes
         export_onnx(base, tmp_path / "pkg", adapter=adapter)
     assert "someone/other-model" in caplog.text
     assert np.isfinite(read_manifest(tmp_path / "pkg").extra["adapter"]["scale"])
+
+
+def _train_adapter(checkpoint: Path, text: str, out: Path, steps: int = 12) -> Path:
+    """A LoRA adapter (r 8, attention and MLP) trained by PEFT for ``steps`` steps on ``text``."""
+    import tokenizers
+
+    tokens = tokenizers.Tokenizer.from_file(str(checkpoint / "tokenizer.json")).encode(text).ids
+    ctx = 64
+    batch = torch.tensor([tokens[i * ctx : (i + 1) * ctx] for i in range(len(tokens) // ctx)])
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR[:-1], use_rslora=True)
+    model = peft.get_peft_model(_base_model(checkpoint), config).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        rows = batch[torch.randint(0, len(batch), (8,))]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.shared
+@needs_trained
+def test_trained_adapter_lowers_heldout_perplexity_as_peft_says(tmp_path: Path) -> None:
+    """Trained on the first half of the (held-out) sonnets, evaluated on the second: the merged package's
+    perplexity equals transformers + PEFT's merged model's, and is below the base's."""
+    text = SONNETS.read_text(encoding="utf-8")
+    half = len(text) // 2
+    adapter = _train_adapter(TRAINED, text[:half], tmp_path / "adapter")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(text[half:], encoding="utf-8")
+    reference = peft_merged(TRAINED, adapter, tmp_path / "merged")
+    peft_ppl, scored = _transformers_ppl(reference, heldout, 64, 8)
+    base_ppl, _ = _transformers_ppl(TRAINED, heldout, 64, 8)
+    package = export_onnx(TRAINED, tmp_path / "pkg", adapter=adapter)
+    report = _report(str(package), str(heldout), "--ctx", "64", "--chunks", "8")
+    assert report["scored"] == scored
+    assert report["ppl"]["value"] == pytest.approx(peft_ppl, rel=1e-3)
+    print(f"held-out ppl: base {base_ppl:.3f}, PEFT merged {peft_ppl:.3f}, stlm package {report['ppl']['value']:.3f}")
+    assert peft_ppl < 0.95 * base_ppl, (peft_ppl, base_ppl)
