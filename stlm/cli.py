@@ -85,6 +85,18 @@ def cli(ctx: click.Context) -> None:
     metavar="FILE",
     help="Jinja chat template to package (replaces the checkpoint's chat_template) [default: the checkpoint's, if any].",
 )
+@click.option(
+    "--adapter",
+    default=None,
+    metavar="DIR",
+    help="PEFT LoRA adapter folder or hub id (adapter_config.json + adapter_model.safetensors) to merge into MODEL.",
+)
+@click.option(
+    "--base",
+    default=None,
+    metavar="BASE",
+    help="When MODEL is a PEFT adapter folder: the checkpoint (folder or hub id) it was trained on.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a package stlm wrote.")
 def export(
     model: str,
@@ -97,9 +109,14 @@ def export(
     kv_cache: str | None,
     quantize: str | None,
     chat_template: str | None,
+    adapter: str | None,
+    base: str | None,
     overwrite: bool,
 ) -> None:
-    """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder."""
+    """Export MODEL (a checkpoint folder or hub id) to an ONNX package folder.
+
+    With --adapter (or MODEL an adapter and --base), the LoRA adapter is merged into the weights first.
+    """
     from stlm.export.onnx_export import export_onnx
     from stlm.export.quantize import parse_quantization
 
@@ -118,6 +135,8 @@ def export(
         kv_cache=kv_cache,
         quantize=quantize,
         chat_template=chat_template,
+        adapter=adapter,
+        base=base,
     )
     click.echo(str(path))
 

@@ -19,6 +19,7 @@ from stlm.dtypes import parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
 from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
+from stlm.export.lora import LoraAdapter, MergedCheckpoint, is_adapter_folder, load_adapter
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
 from stlm.export.tokenizer_files import TokenizerFiles, eos_token_ids, write_tokenizer_files
@@ -148,6 +149,42 @@ def plan_variant(
     return dataclasses.replace(variant, min_onnxruntime=required_onnxruntime(variant, opset)), opset
 
 
+def _sources(
+    model: str | Path, adapter: str | Path | None, base: str | Path | None, revision: str | None
+) -> tuple[Path, LoraAdapter | None, str]:
+    """The base checkpoint folder, the adapter to merge (if any) and the base as the user named it."""
+    if base is not None:
+        if adapter is not None:
+            raise InvalidArgumentError(
+                f"both --base {str(base)!r} and --adapter {str(adapter)!r} were given",
+                fix="pass either BASE --adapter ADAPTER_DIR or ADAPTER_DIR --base BASE",
+            )
+        model, adapter = base, model
+    elif adapter is None and Path(model).is_dir() and is_adapter_folder(Path(model)):
+        raise CheckpointError(
+            f"{str(model)!r} is a PEFT adapter (adapter_config.json), not a full checkpoint",
+            fix=f"pass the checkpoint it was trained on: stlm export {model} --base BASE (or BASE --adapter {model})",
+        )
+    checkpoint = resolve_checkpoint(model, revision=revision)
+    return checkpoint, None if adapter is None else load_adapter(adapter), str(model)
+
+
+def _checked_weights(
+    checkpoint: Path, cfg: ModelConfig, lora: LoraAdapter | None, source: str
+) -> tuple[Path, SafetensorsCheckpoint]:
+    """The tokenizer file and the weights (with ``lora`` merged as they are read), checked against ``cfg``."""
+    tokenizer = checkpoint / TOKENIZER_NAME
+    if not tokenizer.is_file():
+        raise CheckpointError(
+            f"no {TOKENIZER_NAME} in {checkpoint}",
+            fix="copy the checkpoint's tokenizer.json (the fast tokenizer file) into the folder",
+        )
+    ckpt = SafetensorsCheckpoint(checkpoint)
+    check_weights(cfg, ckpt, str(checkpoint))
+    check_tokenizer(cfg, tokenizer)
+    return tokenizer, ckpt if lora is None else MergedCheckpoint(ckpt, lora, cfg, source)
+
+
 def _manifest(
     cfg: ModelConfig, variant: Variant, opset: int, source: str, chat: TokenizerFiles, eos: tuple[int, ...]
 ) -> Manifest:
@@ -184,6 +221,8 @@ def export_onnx(
     quantize: str | None = None,
     chat_template: str | Path | None = None,
     revision: str | None = None,
+    adapter: str | Path | None = None,
+    base: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -196,28 +235,22 @@ def export_onnx(
     'concat' (portable ops; the default, and the only choice, for the TensorRT targets).
     ``chat_template`` (a file, or the template text) replaces the checkpoint's chat template
     (:mod:`stlm.export.tokenizer_files`). ``revision``: the branch, tag or commit of a hub id.
+    ``adapter``: a PEFT LoRA adapter folder (or hub id) merged into the weights
+    (:mod:`stlm.export.lora`); ``base``: the checkpoint when ``model`` is the adapter.
     """
     out = Path(out)
     parse_dtype(dtype)
-    protect = [Path(model)] if Path(model).exists() else []
+    protect = [Path(m) for m in (model, adapter, base) if m is not None and Path(m).exists()]
     check_output(out, overwrite=overwrite, protect=protect)
-    checkpoint = resolve_checkpoint(model, revision=revision)
+    checkpoint, lora, source = _sources(model, adapter, base, revision)
     cfg = load_model_config(checkpoint)
     variant, opset = plan_variant(
         cfg, dtype=dtype, target=target, rotary=rotary, kv_cache=kv_cache, quantize=quantize, opset=opset
     )
-    tokenizer = checkpoint / TOKENIZER_NAME
-    if not tokenizer.is_file():
-        raise CheckpointError(
-            f"no {TOKENIZER_NAME} in {checkpoint}",
-            fix="copy the checkpoint's tokenizer.json (the fast tokenizer file) into the folder",
-        )
-    ckpt = SafetensorsCheckpoint(checkpoint)
-    check_weights(cfg, ckpt, str(checkpoint))
-    check_tokenizer(cfg, tokenizer)
+    tokenizer, ckpt = _checked_weights(checkpoint, cfg, lora, source)
     eos = eos_token_ids(checkpoint, cfg.eos_token_id, cfg.vocab_size)
     start = time.perf_counter()
-    with staged_folder(out, overwrite=overwrite, protect=[checkpoint]) as tmp:
+    with staged_folder(out, overwrite=overwrite, protect=[checkpoint, *([lora.folder] if lora else [])]) as tmp:
         data_path = tmp / DATA_NAME if variant.external_data else None
         graph = build_decoder(cfg, ckpt, variant, opset=opset, data_path=data_path, progress=progress)
         (tmp / GRAPH_NAME).write_bytes(graph.SerializeToString())
@@ -227,7 +260,10 @@ def export_onnx(
             progress("checked", 1, 1)
         shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
         chat = write_tokenizer_files(checkpoint, tmp, chat_template)
-        write_manifest(tmp, _manifest(cfg, variant, opset, str(model), chat, eos))
+        manifest = _manifest(cfg, variant, opset, source, chat, eos)
+        if lora is not None:
+            manifest.extra["adapter"] = lora.record()
+        write_manifest(tmp, manifest)
         read_manifest(tmp)  # a package written is a package that loads
     log.info("exported %s → %s in %.1f s", model, out, time.perf_counter() - start)
     return out
