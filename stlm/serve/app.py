@@ -79,6 +79,11 @@ def _generation_route(service: CompletionService, prepare: str, kind: type[Gener
             return _counted(service, _error_response(error), arrived)
         except StlmError as exc:
             return _counted(service, _error_response(protocol.api_error_from(exc)), arrived)
+        except ClientDisconnect:
+            return _counted(service, Response(status_code=499), arrived)
+        except Exception as exc:  # a bug: logged, answered 500 and counted like every other request
+            log.error("request %s failed while being prepared", rid, exc_info=exc)
+            return _counted(service, _error_response(internal_error(rid)), arrived)
         return kind(service, plan, jobs, queue, arrived, rid)
 
     return route
