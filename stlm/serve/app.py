@@ -59,7 +59,8 @@ def _generation_route(service: CompletionService, prepare: str, kind: type[Gener
         try:
             raw = await request.body()  # the guard enforces the size and time limits while reading
             make: Callable[[bytes], Plan] = getattr(service, prepare)
-            plan = await service.cpu.run(lambda: make(raw))
+            pool = service.chat_cpu if prepare == "prepare_chat" else service.cpu
+            plan = await pool.run(lambda: make(raw))
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
             jobs = [
@@ -159,6 +160,7 @@ def create_app(service: CompletionService) -> ASGIApp:
         log.info("stopping the scheduler")
         await anyio.to_thread.run_sync(lambda: service.scheduler.stop(drain=False, timeout=2.0))
         service.cpu.close()
+        service.chat_cpu.close()
 
     app = Starlette(
         routes=_routes(service),

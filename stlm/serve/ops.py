@@ -122,10 +122,6 @@ def _health(service: CompletionService) -> Response:
     if s.crashed is not None or (s.stopping and not s.running):  # logged when it happened
         state = "error" if s.crashed is not None else "stopped"
         return json_response({"status": state}, 503, ApiError(503, "").headers())
-    busy = service.cpu.longest_task()
-    if busy > STUCK_SECONDS:
-        reason = f"a CPU-pool task (parse, chat template, tokenize) has run {busy:.1f} s (limit {STUCK_SECONDS:g} s)"
-        return json_response({"status": "stuck", "reason": reason}, 503, ApiError(503, "").headers())
     return json_response(
         {
             "status": "draining" if s.stopping or service.draining else "ok",
@@ -141,7 +137,7 @@ def _ready(service: CompletionService) -> Response:
     if s.crashed is not None or s.stopping or service.draining or not s.alive:
         state = "error" if s.crashed is not None else "draining" if s.stopping or service.draining else "starting"
         return json_response({"status": state}, 503, ApiError(503, "").headers())
-    busy = service.cpu.longest_task()
+    busy = max(service.cpu.longest_task(), service.chat_cpu.longest_task())
     if busy > STUCK_SECONDS:
         reason = f"a CPU-pool task (parse, chat template, tokenize) has run {busy:.1f} s (limit {STUCK_SECONDS:g} s)"
         return json_response({"status": "stuck", "reason": reason}, 503, ApiError(503, "").headers())

@@ -89,6 +89,9 @@ class CompletionService:
         self.vocab_size = generator.manifest.model.vocab_size
         self.draining = False  # the server is shutting down: not ready for new requests
         self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
+        # chat requests (whose templates may run up to RENDER_SECONDS) wait on their own thread, so
+        # a runaway template never delays completions' parsing and tokenizing
+        self.chat_cpu = CpuPool(1, "stlm-chat")
         self.metrics = ServerMetrics(self.model)
         try:
             self.scheduler = Scheduler(
