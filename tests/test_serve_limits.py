@@ -7,6 +7,8 @@ Real servers on loopback (in-thread); every loop is bounded. Figures are printed
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_http import exchange, post_json, request_bytes, strict_json, wait_for
+from hostile_http import exchange, post_json, read_response, request_bytes, strict_json, wait_for
 
 from stlm.errors import StlmError
 from stlm.runtime.sampling import SamplingParams
@@ -85,7 +87,7 @@ def test_ready_says_when_the_cpu_pool_is_stuck(server: BackgroundServer, monkeyp
     sender.start()
     try:
         wait_for(lambda: exchange(server.port, request_bytes("GET", "/ready"))[0] == 503, timeout=10)
-        status, _, body = exchange(server.port, request_bytes("GET", "/ready"))
+        _, _, body = exchange(server.port, request_bytes("GET", "/ready"))
         answer = strict_json(body)
         assert answer["status"] == "stuck" and "CPU-pool task" in answer["reason"]
     finally:
@@ -183,3 +185,34 @@ def test_template_output_is_capped() -> None:
     template = ChatTemplate("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "given inline")
     with pytest.raises(StlmError, match="passed 16777216 characters"):
         template.render([{"role": "user", "content": "hi"}])
+
+
+def test_a_client_that_half_closes_gets_its_answer(server: BackgroundServer) -> None:
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request_bytes("POST", "/v1/completions", body))
+        sock.shutdown(socket.SHUT_WR)
+        status, _, data = read_response(sock, timeout=30)
+    assert status == 200 and strict_json(data)["choices"][0]["text"] is not None
+
+
+@pytest.mark.slow
+def test_sighup_drains_like_sigterm(packages: dict[str, Path], tmp_path: Path) -> None:
+    from test_serve_process import ServeProcess
+
+    server = ServeProcess(packages["hd16-inplace"], tmp_path / "log.txt", "--shutdown-timeout", "30")
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 60, "stream": True, "temperature": 0}).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(request_bytes("POST", "/v1/completions", body))
+            first = sock.recv(1 << 16)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            server.proc.send_signal(signal.SIGHUP)
+            received = first
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+        assert b"data: [DONE]" in received  # the in-flight request finished
+        assert server.proc.wait(60) == 0, server.log()
+        assert "Traceback" not in server.log()
+    finally:
+        server.close()
