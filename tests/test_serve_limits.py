@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -216,3 +217,17 @@ def test_sighup_drains_like_sigterm(packages: dict[str, Path], tmp_path: Path) -
         assert "Traceback" not in server.log()
     finally:
         server.close()
+
+
+def test_a_client_that_goes_away_stops_its_render(server: BackgroundServer) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "boom"}], "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request_bytes("POST", "/v1/chat/completions", body))
+        wait_for(lambda: server.service.chat_cpu.longest_task() > 0.05, timeout=10, step=0.01)
+        # an abort (RST): a plain close (FIN) reads as a half-close, whose client still waits for its answer
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone = time.monotonic()
+    wait_for(lambda: server.service.chat_cpu.longest_task() == 0.0, timeout=10, step=0.01)
+    took = time.monotonic() - gone
+    print(f"\nrender stopped {took:.3f}s after the client went away (its deadline: 2 s)")
+    assert took < 1.5  # well before the 2 s deadline would have stopped it

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -58,9 +59,7 @@ def _generation_route(service: CompletionService, prepare: str, kind: type[Gener
         rid = request_id(request.scope)
         try:
             raw = await request.body()  # the guard enforces the size and time limits while reading
-            make: Callable[[bytes], Plan] = getattr(service, prepare)
-            pool = service.chat_cpu if prepare == "prepare_chat" else service.cpu
-            plan = await pool.run(lambda: make(raw))
+            plan = await _prepared(service, prepare, raw, request)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
             jobs = [
@@ -88,6 +87,25 @@ def _generation_route(service: CompletionService, prepare: str, kind: type[Gener
         return kind(service, plan, jobs, queue, arrived, rid)
 
     return route
+
+
+async def _prepared(service: CompletionService, prepare: str, raw: bytes, request: Request) -> Plan:
+    """``service.<prepare>(raw)`` on its pool; a chat template's render stops once the client is gone."""
+    if prepare != "prepare_chat":
+        make: Callable[[bytes], Plan] = getattr(service, prepare)
+        return await service.cpu.run(lambda: make(raw))
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await service.chat_cpu.run(lambda: service.prepare_chat(raw, cancelled=gone.is_set))
+    finally:
+        watcher.cancel()
 
 
 def _routes(service: CompletionService) -> list[Route]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,9 @@ class CompletionService:
         scored = request.logprobs if request.echo and request.logprobs is not None else None
         return self._plan(request, ids, texts, request.best_of, request.n, scored, ("prompt", "max_tokens", False))
 
-    def prepare_chat(self, raw: bytes) -> Plan:
-        """Parse a ``/v1/chat/completions`` body, render its messages with the chat template, tokenize."""
+    def prepare_chat(self, raw: bytes, cancelled: Callable[[], bool] | None = None) -> Plan:
+        """Parse a ``/v1/chat/completions`` body, render its messages with the chat template (stopped
+        once ``cancelled()``: the client went away), tokenize."""
         request = parse_chat_request(raw)
         self.check_model(request.model)
         self._check_count(1, request.n, request.n)
@@ -149,6 +151,7 @@ class CompletionService:
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 variables=request.template_kwargs,
+                cancelled=cancelled,
             )
         except StlmError as exc:
             raise ApiError(400, _message(exc), param="messages", code="invalid_value") from None
