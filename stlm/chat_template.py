@@ -13,7 +13,7 @@ package stores the template as :data:`CHAT_TEMPLATE_NAME` and the special tokens
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -26,19 +26,27 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from stlm.errors import InvalidArgumentError
+from stlm.support.deadline import DeadlineExceeded, interrupt_after
 
 __all__ = [
     "CHAT_TEMPLATE_NAME",
+    "MAX_RENDER_CHARS",
+    "RENDER_SECONDS",
     "SPECIAL_TOKEN_KEYS",
     "TOKENIZER_CONFIG_NAME",
+    "TemplateLimitError",
     "chat_template_source",
     "compile_template",
+    "render_bounded",
     "special_tokens",
 ]
 
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 #: tokenizer_config.json entries passed to a template as variables (transformers' special_tokens_map).
+#: a render's time and output bounds (a template is code: it could loop for ever or build gigabytes)
+RENDER_SECONDS = 2.0
+MAX_RENDER_CHARS = 1 << 24  # 16 M characters: far beyond any context's worth of text
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -90,9 +98,45 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox with ``*``, ``**`` and ``+`` checked before they run (and so never folded at
+    compile time): a product or power whose result would exceed :data:`MAX_RENDER_CHARS`
+    characters (or bits) is refused instead of allocating gigabytes in one C call."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_binop(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+
+def _size(x: Any) -> int | None:
+    return len(x) if isinstance(x, str | bytes | list | tuple) else None
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    too_big = False
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            size = _size(seq)
+            if size is not None and isinstance(times, int) and size * times > MAX_RENDER_CHARS:
+                too_big = True
+    elif operator == "+":
+        a, b = _size(left), _size(right)
+        too_big = a is not None and b is not None and a + b > MAX_RENDER_CHARS
+    elif isinstance(left, int) and isinstance(right, int) and right > 0:
+        too_big = max(1, abs(left).bit_length()) * right > MAX_RENDER_CHARS
+    if too_big:
+        raise TemplateLimitError(f"an expression ({operator}) makes a value over {MAX_RENDER_CHARS} characters")
+
+
+class TemplateLimitError(jinja2.exceptions.TemplateError):
+    """A template ran past its time or size bound."""
+
+
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -117,6 +161,31 @@ def compile_template(source: str, origin: str) -> jinja2.Template:
             f"the chat template {origin} is not a valid Jinja template: {exc.message} (line {exc.lineno})",
             fix="fix the template; it is rendered as transformers' apply_chat_template renders it",
         ) from None
+
+
+def render_bounded(
+    template: jinja2.Template,
+    variables: Mapping[str, Any],
+    *,
+    seconds: float = RENDER_SECONDS,
+    max_chars: int = MAX_RENDER_CHARS,
+    cancelled: Callable[[], bool] | None = None,
+) -> str:
+    """``template`` rendered with ``variables``, stopped with :class:`TemplateLimitError` after
+    ``seconds`` (or once ``cancelled()``) or once its output passes ``max_chars`` characters."""
+    parts: list[str] = []
+    total = 0
+    try:
+        with interrupt_after(seconds, cancelled):
+            for part in template.generate(**variables):
+                total += len(part)
+                if total > max_chars:
+                    raise TemplateLimitError(f"the rendered prompt passed {max_chars} characters")
+                parts.append(part)
+    except DeadlineExceeded:
+        why = "was stopped (the client went away)" if cancelled is not None and cancelled() else "ran"
+        raise TemplateLimitError(f"rendering {why} past {seconds:g} s") from None
+    return "".join(parts)
 
 
 def _token_text(value: Any) -> str | None:

@@ -13,11 +13,11 @@ carry one, which ``stlm export`` copies. ``--chat-template FILE`` gives or repla
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stlm.chat_template import chat_template_source, compile_template, special_tokens
+from stlm.chat_template import chat_template_source, compile_template, render_bounded, special_tokens
 from stlm.errors import InvalidArgumentError, PackageError
 from stlm.manifest import Manifest
 from stlm.runtime.tokenizer import Tokenizer
@@ -50,8 +50,10 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         variables: Mapping[str, Any] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> str:
-        """The prompt text of ``messages``; :class:`InvalidArgumentError` if the template refuses them.
+        """The prompt text of ``messages``; :class:`InvalidArgumentError` if the template refuses them
+        or runs past its bounds (:func:`stlm.chat_template.render_bounded`; ``cancelled`` stops it).
 
         ``continue_final_message`` leaves the last message open (the model continues it) instead of
         adding the assistant's header (``add_generation_prompt``); the two exclude each other.
@@ -78,8 +80,10 @@ class ChatTemplate:
                 f"template variables {sorted(clash)} are reserved", fix="do not pass messages/add_generation_prompt"
             )
         try:
-            text = self._template.render(
-                messages=chat, add_generation_prompt=add_generation_prompt, **{**self.variables, **extra}
+            text = render_bounded(
+                self._template,
+                {"messages": chat, "add_generation_prompt": add_generation_prompt, **self.variables, **extra},
+                cancelled=cancelled,
             )
         except Exception as exc:  # noqa: BLE001 - raise_exception, undefined names, anything a template does
             message = str(exc).strip() or type(exc).__name__

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
+from stlm.support.numbers import check_int
 
 __all__ = [
     "LOGPROBS_MODES",
@@ -103,12 +104,14 @@ def _entry(x: np.ndarray, m: float, lse: float, token: int, n: int) -> TokenLogp
 
 def check_top_logprobs(value: object) -> int:
     """``value`` as an int in ``0..MAX_TOP_LOGPROBS``, or an :class:`InvalidArgumentError`."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise InvalidArgumentError(
-            f"top_logprobs={value!r} is invalid: expected an int from 0 to {MAX_TOP_LOGPROBS}",
-            fix="pass e.g. top_logprobs=5",
-        )
-    return int(value)
+    return check_int(
+        "top_logprobs",
+        value,
+        0,
+        MAX_TOP_LOGPROBS,
+        expected=f"an int from 0 to {MAX_TOP_LOGPROBS}",
+        fix="pass e.g. top_logprobs=5",
+    )
 
 
 def _check_n(top_n: int) -> int:

@@ -16,13 +16,13 @@ Results stay finite float32: they are clipped to the float32 range.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
+from stlm.support.numbers import check_real
 
 __all__ = [
     "MAX_BIAS",
@@ -40,12 +40,8 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 def check_penalty(name: str, value: object) -> float:
     """``value`` as a float in [-2, 2], or an :class:`InvalidArgumentError` naming ``name``."""
-    if not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating):
-        x = float(value)
-        if math.isfinite(x) and -MAX_PENALTY <= x <= MAX_PENALTY:
-            return x
-    raise InvalidArgumentError(
-        f"{name}={value!r} is invalid: expected a number from -2 to 2 (0 = off)", fix=f"pass e.g. {name}=0.5"
+    return check_real(
+        name, value, -MAX_PENALTY, MAX_PENALTY, expected="a number from -2 to 2 (0 = off)", fix=f"pass e.g. {name}=0.5"
     )
 
 
@@ -73,14 +69,9 @@ def check_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
             raise InvalidArgumentError(
                 f"logit_bias has the key {key!r:.40}, which is not a token id (expected an integer >= 0)", fix=fix
             )
-        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise InvalidArgumentError(
-                f"logit_bias[{key!r:.40}] is {value!r:.40}, expected a number from -100 to 100", fix=fix
-            )
-        x = float(value)
-        if not (math.isfinite(x) and -MAX_BIAS <= x <= MAX_BIAS):
-            raise InvalidArgumentError(f"logit_bias[{key!r:.40}]={value!r} is outside -100..100", fix=fix)
-        out[token] = x
+        out[token] = check_real(
+            f"logit_bias[{key!r:.40}]", value, -MAX_BIAS, MAX_BIAS, expected="a number from -100 to 100", fix=fix
+        )
     return tuple(sorted(out.items()))
 
 

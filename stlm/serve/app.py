@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -59,8 +60,7 @@ def _generation_route(service: CompletionService, prepare: str, kind: type[Gener
         rid = request_id(request.scope)
         try:
             raw = await request.body()  # the guard enforces the size and time limits while reading
-            make: Callable[[bytes], Plan] = getattr(service, prepare)
-            plan = await service.cpu.run(lambda: make(raw))
+            plan = await _prepared(service, prepare, raw, request)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
             jobs = [
@@ -80,9 +80,33 @@ def _generation_route(service: CompletionService, prepare: str, kind: type[Gener
             return _counted(service, _error_response(error), arrived)
         except StlmError as exc:
             return _counted(service, _error_response(protocol.api_error_from(exc)), arrived)
+        except ClientDisconnect:
+            return _counted(service, Response(status_code=499), arrived)
+        except Exception as exc:  # a bug: logged, answered 500 and counted like every other request
+            log.error("request %s failed while being prepared", rid, exc_info=exc)
+            return _counted(service, _error_response(internal_error(rid)), arrived)
         return kind(service, plan, jobs, queue, arrived, rid)
 
     return route
+
+
+async def _prepared(service: CompletionService, prepare: str, raw: bytes, request: Request) -> Plan:
+    """``service.<prepare>(raw)`` on its pool; a chat template's render stops once the client is gone."""
+    if prepare != "prepare_chat":
+        make: Callable[[bytes], Plan] = getattr(service, prepare)
+        return await service.cpu.run(lambda: make(raw))
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await service.chat_cpu.run(lambda: service.prepare_chat(raw, cancelled=gone.is_set))
+    finally:
+        watcher.cancel()
 
 
 def _routes(service: CompletionService) -> list[Route]:
@@ -155,6 +179,7 @@ def create_app(service: CompletionService) -> ASGIApp:
         log.info("stopping the scheduler")
         await anyio.to_thread.run_sync(lambda: service.scheduler.stop(drain=False, timeout=2.0))
         service.cpu.close()
+        service.chat_cpu.close()
 
     app = Starlette(
         routes=_routes(service),

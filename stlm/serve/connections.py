@@ -38,6 +38,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
+        self._peer_done = False  # the client half-closed (shutdown(SHUT_WR)) after its request
         super().connection_made(transport)
         self._idle_since = self.loop.time()
         self._arm()
@@ -51,11 +52,21 @@ class GuardedH11Protocol(H11Protocol):
         if not self._waiting():
             self._disarm()
 
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads the result
+        """A half-close: keep the connection open for writing, so the request in flight gets its answer
+        (asyncio closes the transport when this returns a false value); closed after that answer."""
+        self._peer_done = True
+        if self._waiting():
+            self.transport.close()  # nothing in flight: nobody is waiting for an answer
+        return True
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._idle_since = self.loop.time()
         if self._waiting():
             self._disarm()  # idle between requests: uvicorn's keep-alive timeout applies
+            if self._peer_done:
+                self.transport.close()  # the client sends nothing more
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

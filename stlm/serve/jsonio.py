@@ -10,6 +10,7 @@ always valid JSON. Both are pure and run off the event loop for large bodies.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from stlm.serve.apierror import ApiError
@@ -41,7 +42,8 @@ def loads(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except ValueError as exc:  # JSONDecodeError, or an integer beyond the digit limit
         reason = str(exc).split("; use sys.set_int_max_str_digits")[0]
         raise _bad(f"the request body is not valid JSON ({reason[:200]})") from None
-    _check(value, max_depth)
+    # a lone surrogate can only come from a \\uD800-\\uDFFF escape: without one, skip the text checks
+    _check(value, max_depth, texts=_SURROGATE_ESCAPE.search(raw) is not None)
     return value
 
 
@@ -71,26 +73,32 @@ def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
         ) from None
 
 
-def _check(value: Any, max_depth: int) -> None:
-    """Depth and text checks without recursion (a deep body must not blow the stack here)."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check(value: Any, max_depth: int, texts: bool = True) -> None:
+    """Depth and (when ``texts``) text checks without recursion (a deep body must not blow the
+    stack here)."""
     stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 0, ())]
     while stack:
         item, depth, path = stack.pop()
         if isinstance(item, str):
-            _check_text(item, path, "the string at")
+            if texts:
+                _check_text(item, path, "the string at")
         elif isinstance(item, dict | list):
             if depth >= max_depth:
                 raise _bad(f"the request body nests arrays/objects more than {max_depth} levels deep", "too_deep")
             if isinstance(item, dict):
                 for key, child in item.items():
-                    _check_text(key, (*path, key), "the key")
-                    if isinstance(child, str | dict | list):
+                    if texts:
+                        _check_text(key, (*path, key), "the key")
+                    if isinstance(child, dict | list) or (texts and isinstance(child, str)):
                         stack.append((child, depth + 1, (*path, key)))
             else:
                 stack.extend(
                     (child, depth + 1, (*path, i))
                     for i, child in enumerate(item)
-                    if isinstance(child, str | dict | list)
+                    if isinstance(child, dict | list) or (texts and isinstance(child, str))
                 )
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["CpuPool"]
+__all__ = ["STUCK_SECONDS", "CpuPool"]
 
 T = TypeVar("T")
+#: a pool task running longer than this makes ``/ready`` answer 503 (chat templates stop at 2 s,
+#: the largest accepted prompt tokenizes in about 1 s)
+STUCK_SECONDS = 10.0
 _Item = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
@@ -36,6 +40,13 @@ class CpuPool:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._busy: dict[int, float] = {}  # thread id → monotonic start of its current task
+
+    def longest_task(self) -> float:
+        """Seconds the longest-running current task has run (0 when idle): ``/ready`` reports the
+        pool stuck past a deadline, since every parse, render and tokenization waits for it."""
+        started = list(self._busy.values())
+        return time.monotonic() - min(started) if started else 0.0
 
     async def run(self, fn: Callable[[], T]) -> T:
         """The result of ``fn()`` (or its exception); cancelling the caller abandons the result."""
@@ -57,10 +68,14 @@ class CpuPool:
             fn, loop, future = item
             if future.cancelled():
                 continue
+            me = threading.get_ident()
+            self._busy[me] = time.monotonic()
             try:
                 ok, value = True, fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                 ok, value = False, exc
+            finally:
+                self._busy.pop(me, None)
             try:
                 loop.call_soon_threadsafe(_settle, future, ok, value)
             except RuntimeError:  # the loop is closed: nobody waits any more

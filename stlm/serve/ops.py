@@ -29,6 +29,7 @@ from stlm.serve import jsonio
 from stlm.serve.apierror import ApiError
 from stlm.serve.chat_protocol import parse_chat_request
 from stlm.serve.metrics import CONTENT_TYPE
+from stlm.serve.offload import STUCK_SECONDS
 from stlm.serve.protocol import api_error_from, bad, request_object, typed
 from stlm.serve.service import CompletionService
 
@@ -136,6 +137,10 @@ def _ready(service: CompletionService) -> Response:
     if s.crashed is not None or s.stopping or service.draining or not s.alive:
         state = "error" if s.crashed is not None else "draining" if s.stopping or service.draining else "starting"
         return json_response({"status": state}, 503, ApiError(503, "").headers())
+    busy = max(service.cpu.longest_task(), service.chat_cpu.longest_task())
+    if busy > STUCK_SECONDS:
+        reason = f"a CPU-pool task (parse, chat template, tokenize) has run {busy:.1f} s (limit {STUCK_SECONDS:g} s)"
+        return json_response({"status": "stuck", "reason": reason}, 503, ApiError(503, "").headers())
     return json_response({"status": "ready", "model": service.model})
 
 

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -47,6 +47,19 @@ class _Server(uvicorn.Server):
         self.deadline = deadline
         self.exit_requested: float | None = None
         self.on_shutdown = on_shutdown  # told when the shutdown starts (readiness turns 503)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's (SIGINT, SIGTERM) plus SIGHUP: a closed terminal drains like SIGTERM."""
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+                yield
+                return
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:  # a second signal: stop waiting for requests
@@ -168,7 +181,7 @@ def _run_foreground(server: _Server) -> int | None:
         server.run()
         return None
     caught: list[int] = []
-    watched = (signal.SIGINT, signal.SIGTERM)
+    watched = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
     previous = {sig: signal.getsignal(sig) for sig in watched}
     for sig in watched:
         signal.signal(sig, lambda signum, frame: caught.append(signum))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,9 @@ class CompletionService:
         self.vocab_size = generator.manifest.model.vocab_size
         self.draining = False  # the server is shutting down: not ready for new requests
         self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
+        # chat requests (whose templates may run up to RENDER_SECONDS) wait on their own thread, so
+        # a runaway template never delays completions' parsing and tokenizing
+        self.chat_cpu = CpuPool(1, "stlm-chat")
         self.metrics = ServerMetrics(self.model)
         try:
             self.scheduler = Scheduler(
@@ -125,15 +129,20 @@ class CompletionService:
         """Parse and tokenize a ``/v1/completions`` body."""
         request = parse_completion_request(raw)
         self.check_model(request.model)
+        self._check_count(len(request.prompts), request.best_of, request.n)  # before any tokenizing
+        self._check_logit_bias(request.params)
         ids = self.encode(request.prompts)
         texts = tuple(p if isinstance(p, str) else self.decode(p) for p in request.prompts)
         scored = request.logprobs if request.echo and request.logprobs is not None else None
         return self._plan(request, ids, texts, request.best_of, request.n, scored, ("prompt", "max_tokens", False))
 
-    def prepare_chat(self, raw: bytes) -> Plan:
-        """Parse a ``/v1/chat/completions`` body, render its messages with the chat template, tokenize."""
+    def prepare_chat(self, raw: bytes, cancelled: Callable[[], bool] | None = None) -> Plan:
+        """Parse a ``/v1/chat/completions`` body, render its messages with the chat template (stopped
+        once ``cancelled()``: the client went away), tokenize."""
         request = parse_chat_request(raw)
         self.check_model(request.model)
+        self._check_count(1, request.n, request.n)
+        self._check_logit_bias(request.params)
         if self.chat_template is None:
             raise ApiError(400, _message(missing_template(self.model)), param="messages", code="no_chat_template")
         try:
@@ -142,12 +151,38 @@ class CompletionService:
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 variables=request.template_kwargs,
+                cancelled=cancelled,
             )
         except StlmError as exc:
             raise ApiError(400, _message(exc), param="messages", code="invalid_value") from None
         ids = self.encode([prompt])
         fields = ("messages", request.max_tokens_field, request.max_tokens is None)
         return self._plan(request, ids, (prompt,), request.n, request.n, None, fields)
+
+    def _check_count(self, prompts: int, per_prompt: int, n: int) -> None:
+        """400 unless ``prompts × per_prompt`` sequences fit the batch and the queue."""
+        most = self.scheduler.max_batch + self.scheduler.max_queue
+        if prompts * per_prompt > most:
+            many = "best_of" if per_prompt > n else "n"
+            raise ApiError(
+                400,
+                f"the request asks for {prompts} prompt(s) × {many}={per_prompt} sequences; this server runs "
+                f"{self.scheduler.max_batch} at once and queues {self.scheduler.max_queue} (fix: ask for at most "
+                f"{most} sequences per request)",
+                param=many if per_prompt > 1 else "prompt",
+                code="invalid_value",
+            )
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        """400 when a logit_bias key is not a token id of this model."""
+        bad = next((token for token, _ in params.logit_bias if token >= self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"logit_bias has the token id {bad}; this model's ids are 0..{self.vocab_size - 1} (fix: drop it)",
+                param="logit_bias",
+                code="invalid_value",
+            )
 
     def check_model(self, model: str | None) -> None:
         """404 unless ``model`` is None or the served model's id."""
@@ -196,17 +231,7 @@ class CompletionService:
     ) -> Plan:
         """``fields``: the request's prompt field, its max-tokens field, and whether an absent
         max-tokens fills the slot (chat) rather than defaulting (completions: 16)."""
-        most = self.scheduler.max_batch + self.scheduler.max_queue
-        if len(prompts) * per_prompt > most:
-            many = "best_of" if per_prompt > n else "n"
-            raise ApiError(
-                400,
-                f"the request asks for {len(prompts)} prompt(s) × {many}={per_prompt} sequences; this server runs "
-                f"{self.scheduler.max_batch} at once and queues {self.scheduler.max_queue} (fix: ask for at most "
-                f"{most} sequences per request)",
-                param=many if per_prompt > 1 else "prompt",
-                code="invalid_value",
-            )
+        self._check_count(len(prompts), per_prompt, n)
         params = dataclasses.replace(request.params, logprobs_mode=self.config.logprobs_mode)
         if per_prompt > n:  # best_of ranks candidates by their mean log-probability
             params = dataclasses.replace(params, logprobs=True)

@@ -12,6 +12,7 @@ from stlm.errors import InvalidArgumentError
 from stlm.runtime.logprobs import LOGPROBS_MODES, check_top_logprobs
 from stlm.runtime.processors import check_logit_bias, check_penalty
 from stlm.runtime.sampling.controls import check_controls
+from stlm.support.numbers import check_int, check_real
 
 if TYPE_CHECKING:
     from stlm.runtime.constraints import Constraint
@@ -31,28 +32,28 @@ class _Rule(NamedTuple):
     low_open: bool = False
 
 
+_INT_MAX = (1 << 31) - 1  # token counts: far beyond any context
+_BIG = (1 << 128) - 1  # top-k and seeds: anything a client may reasonably send (top-k ≥ vocab = off)
 _RULES: dict[str, _Rule] = {
-    "max_new_tokens": _Rule("an int >= 1", "ask for e.g. max_new_tokens=64", True, 1, math.inf),
+    "max_new_tokens": _Rule("an int from 1 to 2**31-1", "ask for e.g. max_new_tokens=64", True, 1, _INT_MAX),
     "temperature": _Rule("a finite float >= 0 (0 = greedy)", "use 0 for greedy or e.g. 0.7", False, 0, math.inf),
-    "top_k": _Rule("an int >= 0 (0 = off)", "use top_k=0 (off) or e.g. 50", True, 0, math.inf),
+    "top_k": _Rule("an int from 0 (off) to 2**128-1", "use top_k=0 (off) or e.g. 50", True, 0, _BIG),
     "top_p": _Rule("a float in (0, 1] (1 = off)", "use top_p=1.0 (off) or e.g. 0.95", False, 0, 1, low_open=True),
     "min_p": _Rule("a float in [0, 1] (0 = off)", "use min_p=0.0 (off) or e.g. 0.05", False, 0, 1),
     "repetition_penalty": _Rule(
         "a finite float > 0 (1 = off)", "use 1.0 (off) or e.g. 1.1", False, 0, math.inf, low_open=True
     ),
-    "seed": _Rule("None or an int >= 0", "pass e.g. seed=0, or None for a random seed", True, 0, math.inf),
+    "seed": _Rule("None or an int from 0 to 2**128-1", "pass e.g. seed=0, or None for a random seed", True, 0, _BIG),
 }
 
 
 def checked(name: str, value: object) -> Any:
-    """``value`` as the int/float ``_RULES[name]`` allows, or an InvalidArgumentError naming it."""
+    """``value`` as the int/float ``_RULES[name]`` allows, or an InvalidArgumentError naming it
+    (:mod:`stlm.support.numbers`: bools, NaN/inf and out-of-range ints of any size refused)."""
     rule = _RULES[name]
-    types = (int, np.integer) if rule.integer else (int, float, np.integer, np.floating)
-    if not isinstance(value, bool) and isinstance(value, types):
-        x = int(value) if rule.integer else float(value)
-        if math.isfinite(x) and rule.low <= x <= rule.high and not (rule.low_open and x == rule.low):
-            return x
-    raise InvalidArgumentError(f"{name}={value!r} is invalid: expected {rule.expected}", fix=rule.fix)
+    if rule.integer:
+        return check_int(name, value, int(rule.low), int(rule.high), expected=rule.expected, fix=rule.fix)
+    return check_real(name, value, rule.low, rule.high, expected=rule.expected, fix=rule.fix, low_open=rule.low_open)
 
 
 @dataclass(frozen=True)
