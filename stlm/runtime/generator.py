@@ -221,10 +221,10 @@ class Generator:
         rows = []
         for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
-            if isinstance(prompt, str):
-                ids = self.encode_prompt(prompt)
+            if _is_token_ids(prompt):
+                ids = self._token_rows([prompt])[0]  # type: ignore[list-item] if prompt else [self.manifest.generation.bos_token_id]
             else:
-                ids = self._token_rows([prompt])[0] if prompt else [self.manifest.generation.bos_token_id]
+                ids = self.encode_prompt(prompt)  # type: ignore[arg-type]  # checked there: text only
             ids = truncate_prompt(ids, sp)
             check_fits(len(ids), sp.max_new_tokens, self.context_length)
             rows.append(SequenceState(ids, sp, self.tokenizer, self.eos_token_ids, self.manifest.model.vocab_size))
@@ -246,6 +246,11 @@ class Generator:
             for t in texts:
                 t.clear()
             yield pieces
+
+
+def _is_token_ids(prompt: object) -> bool:
+    """``prompt`` is a list or tuple of int token ids (not text)."""
+    return isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
 
 
 def _collector(texts: list[str]) -> Sink:
