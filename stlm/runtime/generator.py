@@ -222,7 +222,8 @@ class Generator:
         for prompt, p in zip(prompts, per_row, strict=True):
             sp = _params(p, overrides)
             if _is_token_ids(prompt):
-                ids = self._token_rows([prompt])[0]  # type: ignore[list-item] if prompt else [self.manifest.generation.bos_token_id]
+                token_ids: Sequence[int] = prompt  # type: ignore[assignment]  # a list of ints (checked)
+                ids = self._token_rows([token_ids])[0] if token_ids else [self.manifest.generation.bos_token_id]
             else:
                 ids = self.encode_prompt(prompt)  # type: ignore[arg-type]  # checked there: text only
             ids = truncate_prompt(ids, sp)
