@@ -6,9 +6,6 @@ stdout carries only results (generated text, JSON); logs and progress go to stde
 
 from __future__ import annotations
 
-import io
-import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from stlm.cli_common import (
     output_options,
 )
 from stlm.cli_eval import eval_command
-from stlm.cli_output import note, progress, run_guarding_stdout
+from stlm.cli_output import note, print_generation, progress, read_prompt, run_guarding_stdout
 from stlm.cli_quality import perplexity, verify
 from stlm.cli_serve import serve
 from stlm.errors import StlmError
@@ -211,15 +208,6 @@ def build_engine_command(
     click.echo(str(path))
 
 
-def _read_prompt(prompt: str, context_length: int) -> str:
-    if prompt != "-":
-        return prompt
-    from stlm.runtime.text_limits import read_prompt_stream
-
-    stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(sys.stdin.read().encode())
-    return read_prompt_stream(stream, context_length)
-
-
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True, help="Prompt text, or - to read stdin.")
@@ -282,29 +270,12 @@ def generate(
     if (system is not None or chat_template is not None) and not chat:
         raise StlmError("--system and --chat-template apply to chat prompts", fix="add --chat")
     gen = Generator.load(package, threads=threads)
-    text = _read_prompt(prompt, gen.context_length)
+    text = read_prompt(prompt, gen.context_length)
     if chat:
         from stlm.runtime.chat import chat_prompt
 
         text = chat_prompt(package, gen, text, system=system, chat_template=chat_template)
-    _print_generation(gen.stream(text, params), stream=stream)
-
-
-def _print_generation(pieces: Iterable[str], *, stream: bool) -> None:
-    """The continuation on stdout: each piece as it comes with --stream, else all at the end, or what
-    was generated when Ctrl-C stops it. A newline follows only on a terminal (piped stdout gets exactly
-    the continuation)."""
-    produced: list[str] = []
-    try:
-        for piece in pieces:
-            if stream:
-                click.echo(piece, nl=False)
-            else:
-                produced.append(piece)
-    except KeyboardInterrupt:  # the text so far is not lost
-        click.echo("".join(produced), nl=sys.stdout.isatty())
-        raise
-    click.echo("".join(produced), nl=sys.stdout.isatty())
+    print_generation(gen.stream(text, params), stream=stream)
 
 
 @cli.command("make-checkpoint")

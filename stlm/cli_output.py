@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import click
@@ -69,3 +70,30 @@ def run_guarding_stdout(command: Callable[[], object]) -> None:
         except OSError:
             pass
         sys.exit(2)
+
+
+def read_prompt(prompt: str, context_length: int) -> str:
+    """``--prompt``: the text, or stdin (bounded by the context length) for ``-``."""
+    if prompt != "-":
+        return prompt
+    from stlm.runtime.text_limits import read_prompt_stream
+
+    stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else io.BytesIO(sys.stdin.read().encode())
+    return read_prompt_stream(stream, context_length)
+
+
+def print_generation(pieces: Iterable[str], *, stream: bool) -> None:
+    """The continuation on stdout: each piece as it comes with --stream, else all at the end, or what
+    was generated when Ctrl-C stops it. A newline follows only on a terminal (piped stdout gets exactly
+    the continuation)."""
+    produced: list[str] = []
+    try:
+        for piece in pieces:
+            if stream:
+                click.echo(piece, nl=False)
+            else:
+                produced.append(piece)
+    except KeyboardInterrupt:  # the text so far is not lost
+        click.echo("".join(produced), nl=sys.stdout.isatty())
+        raise
+    click.echo("".join(produced), nl=sys.stdout.isatty())

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stlm.cli import _print_generation, cli
+from stlm.cli import cli
 from stlm.cli_common import with_flags
+from stlm.cli_output import print_generation
 from stlm.quality.report import _nonnegative
 from stlm.runtime import Generator, SamplingParams
 from stlm.variant import QUANTIZE_PRESETS
@@ -113,7 +114,7 @@ def test_interrupted_generate_prints_the_text_so_far(package: Path, capsys: pyte
 
     expected = "".join(p for _, p in zip(range(3), gen.stream("Once upon", params), strict=False))
     with pytest.raises(KeyboardInterrupt):
-        _print_generation(cut_after_three(), stream=False)
+        print_generation(cut_after_three(), stream=False)
     assert capsys.readouterr().out == expected and expected
 
 
