@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -275,6 +276,8 @@ def test_disconnect_frees_the_slot(server: BackgroundServer, client: openai.Open
     # a non-streamed request whose client hangs up is cancelled too
     body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 1.0}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        # hang up with a reset (SO_LINGER 0): a plain FIN is a half-close, which is still answered
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + KEY.encode()

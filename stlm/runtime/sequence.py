@@ -141,7 +141,8 @@ class SequenceState:
         if self.constraint is not None and self.constraint.stopped:
             return self._close("eos")  # the grammar is complete: only EOS may follow
         x = self._masked(self._processed(logits))
-        if not np.isfinite(x).any():  # nothing allowed (a grammar end that min_tokens forbids)
+        if not np.isfinite(x).any() and not np.isnan(x).any():  # nothing allowed (a grammar end
+            # that min_tokens forbids); NaN logits go on to sampling, which refuses them
             return self._close("stop")
         penalised = p.repetition_penalty != 1.0
         token, _ = sample_token(x, p, self.rng, self._seen[: self._n_seen] if penalised else None)
