@@ -156,6 +156,29 @@ def _replica_app() -> ASGIApp:
     return _built.pop()
 
 
+# Ray reads this at import: "0" keeps a Ray instance on loopback (see stlm.serve.ray.driver).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Bind the replica's inter-deployment gRPC server (which Ray Serve 2.60 opens on ``[::]:0``
+    once this constructor returns) to 127.0.0.1 on a Ray instance kept on loopback."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:  # not inside Ray Serve (tests construct the class directly)
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "stlm_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> Any:
+        host, _, port = address.rpartition(":")
+        return original(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    on_loopback.stlm_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
 class StlmReplica:
     """One replica: the package, its scheduler and the app of ``stlm serve``.
 
@@ -165,6 +188,8 @@ class StlmReplica:
     """
 
     def __init__(self, config: ServeConfig, metrics_interval_s: float = 5.0) -> None:
+        if os.environ.get(LOOPBACK_ENV, "").strip().lower() in ("0", "false"):
+            _replica_grpc_on_loopback()
         if config.api_key is None and os.environ.get("STLM_API_KEY"):
             config = replace(config, api_key=os.environ["STLM_API_KEY"])
         self.service: CompletionService = load_service(config)

@@ -14,7 +14,7 @@ from typing import Any
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.manifest import read_manifest
 from stlm.serve.app import ServeConfig
-from stlm.serve.ray.deployment import APP_NAME, RayOptions, bind, import_serve, parse_autoscale
+from stlm.serve.ray.deployment import APP_NAME, LOOPBACK_ENV, RayOptions, bind, import_serve, parse_autoscale
 from stlm.serve.ray.proxy import CALLBACK_ENV, CALLBACK_PATH
 
 __all__ = ["run_ray_server", "serve_on_ray"]
@@ -22,8 +22,9 @@ __all__ = ["run_ray_server", "serve_on_ray"]
 log = logging.getLogger(__name__)
 
 LOCAL_ADDRESSES = (None, "auto", "local")
-# Ray takes the machine's network address as its node address unless this is "0" (then loopback).
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: ``--ray-address`` values with which this command may start its own Ray instance.
+STARTED_HERE = (None, "local")
+LOOPBACK_IP = "127.0.0.1"
 # run_server settings with no meaning on Ray Serve (its proxy logs and serves HTTP)
 _PROXY_SETTINGS = {"log_level", "access_log"}
 
@@ -76,11 +77,7 @@ def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Ev
     requests for up to ``options.shutdown_timeout`` s); Serve and Ray stop too if this call
     started them. ``stop`` (default: SIGINT/SIGTERM in the main thread) ends the serving.
     """
-    if options.address is None and "ray" not in sys.modules:
-        # A Ray instance started by this call serves one machine: like the HTTP server, its own
-        # services (GCS, raylets, workers, dashboard) stay on loopback. Ray reads this when it is
-        # imported; a multi-node cluster is started with `ray start` and joined with --ray-address.
-        os.environ.setdefault(LOOPBACK_ENV, "0")
+    loopback = options.address in STARTED_HERE and keep_on_loopback()  # before Ray is imported
     serve = import_serve()
     import ray
 
@@ -90,7 +87,7 @@ def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Ev
     # Ray's proxies load this callback at start (in processes the Ray instance started here inherits).
     os.environ.setdefault(CALLBACK_ENV, CALLBACK_PATH)
     try:
-        ray.init(address=options.address)
+        ray.init(address=options.address, **(_LOOPBACK_INIT if loopback else {}))
     except ConnectionError as exc:
         raise StlmError(
             f"could not join the Ray cluster at {options.address!r}: {exc}",
@@ -110,6 +107,29 @@ def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Ev
         _wait(stop or threading.Event(), signals=stop is None)
     finally:
         _teardown(serve, ray, owned=owned)
+
+
+# Where a Ray instance started here listens: the node address (GCS, raylet, object manager,
+# workers, dashboard agent, metrics export port) and the dashboard.
+_LOOPBACK_INIT: dict[str, Any] = {"_node_ip_address": LOOPBACK_IP, "dashboard_host": LOOPBACK_IP}
+
+
+def keep_on_loopback() -> bool:
+    """Keep a Ray instance that this process starts on loopback unless the user asked otherwise.
+
+    A Ray instance started by ``stlm serve`` serves one machine: like the HTTP server, all its
+    services stay on 127.0.0.1. Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is
+    imported (when it is already imported, its constant is set too); setting that variable to 1
+    yourself, or starting a cluster with ``ray start --head`` and joining it with
+    ``--ray-address``, are the ways to listen on a network address. Returns whether loopback holds.
+    """
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    if os.environ[LOOPBACK_ENV].strip().lower() not in ("0", "false"):
+        return False
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    return True
 
 
 def _deploy(serve: Any, ray: Any, application: Any, config: ServeConfig) -> None:
