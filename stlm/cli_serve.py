@@ -127,6 +127,13 @@ def _api_key(value: str | None) -> str | None:
 @click.option(
     "--access-log/--no-access-log", default=ServeConfig.access_log, show_default=True, help="Log every request."
 )
+@click.option(
+    "--otlp-traces-endpoint",
+    default=None,
+    metavar="URL",
+    help="Export an OpenTelemetry span tree per request over OTLP/HTTP to URL (e.g. "
+    "http://127.0.0.1:4318/v1/traces; pip install 'stlm[tracing]').",
+)
 @click.option("--num-cpus", default=None, type=float, help="CPUs reserved per Ray Serve replica [default: 1].")
 @click.option("--num-gpus", default=None, type=float, help="GPUs per Ray Serve replica (1: one engine per GPU).")
 def serve(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +19,10 @@ def resolve_checkpoint(model: str | Path, *, revision: str | None = None) -> Pat
 
     ``revision`` (a branch, tag or commit of a hub id) pins what is fetched; it does not apply to a
     local folder. Only config/tokenizer JSON and safetensors files are fetched: stlm never loads
-    pickled weights and never runs a checkpoint's own code.
+    pickled weights and never runs a checkpoint's own code. With ``HF_HUB_OFFLINE=1`` the hub id
+    is resolved in the local cache only (``HF_HUB_CACHE``; a revision is a branch or tag of the
+    cache's ``refs/`` or a commit under ``snapshots/``); a snapshot's files are links into the
+    cache's ``blobs/``, which the weight reader accepts only inside that repository's cache folder.
     """
     path = Path(model)
     if revision is not None and not (isinstance(revision, str) and revision.strip()):
@@ -52,13 +56,20 @@ def resolve_checkpoint(model: str | Path, *, revision: str | None = None) -> Pat
             f"{text!r} is not a local folder and huggingface_hub is not installed to fetch it",
             fix=f"pip install huggingface_hub, or download {text} and pass its local folder",
         ) from None
-    log.info("fetching %s%s from the Hugging Face hub", text, f" at {revision}" if revision else "")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub"
+    log.info("fetching %s%s from %s", text, f" at {revision}" if revision else "", where)
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(
+            snapshot_download(
+                text, revision=revision, allow_patterns=["*.json", "*.safetensors"], local_files_only=offline
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - any hub/network failure means the same to the user
         raise CheckpointError(
-            f"could not fetch {text!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face "
-            f"hub ({type(exc).__name__}: {exc})",
-            fix=f"check the id, the revision and the network, or download {text} elsewhere "
+            f"could not fetch {text!r}{f' at revision {revision!r}' if revision else ''} from {where} "
+            f"({type(exc).__name__}: {exc})",
+            fix=f"check the id, the revision and the network (offline: that the cache holds this revision, "
+            f"HF_HUB_CACHE), or download {text} elsewhere "
             f"(e.g. `hf download {text} --local-dir DIR`) and pass the local folder DIR",
         ) from None

@@ -105,6 +105,30 @@ def _shard_files(folder: Path, index: Path) -> list[Path]:
     return sorted({folder / f for f in weight_map.values()})
 
 
+def _containing_root(folder: Path) -> Path:
+    """Where the checkpoint's files may resolve: the folder itself, or for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<rev>/``, whose files link to ``../../blobs/``) the
+    repository's cache folder."""
+    folder = folder.resolve()
+    repo = folder.parent.parent
+    if folder.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return folder
+
+
+def _check_contained(folder: Path, files: list[Path]) -> None:
+    """Refuse a weight file that resolves (through links) outside :func:`_containing_root`."""
+    root = _containing_root(folder)
+    for file in files:
+        target = file.resolve()
+        if file.exists() and not target.is_relative_to(root):
+            raise CheckpointError(
+                f"{file.name} in {folder} links to {target}, outside the checkpoint ({root})",
+                fix="a checkpoint's weight files must lie in its folder (or, for a Hugging Face cache "
+                "snapshot, in that repository's blobs/): copy the real file into the checkpoint",
+            )
+
+
 class SafetensorsCheckpoint:
     """Lazy access to a checkpoint's tensors by name, with their source dtype and shape."""
 
@@ -120,6 +144,7 @@ class SafetensorsCheckpoint:
                 fix="download the checkpoint's safetensors files, or convert it with "
                 "transformers' save_pretrained(safe_serialization=True)",
             )
+        _check_contained(folder, files)
         self.entries: dict[str, _Entry] = {}
         for file in files:
             if not file.is_file():

@@ -154,6 +154,8 @@ def create_app(service: CompletionService) -> ASGIApp:
         log.info("stopping the scheduler")
         await anyio.to_thread.run_sync(lambda: service.scheduler.stop(drain=False, timeout=2.0))
         service.cpu.close()
+        if service.tracer is not None:  # flush the spans not exported yet
+            await anyio.to_thread.run_sync(service.tracer.shutdown)
 
     app = Starlette(
         routes=_routes(service),

@@ -65,6 +65,8 @@ class ServeConfig:
     reported log-probabilities are taken from ('raw': the model's own, OpenAI's definition;
     'processed': after logit_bias, penalties and temperature). ``log_level`` and ``access_log``
     configure uvicorn's and stlm's logging (not used on Ray Serve, whose proxy logs requests).
+    ``otlp_traces_endpoint``: an OTLP/HTTP URL that receives a span tree per generation request
+    (:mod:`stlm.serve.tracing`; needs the ``tracing`` extra).
     """
 
     package: Path
@@ -86,6 +88,7 @@ class ServeConfig:
     logprobs_mode: str = "raw"
     log_level: str = "info"
     access_log: bool = True
+    otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name, (option, low, high, kind) in _BOUNDS.items():
@@ -117,6 +120,12 @@ class ServeConfig:
             raise InvalidArgumentError(
                 f"--chat-template {self.chat_template!r} is invalid: expected a file name or a template",
                 fix="pass --chat-template FILE",
+            )
+        endpoint = self.otlp_traces_endpoint
+        if endpoint is not None and (not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://"))):
+            raise InvalidArgumentError(
+                f"--otlp-traces-endpoint {endpoint!r} is invalid: expected an http:// or https:// URL",
+                fix="pass e.g. --otlp-traces-endpoint http://127.0.0.1:4318/v1/traces",
             )
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name.strip()):
             raise InvalidArgumentError(

@@ -62,7 +62,12 @@ class Job:
         self.prompt_logprobs = prompt_logprobs  # alternatives per prompt position; None: not scored
         self.scored: list[TokenLogprob] = []  # prompt positions scored so far
         self.submitted = time.monotonic()
+        # monotonic times of the sequence's phases (metrics and traces): a cache slot, the first and
+        # latest sampled token, the end
+        self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.finished_at: float | None = None
         self.fed = 0  # prompt tokens already in the cache
         self.done = False
         self._cancelled = threading.Event()

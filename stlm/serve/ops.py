@@ -32,7 +32,7 @@ from stlm.serve.metrics import CONTENT_TYPE
 from stlm.serve.protocol import api_error_from, bad, request_object, typed
 from stlm.serve.service import CompletionService
 
-__all__ = ["ops_routes"]
+__all__ = ["model_cards", "ops_routes"]
 
 MAX_DETOKENIZE = 1 << 20  # ids per /detokenize request
 
@@ -139,15 +139,34 @@ def _ready(service: CompletionService) -> Response:
     return json_response({"status": "ready", "model": service.model})
 
 
-def _models(service: CompletionService) -> Response:
-    model = {
+def model_cards(service: CompletionService) -> list[dict[str, Any]]:
+    """The ``model`` objects the server lists: the served model (adapters are appended after it,
+    each with ``parent`` naming the base model, vLLM's shape)."""
+    base = {
         "id": service.model,
         "object": "model",
         "created": 0,
         "owned_by": "stlm",
+        "root": service.model,
+        "parent": None,
         "max_model_len": service.capacity,
     }
-    return json_response({"object": "list", "data": [model]})
+    return [base]
+
+
+def _models(service: CompletionService) -> Response:
+    return json_response({"object": "list", "data": model_cards(service)})
+
+
+def _model(service: CompletionService, model_id: str) -> Response:
+    """``GET /v1/models/{id}``: one of :func:`model_cards`, or an OpenAI-style 404."""
+    for card in model_cards(service):
+        if card["id"] == model_id:
+            return json_response(card)
+    error = ApiError(
+        404, f"the model {model_id!r} does not exist; this server serves {service.model!r}", code="model_not_found"
+    )
+    return json_response(error.body(), error.status, error.headers())
 
 
 def ops_routes(service: CompletionService) -> list[Route]:
@@ -168,8 +187,12 @@ def ops_routes(service: CompletionService) -> list[Route]:
 
         return route
 
+    async def one_model(request: Request) -> Response:
+        return _model(service, request.path_params["model_id"])
+
     return [
         Route("/v1/models", answer(_models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", one_model, methods=["GET"]),
         Route("/health", answer(_health), methods=["GET"]),
         Route("/ready", answer(_ready), methods=["GET"]),
         Route("/metrics", answer(lambda s: Response(s.metrics.render(), media_type=CONTENT_TYPE)), methods=["GET"]),

@@ -126,8 +126,12 @@ class GenerationResponse:
         finally:
             for job in self.jobs:
                 job.cancel()
+            elapsed = time.monotonic() - self.arrived
             self.service.metrics.requests.inc(1, str(self.status))
-            self.service.metrics.latency.observe(time.monotonic() - self.arrived)
+            self.service.metrics.latency.observe(elapsed)
+            self.service.metrics.e2e_latency.observe(elapsed)  # requests that reached the scheduler
+            if self.service.tracer is not None:
+                self.service.tracer.record(scope, self.arrived, self.jobs, self.status, self.plan.prompt_tokens)
 
     @staticmethod
     async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

@@ -203,7 +203,8 @@ class Scheduler:
         for row in range(self.max_batch):
             if self._slots[row] is None and self._waiting:
                 job = self._slots[row] = self._waiting.popleft()
-                self.metrics.queue_time.observe(time.monotonic() - job.submitted)
+                job.admitted_at = time.monotonic()
+                self.metrics.queue_time.observe(job.admitted_at - job.submitted)
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -265,10 +266,13 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - one sequence's failure must not stop the others
             self._fail(row, job, exc)
             return 0
-        first = job.first_token_at is None
+        first, now = job.first_token_at is None, time.monotonic()
         if first:
-            job.first_token_at = time.monotonic()
+            job.first_token_at = now
             self.metrics.first_token.observe(job.first_token_at - job.submitted)
+        else:
+            self.metrics.inter_token.observe(now - job.last_token_at)
+        job.last_token_at = now
         new = slice(before, len(job.state.generated))
         output = StepOutput(
             text,
@@ -380,6 +384,7 @@ class Scheduler:
     def _deliver(self, job: Job, output: StepOutput) -> None:
         if output.finish_reason is not None:
             job.done = True
+            job.finished_at = time.monotonic()
         try:
             job.sink(output)
         except Exception:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from stlm.serve.prompts import PromptEncoder
 from stlm.serve.protocol import CompletionRequest, Prompt, api_error_from, parse_completion_request
 from stlm.serve.resources import check_kv_cache, memory_budget
 from stlm.serve.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from stlm.serve.tracing import RequestTracer
 
 __all__ = ["CompletionService", "Plan", "derive_seed", "load_service"]
 
@@ -90,6 +94,11 @@ class CompletionService:
         self.draining = False  # the server is shutting down: not ready for new requests
         self.cpu = CpuPool(max(1, min(4, available_cpus() // 2)))  # leave cores to the event loop and the model
         self.metrics = ServerMetrics(self.model)
+        self.tracer: RequestTracer | None = None
+        if config.otlp_traces_endpoint is not None:  # opentelemetry is imported only then
+            from stlm.serve.tracing import otlp_tracer
+
+            self.tracer = otlp_tracer(config.otlp_traces_endpoint, f"stlm {self.model}")
         try:
             self.scheduler = Scheduler(
                 generator.backend,
@@ -114,6 +123,9 @@ class CompletionService:
                 Gauge("stlm_slots_total", "Cache slots (--max-batch).", lambda: s.max_batch),
                 Gauge("stlm_slot_capacity_tokens", "Tokens one slot holds (--max-context).", lambda: s.capacity),
             ]
+        )
+        self.metrics.bind_vllm_gauges(
+            lambda: s.slots_in_use, lambda: s.queue_depth, lambda: s.slots_in_use / s.max_batch
         )
 
     def start_draining(self) -> None:

@@ -96,6 +96,8 @@ class MetricsExporter:
         done = 0
         for key, value in parse_metrics(self.metrics.render()).items():
             name, labels = parse_sample(key)
+            if not name.startswith("stlm_") or name.endswith("_created"):
+                continue  # vllm:* (Ray's metric names take no colon), process_*: each replica's /metrics
             gauge, keys = self._gauges.get(name) or (None, tuple(sorted(labels)))
             if gauge is None:
                 gauge = gauge_type(name, description=f"stlm serve's {name} of this replica", tag_keys=keys)
