@@ -120,7 +120,7 @@ def broken_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("broken_tensorrt")
 def test_tensorrt_that_cannot_load_on_an_old_driver_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stlm.tensorrt.common import import_tensorrt
+    from stlm.tensorrt.gpu import import_tensorrt
 
     monkeypatch.setattr(gpu, "_cudart", _cudart(12040))
     with pytest.raises(BackendUnavailableError) as err:
@@ -131,7 +131,7 @@ def test_tensorrt_that_cannot_load_on_an_old_driver_says_so(monkeypatch: pytest.
 
 @pytest.mark.usefixtures("broken_tensorrt")
 def test_tensorrt_that_cannot_load_without_cuda_python_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stlm.tensorrt.common import import_tensorrt
+    from stlm.tensorrt.gpu import import_tensorrt
 
     def no_cuda_python() -> types.ModuleType:
         raise BackendUnavailableError("cuda-python is not installed")

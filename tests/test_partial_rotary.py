@@ -425,7 +425,7 @@ def test_register_plugin_not_required_tolerates_a_tensorrt_that_cannot_load(monk
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", old)
     assert plugin.register_plugin(required=False) is False
     with pytest.raises(BackendUnavailableError, match=r"TensorRT 11 or newer; found 10\.3\.0"):
-        plugin.register_plugin()  # stlm.tensorrt.common's one importer applies the version floor
+        plugin.register_plugin()  # stlm.tensorrt.gpu's one importer applies the version floor
     assert plugin._registered is False
 
 

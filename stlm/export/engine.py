@@ -32,9 +32,9 @@ from stlm.plugins.partial_rotary.plugin import check_hardware_compat
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
 from stlm.progress import Progress
 from stlm.staging import check_output, staged_folder
-from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
+from stlm.tensorrt.common import make_logger, register_rotary_plugin
 from stlm.tensorrt.engine_manifest import AMPERE, ENGINE_NAME, HARDWARE_COMPAT_LEVELS, engine_extra
-from stlm.tensorrt.gpu import GpuInfo, gpu_info
+from stlm.tensorrt.gpu import GpuInfo, gpu_info, import_tensorrt
 from stlm.tensorrt.profiles import Profile, engine_profiles, profile_shapes
 
 log = logging.getLogger(__name__)

@@ -33,14 +33,14 @@ from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageEr
 from stlm.manifest import Manifest
 from stlm.runtime.backend import last_position_logits
 from stlm.runtime.steps import check_capacity, check_feed, concat_step
-from stlm.tensorrt.common import import_tensorrt, make_logger, register_rotary_plugin
+from stlm.tensorrt.common import make_logger, register_rotary_plugin
 from stlm.tensorrt.engine_manifest import (
     check_engine_compat,
     plugin_kernel_is_inside,
     rebuild_command,
     recorded_profiles,
 )
-from stlm.tensorrt.gpu import DeviceBuffer, Stream, aligned, gpu_info
+from stlm.tensorrt.gpu import DeviceBuffer, Stream, aligned, gpu_info, import_tensorrt
 from stlm.tensorrt.profiles import PREFILL, profile_shapes, select_profile
 
 log = logging.getLogger(__name__)

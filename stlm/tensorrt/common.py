@@ -10,49 +10,12 @@ from __future__ import annotations
 
 import logging
 from types import ModuleType
-from typing import Any, Final
+from typing import Any
 
 from stlm.errors import BackendUnavailableError
-from stlm.gpu_env import GPU_INSTALL_FIX
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
-from stlm.tensorrt.gpu import driver_problem_here
 
 log = logging.getLogger("stlm.tensorrt")
-
-MIN_TRT_MAJOR: Final = 11
-
-
-def import_tensorrt() -> ModuleType:
-    """``import tensorrt``, or :class:`BackendUnavailableError` saying what is missing and how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"TensorRT is not installed: the Python module 'tensorrt' cannot be imported ({exc})", fix=GPU_INSTALL_FIX
-        ) from None
-    except (OSError, RuntimeError) as exc:  # the wheel is there but its CUDA libraries are not
-        problem = driver_problem_here()  # an old driver is the usual cause: say so
-        if problem is not None:
-            raise BackendUnavailableError(
-                f"TensorRT is installed but cannot load its libraries ({exc}): {problem.problem}", fix=problem.fix
-            ) from None
-        raise BackendUnavailableError(
-            f"TensorRT is installed but cannot load its libraries ({exc})", fix=GPU_INSTALL_FIX
-        ) from None
-    version = getattr(trt, "__version__", None)
-    if version is None:
-        raise BackendUnavailableError(
-            "TensorRT is installed but unusable: its Python module has no __version__ (a partial install, "
-            "or its native libraries did not load)",
-            fix=GPU_INSTALL_FIX,
-        )
-    major = int(str(version).split(".")[0] or 0)
-    if major < MIN_TRT_MAJOR:
-        raise BackendUnavailableError(
-            f"stlm needs TensorRT {MIN_TRT_MAJOR} or newer; found {version}",
-            fix=f"pip install 'tensorrt>={MIN_TRT_MAJOR}' (the gpu extra), or use the Dockerfile",
-        )
-    return trt
 
 
 def make_logger(trt: ModuleType) -> Any:

@@ -79,7 +79,7 @@ def _compiled(
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
-    from stlm.tensorrt.common import import_tensorrt  # the one guarded import (and version floor)
+    from stlm.tensorrt.gpu import import_tensorrt  # the one guarded import (and version floor)
 
     trt = import_tensorrt()
     try:
