@@ -26,20 +26,22 @@ from typing import TYPE_CHECKING, Any
 from stlm.extras import require_extra
 
 if TYPE_CHECKING:
-    from stlm.serve.app import CompletionService, create_app, load_service
+    from stlm.serve.app import create_app
     from stlm.serve.config import ServeConfig
-    from stlm.serve.scheduler import QueueFullError, Scheduler, SchedulerStoppedError
+    from stlm.serve.jobs import QueueFullError, SchedulerStoppedError
+    from stlm.serve.scheduler import Scheduler
     from stlm.serve.server import BackgroundServer, run_server
+    from stlm.serve.service import CompletionService, load_service
 
 _WHERE = {
     "BackgroundServer": "server",
-    "CompletionService": "app",
-    "QueueFullError": "scheduler",
+    "CompletionService": "service",
+    "QueueFullError": "jobs",
     "Scheduler": "scheduler",
-    "SchedulerStoppedError": "scheduler",
+    "SchedulerStoppedError": "jobs",
     "ServeConfig": "config",
     "create_app": "app",
-    "load_service": "app",
+    "load_service": "service",
     "run_server": "server",
 }
 

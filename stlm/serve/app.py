@@ -34,14 +34,13 @@ from starlette.types import ASGIApp
 from stlm.errors import StlmError
 from stlm.serve import protocol
 from stlm.serve.apierror import ApiError
-from stlm.serve.config import ServeConfig
 from stlm.serve.guard import Guard, GuardPolicy, internal_error, request_id
+from stlm.serve.jobs import Job, QueueFullError, SchedulerStoppedError, StepOutput
 from stlm.serve.ops import json_response, ops_routes
 from stlm.serve.responses import ChatResponse, CompletionResponse, GenerationResponse
-from stlm.serve.scheduler import Job, QueueFullError, SchedulerStoppedError, StepOutput
-from stlm.serve.service import CompletionService, Plan, load_service
+from stlm.serve.service import CompletionService, Plan
 
-__all__ = ["CompletionService", "ServeConfig", "create_app", "load_service"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 

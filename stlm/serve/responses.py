@@ -28,7 +28,7 @@ from stlm.runtime.sequence import Completion
 from stlm.serve import jsonio, protocol
 from stlm.serve.chat_protocol import chat_logprobs_body
 from stlm.serve.guard import internal_error
-from stlm.serve.scheduler import Job, StepOutput
+from stlm.serve.jobs import Job, StepOutput
 from stlm.serve.service import CompletionService, Plan
 
 __all__ = ["ChatResponse", "CompletionResponse", "GenerationResponse"]

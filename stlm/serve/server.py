@@ -27,9 +27,10 @@ from typing import Any
 import uvicorn
 
 from stlm.errors import InvalidArgumentError, StlmError
-from stlm.serve.app import CompletionService, create_app, load_service
+from stlm.serve.app import create_app
 from stlm.serve.config import LOOPBACK_HOSTS, ServeConfig
 from stlm.serve.connections import protocol_class
+from stlm.serve.service import CompletionService, load_service
 
 __all__ = ["WATCHDOG_GRACE", "BackgroundServer", "run_server"]
 

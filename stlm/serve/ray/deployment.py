@@ -25,13 +25,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
-
-from starlette.types import ASGIApp
+from typing import TYPE_CHECKING, Any
 
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
-from stlm.serve.app import CompletionService, ServeConfig, create_app, load_service
+from stlm.serve.config import ServeConfig
 from stlm.serve.ray.metrics import MetricsExporter, probe
+from stlm.serve.service import CompletionService, load_service
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 __all__ = [
     "APP_NAME",
@@ -168,6 +170,8 @@ class StlmReplica:
         if config.api_key is None and os.environ.get("STLM_API_KEY"):
             config = replace(config, api_key=os.environ["STLM_API_KEY"])
         self.service: CompletionService = load_service(config)
+        from stlm.serve.app import create_app  # Starlette: only in a replica, not in the driver
+
         self.asgi_app = create_app(self.service)
         _built.append(self.asgi_app)
         self.exporter = MetricsExporter(self.service.metrics, metrics_interval_s)

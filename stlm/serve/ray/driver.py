@@ -13,7 +13,7 @@ from typing import Any
 
 from stlm.errors import InvalidArgumentError, StlmError
 from stlm.manifest import read_manifest
-from stlm.serve.app import ServeConfig
+from stlm.serve.config import ServeConfig
 from stlm.serve.ray.deployment import APP_NAME, RayOptions, bind, import_serve, parse_autoscale
 from stlm.serve.ray.proxy import CALLBACK_ENV, CALLBACK_PATH
 

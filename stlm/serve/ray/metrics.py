@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
-
-from starlette.types import ASGIApp, Message
+from typing import TYPE_CHECKING, Any
 
 from stlm.serve.metrics import ServerMetrics, parse_metrics
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message
 
 __all__ = ["MetricsExporter", "parse_sample", "probe"]
 

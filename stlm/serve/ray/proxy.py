@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stlm.serve.protocol import ApiError
+from stlm.serve.apierror import ApiError
 
 __all__ = ["CALLBACK_ENV", "CALLBACK_PATH", "LostReplicaMiddleware", "proxy_middlewares"]
 
