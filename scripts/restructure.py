@@ -80,9 +80,10 @@ ROOT_KEEP = {"stlm/__init__.py", "stlm/__main__.py", "stlm/errors.py"}
 
 TEST_MOVES: dict[str, str] = {
     "architecture": "test_code_shape test_runtime_isolation test_import_graph test_package_root",
-    "cli": "test_cli test_errors test_input_validation test_input_fuzz",
+    # test_data_safety, test_input_* import helpers from test_errors by name: the same folder
+    "cli": "test_cli test_errors test_input_validation test_input_fuzz test_data_safety",
     "package": "test_chat_template test_variant test_rope test_real_format",
-    "support": "test_data_safety test_gpu_env test_gpu_env_wiring",
+    "support": "test_gpu_env test_gpu_env_wiring",
     "export": "test_export_parity test_precision test_quantize test_kill_export test_tensorrt_export",
     "runtime": "test_generator test_onnxruntime_backend test_sampling test_sampling_hostile "
     "test_streaming_text test_tokenizer",
@@ -240,7 +241,8 @@ def text_files() -> list[Path]:
 
 def rewrite_references(dry: bool, extra_paths: dict[str, str]) -> list[str]:
     print("2. references")
-    table = rename_table()
+    # tests import each other too (``from tests.test_serve import http``)
+    table = rename_table() | {module_name(s): module_name(d) for s, d in extra_paths.items()}
     paths = {s: d for s, d in MOVES.items()} | dict(MERGES) | extra_paths
     touched = []
     for path in text_files():
@@ -302,6 +304,8 @@ def move_tests(dry: bool) -> tuple[list[str], dict[str, str]]:
 def run_ruff(files: list[str], dry: bool) -> None:
     print("4. ruff (imports re-sorted after the rewrite)")
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists() and Path(".venv/bin/ruff").exists():
+        ruff = ".venv/bin/ruff"
     py = sorted({f for f in files if f.endswith(".py") and Path(f).exists()})
     if not Path(ruff).exists() and not shutil.which(ruff):
         print("  ruff not found: run `ruff check --fix --select I . && ruff format .` yourself")
