@@ -55,7 +55,7 @@ RUN pip install --extra-index-url "${TORCH_INDEX}" -c /opt/stlm/constraints.txt 
 # `onnxruntime` module, so remove the CPU build first, then install the CUDA 13 build pinned.
 RUN pip uninstall -y onnxruntime onnxruntime-gpu \
  && pip install -c /opt/stlm/constraints.txt "${ONNXRUNTIME_GPU}" \
- && python -c "import sys; from stlm.gpu_env import installed_distributions, onnxruntime_conflict; \
+ && python -c "import sys; from stlm.support.gpu_env import installed_distributions, onnxruntime_conflict; \
 p = onnxruntime_conflict(installed_distributions()); sys.exit(p and p.problem)" \
  && python -c "import onnxruntime, tensorrt, torch, triton, stlm; \
 assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers(); \

@@ -90,7 +90,7 @@ def profile_decode(package: Path, steps: int = 16) -> list[tuple[str, float]]:
     import numpy as np
     import onnxruntime as ort
 
-    from stlm.manifest import read_manifest
+    from stlm.package.manifest import read_manifest
     from stlm.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(package, read_manifest(package))

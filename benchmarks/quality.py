@@ -22,7 +22,7 @@ ONNX Runtime target, in-place KV cache: what `stlm export` writes by default), t
 
 Writes the rows as JSON (``--out``) and prints the markdown table. ``--quantize int4`` (and
 ``int8``) must be the option with the lowest mean KLD among those on ONNX Runtime's fast CPU
-kernels (``Quantization.fast_cpu_kernels``); ``tests/test_quality_table.py`` checks it against the
+kernels (``Quantization.fast_cpu_kernels``); ``tests/quality/test_quality_table.py`` checks it against the
 recorded file.
 """
 
@@ -101,7 +101,7 @@ def quality_row(label: str, package: Path, base: Path, text: Path, ctx: int, chu
 
 def verify_row(checkpoint: Path, package: Path) -> dict[str, Any]:
     """``stlm verify`` over its 8 prompts against transformers: the numbers the tolerance classes are set from."""
-    from stlm.verify import verify_package
+    from stlm.quality.verify import verify_package
 
     report = verify_package(str(checkpoint), package, prompts=8)
     steps = sum(p.steps for p in report.prompts)
@@ -174,7 +174,7 @@ def main() -> None:
     a = p.parse_args()
 
     from stlm.export.onnx_export import export_onnx
-    from stlm.extras import missing_modules
+    from stlm.support.extras import missing_modules
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     text = a.workdir / "heldout.txt"

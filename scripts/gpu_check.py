@@ -67,7 +67,7 @@ def ort():
     import onnxruntime
     return {"version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
 attempt("onnxruntime", ort)
-from stlm import gpu_env
+from stlm.support import gpu_env
 def conflict():
     problem = gpu_env.onnxruntime_conflict(gpu_env.installed_distributions())
     return problem and problem.problem

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from stlm.manifest import read_manifest
+from stlm.package.manifest import read_manifest
 from stlm.tensorrt.profiles import Profile, profile_shapes
 
 ALIGNMENT = 256

@@ -12,7 +12,7 @@ imports torch for a few things when it is installed, but does not need it for th
 See docs/evaluation.md.
 """
 
-from stlm.extras import require_extra
+from stlm.support.extras import require_extra
 
 require_extra("eval", feature="stlm.evaluation (lm-evaluation-harness)")
 

@@ -1,4 +1,4 @@
-"""Self-attention of one decoder layer, in the two KV-cache forms of :class:`~stlm.variant.Variant`.
+"""Self-attention of one decoder layer, in the two KV-cache forms of :class:`~stlm.package.variant.Variant`.
 
 Both share the fused QKV projection (:func:`qkv_projection`) and the output projection
 (:func:`output_projection`). ``concat``: rotary (plain, plugin or native), present = past + new,
@@ -13,13 +13,13 @@ import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
-from stlm.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
-from stlm.contract import past_name as past
-from stlm.contract import present_name as present
-from stlm.dtypes import ONNX_ELEM
 from stlm.export.layers import Parts, layer_quant, linear, read_linear
 from stlm.export.rotary import rotary_plain
-from stlm.variant import Rotary
+from stlm.package.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+from stlm.package.contract import past_name as past
+from stlm.package.contract import present_name as present
+from stlm.package.dtypes import ONNX_ELEM
+from stlm.package.variant import Rotary
 
 
 def qkv_projection(p: Parts, h: str, layer: int, head_order: np.ndarray | None = None) -> str:

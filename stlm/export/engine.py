@@ -18,7 +18,6 @@ from types import ModuleType
 from typing import Any
 
 import stlm
-from stlm.dtypes import TENSORRT_NAME
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
 from stlm.export.engine_build import (
     load_timing_cache,
@@ -27,11 +26,12 @@ from stlm.export.engine_build import (
     save_timing_cache,
 )
 from stlm.export.tokenizer_files import TokenizerFiles, copy_tokenizer_files
-from stlm.manifest import Manifest, read_manifest, write_manifest
+from stlm.package.dtypes import TENSORRT_NAME
+from stlm.package.manifest import Manifest, read_manifest, write_manifest
 from stlm.plugins.partial_rotary.plugin import check_hardware_compat
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID
-from stlm.progress import Progress
-from stlm.staging import check_output, staged_folder
+from stlm.support.progress import Progress
+from stlm.support.staging import check_output, staged_folder
 from stlm.tensorrt.common import make_logger, register_rotary_plugin
 from stlm.tensorrt.engine_manifest import AMPERE, ENGINE_NAME, HARDWARE_COMPAT_LEVELS, engine_extra
 from stlm.tensorrt.gpu import GpuInfo, gpu_info, import_tensorrt

@@ -9,8 +9,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from stlm.progress import Progress
-from stlm.staging import staged_file
+from stlm.support.progress import Progress
+from stlm.support.staging import staged_file
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Build the StableLM decoder as an ONNX graph, tensor by tensor from the checkpoint.
 
 The graph is written directly (no tracing): one merged prefill/decode graph whose inputs and
-outputs are exactly :func:`stlm.contract.decoder_contract` of its :class:`~stlm.variant.Variant`.
+outputs are exactly :func:`stlm.package.contract.decoder_contract` of its :class:`~stlm.package.variant.Variant`.
 Weights stream from safetensors into the initializer store one at a time, so memory stays at
 about one tensor, whatever the model size. Weights are stored in the variant's weight dtype;
 where the graph computes in another dtype (:mod:`stlm.export.precision`), each weight is followed
@@ -17,16 +17,16 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from stlm.config import ModelConfig
-from stlm.contract import INPUT_IDS, LOGITS, LOGITS_INDEX, TensorSpec, decoder_contract
-from stlm.dtypes import ONNX_ELEM, DType, numpy_dtype
 from stlm.export.attention import causal_padding_mask, concat_attention, inplace_attention
 from stlm.export.layers import Parts, layer_norm, linear, mlp, read_linear
 from stlm.export.onnx_builder import GraphBuilder, InitializerStore
 from stlm.export.rotary import gqa_rotary_layout, rope_tables, rotary_caches
 from stlm.export.weights import SafetensorsCheckpoint
-from stlm.progress import Progress
-from stlm.variant import Variant
+from stlm.package.config import ModelConfig
+from stlm.package.contract import INPUT_IDS, LOGITS, LOGITS_INDEX, TensorSpec, decoder_contract
+from stlm.package.dtypes import ONNX_ELEM, DType, numpy_dtype
+from stlm.package.variant import Variant
+from stlm.support.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stlm.config import ModelConfig
 from stlm.export.onnx_builder import GraphBuilder
 from stlm.export.quantize import quantize_weight
 from stlm.export.weights import SafetensorsCheckpoint
-from stlm.variant import Quantization
+from stlm.package.config import ModelConfig
+from stlm.package.variant import Quantization
 
 
 @dataclass(frozen=True)

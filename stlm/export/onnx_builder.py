@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from stlm.dtypes import ONNX_ELEM
+from stlm.package.dtypes import ONNX_ELEM
 
 
 class InitializerStore:

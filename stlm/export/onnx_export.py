@@ -13,22 +13,20 @@ import numpy as np
 import onnx
 
 import stlm
-from stlm.config import ModelConfig, load_model_config
-from stlm.contract import decoder_contract
-from stlm.dtypes import parse_dtype
 from stlm.errors import CheckpointError, InvalidArgumentError
-from stlm.export.checkpoint import resolve_checkpoint
 from stlm.export.graph import build_decoder, estimate_weight_bytes
 from stlm.export.precision import plan_precision
 from stlm.export.quantize import parse_quantization
 from stlm.export.tokenizer_files import TokenizerFiles, write_tokenizer_files
 from stlm.export.validate import check_tokenizer, check_weights
 from stlm.export.weights import SafetensorsCheckpoint
-from stlm.manifest import Generation, Manifest, read_manifest, write_manifest
-from stlm.ort_versions import MAX_OPSET, required_onnxruntime
-from stlm.progress import Progress
-from stlm.staging import check_output, staged_folder
-from stlm.variant import (
+from stlm.package.checkpoint import resolve_checkpoint
+from stlm.package.config import ModelConfig, load_model_config
+from stlm.package.contract import decoder_contract
+from stlm.package.dtypes import parse_dtype
+from stlm.package.manifest import Generation, Manifest, read_manifest, write_manifest
+from stlm.package.ort_versions import MAX_OPSET, required_onnxruntime
+from stlm.package.variant import (
     KV_CACHES,
     TARGETS,
     TENSORRT_ROTARIES,
@@ -38,6 +36,8 @@ from stlm.variant import (
     Target,
     Variant,
 )
+from stlm.support.progress import Progress
+from stlm.support.staging import check_output, staged_folder
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from stlm.dtypes import DType
-from stlm.variant import KVCache, Target
+from stlm.package.dtypes import DType
+from stlm.package.variant import KVCache, Target
 
 # Ops of the decoder graphs with no CPU kernel for the dtype in ONNX Runtime 1.32 (x86-64), found by
 # loading one-node models with ORT_DISABLE_ALL and reading the saved optimized graph back.

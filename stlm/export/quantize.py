@@ -30,7 +30,7 @@ from typing import Any, Final
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
-from stlm.variant import QUANTIZE_PRESETS, Quantization
+from stlm.package.variant import QUANTIZE_PRESETS, Quantization
 
 METHODS: Final = ("rtn", "hqq", "mse")
 BLOCK_SIZE: Final = 32

@@ -3,7 +3,7 @@
 Three forms: plain ONNX ops (:func:`rotary_plain` on :func:`rope_tables`), ONNX RotaryEmbedding
 (tables from :func:`rotary_caches`), and the fused rotary of ONNX Runtime's GroupQueryAttention,
 which needs the head-dim permutation of :func:`gqa_rotary_layout`. Frequencies and angles come
-from :mod:`stlm.rope`.
+from :mod:`stlm.package.rope`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from stlm import rope
-from stlm.config import ModelConfig
-from stlm.contract import POSITION_IDS
-from stlm.dtypes import ONNX_TYPE, DType, numpy_dtype
 from stlm.errors import UnsupportedModelError
 from stlm.export.onnx_builder import GraphBuilder
-from stlm.variant import Rotary
+from stlm.package import rope
+from stlm.package.config import ModelConfig
+from stlm.package.contract import POSITION_IDS
+from stlm.package.dtypes import ONNX_TYPE, DType, numpy_dtype
+from stlm.package.variant import Rotary
 
 
 def rotary_plain(g: GraphBuilder, x: str, cos: str, sin: str, cfg: ModelConfig) -> str:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stlm.chat_template import (
+from stlm.errors import CheckpointError
+from stlm.package.chat_template import (
     CHAT_TEMPLATE_NAME,
     TOKENIZER_CONFIG_NAME,
     chat_template_source,
     compile_template,
     special_tokens,
 )
-from stlm.errors import CheckpointError
 
 __all__ = ["TokenizerFiles", "copy_tokenizer_files", "write_tokenizer_files"]
 

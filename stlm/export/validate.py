@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from stlm.config import ModelConfig
 from stlm.errors import CheckpointError
 from stlm.export.weights import SafetensorsCheckpoint
+from stlm.package.config import ModelConfig
 
 _FLOAT_DTYPES: Final = ("F32", "F16", "BF16", "F64")
 _LAYER: Final = re.compile(r"^model\.layers\.(\d+)\.")

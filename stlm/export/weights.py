@@ -16,9 +16,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from stlm.config import read_json
-from stlm.dtypes import SAFETENSORS_NAME, numpy_dtype
 from stlm.errors import CheckpointError
+from stlm.package.config import read_json
+from stlm.package.dtypes import SAFETENSORS_NAME, numpy_dtype
 
 _DTYPES: dict[str, np.dtype] = {code: numpy_dtype(name) for name, code in SAFETENSORS_NAME.items()}
 

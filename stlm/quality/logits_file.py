@@ -27,7 +27,7 @@ import numpy as np
 
 from stlm.errors import InvalidArgumentError
 from stlm.quality.stats import BaseRows
-from stlm.staging import staged_file
+from stlm.support.staging import staged_file
 
 FORMAT: Final = "stlm-logits"
 VERSION: Final = 1

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
-from stlm.manifest import MANIFEST_NAME
+from stlm.package.manifest import MANIFEST_NAME
 from stlm.quality import stats
 from stlm.quality.logits_file import BaseLogits, check_writable, load_base_logits, save_base_logits
 from stlm.quality.report import PerplexityReport

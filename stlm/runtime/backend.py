@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from stlm.manifest import Manifest
+from stlm.package.manifest import Manifest
 
 
 class KVCache(Protocol):

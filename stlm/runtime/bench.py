@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
-from stlm.manifest import Manifest, read_manifest
+from stlm.package.manifest import Manifest, read_manifest
+from stlm.package.variant import Variant
 from stlm.runtime.backend import Backend
 from stlm.runtime.memory import host_memory_available, kv_cache_bytes
-from stlm.variant import Variant
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Chat messages → prompt text with a package's chat template (as transformers' apply_chat_template).
 
-The template runs sandboxed (:mod:`stlm.chat_template`) and sees ``messages`` (dicts without
+The template runs sandboxed (:mod:`stlm.package.chat_template`) and sees ``messages`` (dicts without
 None values), ``add_generation_prompt``, the package's special tokens (``bos_token``,
 ``eos_token``, ...: from its ``tokenizer_config.json``, else the tokens of the manifest's BOS/EOS
 ids) and any extra variables the caller passes. The rendered text is tokenized without adding
@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stlm.chat_template import chat_template_source, compile_template, special_tokens
 from stlm.errors import InvalidArgumentError, PackageError
-from stlm.manifest import Manifest
+from stlm.package.chat_template import chat_template_source, compile_template, special_tokens
+from stlm.package.manifest import Manifest
 from stlm.runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from stlm.errors import InvalidArgumentError
-from stlm.manifest import Manifest, read_manifest
+from stlm.package.manifest import Manifest, read_manifest
 from stlm.runtime.backend import Backend
 from stlm.runtime.sampling import SamplingParams
 from stlm.runtime.sequence import Completion, SequenceState, check_fits

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stlm.manifest import Manifest
+from stlm.package.manifest import Manifest
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # backends whose cache lives on the GPU; TensorRT keeps two slabs of twice the columns

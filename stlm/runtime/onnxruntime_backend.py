@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from stlm.contract import ATTENTION_MASK, LOGITS
-from stlm.dtypes import ONNX_BFLOAT16, numpy_dtype
 from stlm.errors import BackendUnavailableError
-from stlm.gpu_env import GPU_INSTALL_FIX
-from stlm.manifest import Manifest
+from stlm.package.contract import ATTENTION_MASK, LOGITS
+from stlm.package.dtypes import ONNX_BFLOAT16, numpy_dtype
+from stlm.package.manifest import Manifest
 from stlm.runtime.backend import last_position_logits
 from stlm.runtime.ort_session import CUDA_PROVIDER, device_for, open_session, providers_for
 from stlm.runtime.steps import InplaceCall, check_capacity, check_feed, concat_step, plan_inplace_step
+from stlm.support.gpu_env import GPU_INSTALL_FIX
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any, Final
 import onnxruntime as ort
 
 from stlm.errors import BackendUnavailableError, PackageError
-from stlm.gpu_env import GPU_INSTALL_FIX, installed_onnxruntime_builds, onnxruntime_conflict
-from stlm.manifest import EXPORT_AGAIN, Manifest
-from stlm.ort_versions import check_onnxruntime
+from stlm.package.manifest import EXPORT_AGAIN, Manifest
+from stlm.package.ort_versions import check_onnxruntime
+from stlm.support.gpu_env import GPU_INSTALL_FIX, installed_onnxruntime_builds, onnxruntime_conflict
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()

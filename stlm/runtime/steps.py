@@ -25,8 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stlm.contract import ATTENTION_MASK, INPUT_IDS, LOGITS_INDEX, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 from stlm.errors import InvalidArgumentError
+from stlm.package.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS_INDEX,
+    POSITION_IDS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+)
 
 #: Token fed to idle rows (its key/value land in a slot the row does not count).
 DUMMY_TOKEN = 0

@@ -27,10 +27,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stlm.contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, LOGITS_INDEX, PAST, POSITION_IDS, SEQUENCE, TOTAL
-from stlm.dtypes import TENSORRT_NAME, numpy_dtype
 from stlm.errors import BackendUnavailableError, InvalidArgumentError, PackageError
-from stlm.manifest import Manifest
+from stlm.package.contract import (
+    ATTENTION_MASK,
+    BATCH,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_INDEX,
+    PAST,
+    POSITION_IDS,
+    SEQUENCE,
+    TOTAL,
+)
+from stlm.package.dtypes import TENSORRT_NAME, numpy_dtype
+from stlm.package.manifest import Manifest
 from stlm.runtime.backend import last_position_logits
 from stlm.runtime.steps import check_capacity, check_feed, concat_step
 from stlm.tensorrt.common import make_logger, register_rotary_plugin

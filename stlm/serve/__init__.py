@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from stlm.extras import require_extra
+from stlm.support.extras import require_extra
 
 if TYPE_CHECKING:
     from stlm.serve.app import create_app

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from stlm.errors import InvalidArgumentError, StlmError
-from stlm.manifest import Manifest
+from stlm.package.manifest import Manifest
 from stlm.runtime.memory import DEVICE_BACKENDS, host_memory_available, kv_cache_bytes
 
 __all__ = ["KV_MEMORY_FRACTION", "MemoryBudget", "check_kv_cache", "kv_cache_bytes"]

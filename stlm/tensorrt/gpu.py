@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from stlm import gpu_env
 from stlm.errors import BackendUnavailableError
+from stlm.support import gpu_env
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _error_name(err: Any) -> str:
 
 
 def driver_problem_here(error: str | None = None) -> gpu_env.EnvProblem | None:
-    """What :func:`stlm.gpu_env.probe_cuda_driver` finds wrong with this machine's NVIDIA driver
+    """What :func:`stlm.support.gpu_env.probe_cuda_driver` finds wrong with this machine's NVIDIA driver
     (None when cuda-python is missing or the driver is fine); ``error``: a CUDA error name already
     seen, e.g. ``cudaErrorInsufficientDriver``, named when the probe itself learns nothing."""
     try:

@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from stlm.contract import BATCH, NUM_LOGITS, PAST, SEQUENCE, TOTAL, Contract
 from stlm.errors import InvalidArgumentError, PackageError
+from stlm.package.contract import BATCH, NUM_LOGITS, PAST, SEQUENCE, TOTAL, Contract
 
 AxisRange = tuple[int, int, int]
 Shape = tuple[int, ...]

@@ -27,9 +27,9 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from stlm.dtypes import SAFETENSORS_NAME, DType, numpy_dtype, parse_dtype
 from stlm.errors import InvalidArgumentError
-from stlm.staging import CHECKPOINT_MARKER, checkpoint_files, staged_folder
+from stlm.package.dtypes import SAFETENSORS_NAME, DType, numpy_dtype, parse_dtype
+from stlm.support.staging import CHECKPOINT_MARKER, checkpoint_files, staged_folder
 from stlm.testing.tokenizer import train_small_tokenizer
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ def write_random_checkpoint(
     ``out`` and return it. ``tokenizer``: a tokenizer.json to ship (default: a small byte-level BPE
     trained here); ``dtype``: the safetensors storage type; ``config_style``: see the module docstring.
 
-    The folder is written atomically (:func:`stlm.staging.staged_folder`); a non-empty
+    The folder is written atomically (:func:`stlm.support.staging.staged_folder`); a non-empty
     ``out`` is refused unless ``overwrite`` and it is a checkpoint this function wrote."""
     resolved = _resolve_shape(shape)
     kind = parse_dtype(dtype)

@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Final
 
-from stlm.dtypes import DType
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
+from stlm.package.dtypes import DType
 from stlm.plugins.partial_rotary.kernel import (
     DEFAULT_BLOCK_H,
     DEFAULT_NUM_WARPS,

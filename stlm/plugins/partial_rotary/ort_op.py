@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stlm.dtypes import DTYPE_OF_ONNX, ONNX_FLOAT, ONNX_TYPE, DType, numpy_dtype
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
+from stlm.package.dtypes import DTYPE_OF_ONNX, ONNX_FLOAT, ONNX_TYPE, DType, numpy_dtype
 from stlm.plugins.partial_rotary.reference import partial_rotary_reference
 from stlm.plugins.partial_rotary.spec import (
     ATTR_IO_DTYPE,

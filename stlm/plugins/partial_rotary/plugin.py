@@ -29,8 +29,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from stlm.dtypes import DType
 from stlm.errors import BackendUnavailableError, InvalidArgumentError
+from stlm.package.dtypes import DType
 from stlm.plugins.partial_rotary.spec import PLUGIN_ID, validate_attributes
 
 _log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Numerics follow the PyTorch model step by step so that the plugin can be held to it exactly:
 
-* ``inv_freq`` from :func:`stlm.rope.inv_freq` (the one place it is computed: float32, the power
+* ``inv_freq`` from :func:`stlm.package.rope.inv_freq` (the one place it is computed: float32, the power
   correctly rounded, as PyTorch's scalar CPU path computes it);
 * ``freqs = float32(position) * inv_freq``; ``cos``/``sin`` in float32, then cast to the q/k dtype;
 * ``x * cos + rotate_half(x) * sin`` in the q/k dtype, each product and the sum rounded to it.
@@ -17,15 +17,15 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from stlm import rope
 from stlm.errors import InvalidArgumentError
+from stlm.package import rope
 from stlm.plugins.partial_rotary.spec import MAX_POSITION, validate_attributes
 
 SUPPORTED_NUMPY_DTYPES: Final = ("float32", "float16", "bfloat16")
 
 
 def rotary_inv_freq(rotary_dim: int, theta: float) -> npt.NDArray[np.float32]:
-    """Return the ``rotary_dim // 2`` inverse frequencies as float32 (:func:`stlm.rope.inv_freq`)."""
+    """Return the ``rotary_dim // 2`` inverse frequencies as float32 (:func:`stlm.package.rope.inv_freq`)."""
     validate_attributes(rotary_dim, theta)
     return rope.inv_freq(rotary_dim, theta)
 

@@ -28,8 +28,8 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Final
 
-from stlm.dtypes import DTYPES, DType
 from stlm.errors import InvalidArgumentError
+from stlm.package.dtypes import DTYPES, DType
 
 if TYPE_CHECKING:
     import onnx

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stlm.errors import InvalidArgumentError, StlmError
-from stlm.manifest import read_manifest
+from stlm.package.manifest import read_manifest
 from stlm.serve.config import ServeConfig
 from stlm.serve.ray.deployment import APP_NAME, RayOptions, bind, import_serve, parse_autoscale
 from stlm.serve.ray.proxy import CALLBACK_ENV, CALLBACK_PATH
