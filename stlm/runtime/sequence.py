@@ -140,9 +140,11 @@ class SequenceState:
             self.constraint = ConstraintState(p.constraint, self._tokenizer, np.shape(logits)[-1], self._eos)
         if self.constraint is not None and self.constraint.stopped:
             return self._close("eos")  # the grammar is complete: only EOS may follow
-        x = self._masked(self._processed(logits))
-        if not np.isfinite(x).any() and not np.isnan(x).any():  # nothing allowed (a grammar end
-            # that min_tokens forbids); NaN logits go on to sampling, which refuses them
+        processed = self._processed(logits)
+        x = self._masked(processed)
+        # nothing allowed (a grammar end that min_tokens forbids): only a mask can do that, and NaN
+        # logits go on to sampling, which refuses them; unmasked rows skip the two vocab scans
+        if x is not processed and not np.isfinite(x).any() and not np.isnan(x).any():
             return self._close("stop")
         penalised = p.repetition_penalty != 1.0
         token, _ = sample_token(x, p, self.rng, self._seen[: self._n_seen] if penalised else None)
