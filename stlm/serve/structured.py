@@ -26,19 +26,18 @@ from stlm.serve.apierror import ApiError
 
 __all__ = ["CONTROL_FIELDS", "IGNORED_FIELDS", "STRUCTURED_FIELDS", "extra_params"]
 
-STRUCTURED_FIELDS = frozenset(
-    {
-        "response_format",
-        "structured_outputs",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "guided_decoding_backend",
-        "grammar",
-        "json_schema",
-    }
+#: the fields that carry a constraint, in the order they are looked at
+_ORDER = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "grammar",
+    "json_schema",
 )
+STRUCTURED_FIELDS = frozenset({*_ORDER, "guided_decoding_backend"})
 CONTROL_FIELDS = frozenset(
     {
         "stop_token_ids",
@@ -52,16 +51,6 @@ CONTROL_FIELDS = frozenset(
 )
 #: accepted and ignored: they never change the generated output
 IGNORED_FIELDS = frozenset({"request_id", "priority", "cache_salt", "service_tier", "store", "metadata"})
-_ORDER = (
-    "response_format",
-    "structured_outputs",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "grammar",
-    "json_schema",
-)
 _OUTPUTS_KEYS = frozenset({"json", "regex", "choice", "grammar", "json_object", "backend"})
 
 
